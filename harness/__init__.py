@@ -1,0 +1,1 @@
+"""milan-bench: a benchmark-and-ablation harness around one MILAN implementation."""
