@@ -1,0 +1,187 @@
+"""The frozen CLIP teacher: per-token targets and cls-to-patch attention from open_clip.
+
+open_clip's ViT returns tokens after ``ln_post`` but not projected, and never returns attention
+weights, so the teacher runs the tower itself: embeddings and all but the last block as
+open_clip does, then the last block's cls-query attention computed by hand (one query row,
+cheap), then the block itself on its fast path, ``ln_post`` and ``proj`` on every token.
+"""
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from harness.errors import ConfigError
+
+# Architectures shipped with the harness (tiny towers for the demo data and the tests).
+CONFIG_DIR = Path(__file__).with_name("clip_configs")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    targets: torch.Tensor  # [N, L+1, D]: ln_post + proj on every token, cls first
+    importance: torch.Tensor  # [N, L]: last-block cls-to-patch attention, mean over heads
+
+
+class ClipTeacher(nn.Module):
+    """Wraps an open_clip ``VisionTransformer``; frozen, always in eval mode, never saved."""
+
+    def __init__(self, visual: VisionTransformer, normalize: str = "imagenet") -> None:
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise ConfigError(f"the teacher's image tower is a {type(visual).__name__}, not an "
+                              "open_clip VisionTransformer: choose a ViT CLIP model")
+        last = visual.transformer.resblocks[-1]
+        if not isinstance(last, ResidualAttentionBlock) or not isinstance(last.attn, nn.MultiheadAttention):
+            raise ConfigError("the teacher's blocks are not standard open_clip attention blocks: "
+                              "choose a plain ViT CLIP model")
+        if visual.attn_pool is not None:
+            raise ConfigError("teachers with attentional pooling (CoCa-style) have no per-token "
+                              "targets: choose a plain ViT CLIP model")
+        self.visual = visual.eval().requires_grad_(False)
+        self.patch_size = visual.patch_size[0]
+        self.image_size = visual.image_size[0]
+        self.grid_size = visual.grid_size
+        self.embed_dim = visual.proj.shape[1]
+        # The authors feed the student's ImageNet-normalised images to CLIP unchanged. "clip"
+        # re-normalises them with CLIP's own statistics: x * std_in/std_clip + (mean_in - mean_clip)/std_clip.
+        scale, shift = torch.ones(3), torch.zeros(3)
+        if normalize == "clip":
+            mean_in, std_in = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+            mean_c, std_c = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+            scale, shift = std_in / std_c, (mean_in - mean_c) / std_c
+        elif normalize != "imagenet":
+            raise ConfigError(f"unknown teacher normalisation {normalize!r}: choose imagenet or clip")
+        self.renormalize = normalize == "clip"
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "ClipTeacher":
+        # The teacher is frozen: keep it in eval mode whatever the surrounding module does.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> TeacherOutput:
+        """imgs [N, 3, H, W] (ImageNet-normalised) -> targets [N, L+1, D], importance [N, L]."""
+        if self.renormalize:
+            imgs = imgs * self.input_scale + self.input_shift
+        v = self.visual
+        x = v._embeds(imgs)  # conv1, cls, positions, ln_pre: [N, L+1, W]
+        *blocks, last = v.transformer.resblocks
+        for blk in blocks:
+            x = blk(x)
+        importance = cls_attention(last, x)[:, 1:]  # drop the cls column: [N, L]
+        x = last(x)
+        targets = v.ln_post(x) @ v.proj  # [N, L+1, D]
+        return TeacherOutput(targets=targets, importance=importance)
+
+
+def cls_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """Attention of the cls query over all L+1 keys in ``block``, averaged over heads.
+
+    x: the block's input [N, L+1, W] -> [N, L+1]. Only the cls query row is computed.
+    """
+    attn: nn.MultiheadAttention = block.attn
+    n, tokens, width = x.shape
+    heads, head_dim = attn.num_heads, width // attn.num_heads
+    h = block.ln_1(x)
+    w_q, w_k, _ = attn.in_proj_weight.chunk(3)
+    b_q, b_k, _ = attn.in_proj_bias.chunk(3)
+    q = (h[:, :1] @ w_q.T + b_q).view(n, 1, heads, head_dim).transpose(1, 2)  # [N, heads, 1, d]
+    k = (h @ w_k.T + b_k).view(n, tokens, heads, head_dim).transpose(1, 2)  # [N, heads, L+1, d]
+    weights = (q @ k.transpose(-2, -1) * head_dim**-0.5).float().softmax(dim=-1)
+    return weights.mean(dim=1)[:, 0]  # [N, L+1]
+
+
+# ----------------------------------------------------------------------------------------
+# Building a teacher by name
+
+
+@cache
+def _register_shipped_configs() -> None:
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def vit_model_names() -> list[str]:
+    """open_clip model names (plus the shipped tiny ones) whose image tower is a plain ViT."""
+    _register_shipped_configs()
+    names = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        vision = cfg.get("vision_cfg", {})
+        # ResNet towers have a list of layers, timm towers a timm name, CoCa an attentional pool.
+        if (isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
+                and "multimodal_cfg" not in cfg and not vision.get("attentional_pool")):
+            names.append(name)
+    return names
+
+
+def _is_checkpoint_path(pretrained: str) -> bool:
+    return pretrained.endswith(CHECKPOINT_SUFFIXES) or "/" in pretrained or Path(pretrained).exists()
+
+
+def resolve_model_name(model: str) -> str:
+    """A registered open_clip name, or a path to a JSON model config registered on the fly."""
+    _register_shipped_configs()
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ConfigError(f"teacher model config {model} does not exist: give an open_clip "
+                              "model name or the path of an open_clip model-config JSON file")
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"teacher model config {model} is not valid JSON ({err.msg}): "
+                              "fix the file") from None
+        open_clip.add_model_config(path)
+        return path.stem
+    valid = vit_model_names()
+    if model not in valid:
+        close = difflib.get_close_matches(model, valid, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown teacher model {model!r}: {hint}valid ViT CLIP models: {', '.join(valid)}")
+    return model
+
+
+def check_pretrained(model: str, pretrained: str | None) -> None:
+    """Fail early on a missing checkpoint file or a tag that open_clip does not know."""
+    if not pretrained:
+        return
+    if _is_checkpoint_path(pretrained):
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"teacher checkpoint {pretrained} does not exist: fix teacher.pretrained "
+                              "(a checkpoint file or an open_clip pretrained tag)")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        known = ", ".join(tags) if tags else "none (train one, or use a local checkpoint file)"
+        raise ConfigError(f"teacher {model} has no pretrained tag {pretrained!r}: known tags are {known}")
+
+
+def build_teacher(model: str, pretrained: str | None, normalize: str = "imagenet") -> ClipTeacher:
+    """A frozen teacher from an open_clip name (or model-config JSON) and a tag or checkpoint.
+
+    ``pretrained`` is an open_clip tag (e.g. ``openai``), a local checkpoint file, or ``None``
+    for random init (tests only: random CLIP targets measure nothing). OpenAI's weights were
+    trained with QuickGELU, so with the ``openai`` tag QuickGELU is forced, as open_clip's
+    ``-quickgelu`` model names do; otherwise the features silently differ.
+    """
+    name = resolve_model_name(model)
+    check_pretrained(name, pretrained)
+    try:
+        clip = open_clip.create_model(name, pretrained=pretrained or None,
+                                      force_quick_gelu=pretrained == "openai", device="cpu")
+    except RuntimeError as err:  # state-dict mismatch between the checkpoint and the architecture
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"teacher checkpoint {pretrained} does not fit model {name} ({first}): "
+                          "use the model name the checkpoint was trained with") from None
+    return ClipTeacher(clip.visual, normalize=normalize)
