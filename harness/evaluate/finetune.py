@@ -1,0 +1,222 @@
+"""MAE/MILAN end-to-end fine-tuning of a pretrained encoder, and its training transform."""
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import AverageMeter, accuracy, random_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from harness.evaluate.features import autocast
+
+
+def finetune_transform(
+    img_size: int,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    randaug: str = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+) -> Callable:
+    """MAE's fine-tuning augmentation: RandomResizedCrop (bicubic) + flip + RandAugment + random
+    erasing, as timm builds it. Works for tiny images too (RandAugment scales its translations by
+    the image size)."""
+    return create_transform(
+        input_size=img_size,
+        is_training=True,
+        color_jitter=None,  # MAE passes none; timm ignores colour jitter with RandAugment anyway
+        auto_augment=randaug,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def finetune(
+    encoder: VisionTransformer,
+    train_dataset: Dataset,
+    val_loader: DataLoader,
+    *,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    base_lr: float,
+    warmup_epochs: float,
+    layer_decay: float = 0.65,
+    drop_path: float = 0.1,
+    weight_decay: float = 0.05,
+    mixup: float = 0.8,
+    cutmix: float = 1.0,
+    label_smoothing: float = 0.1,
+    num_workers: int = 0,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fine-tune a copy of the encoder end to end and report validation accuracy.
+
+    Recipe (MAE, used by MILAN): the encoder's weights in a fresh ViT that classifies the average of
+    the patch tokens after a new LayerNorm; stochastic depth; AdamW with layer-wise lr decay (no
+    weight decay on biases, norms, pos_embed and tokens); lr = base_lr * batch_size / 256 with a
+    per-iteration linear warm-up and half-cycle cosine to 0; Mixup/CutMix with label smoothing and a
+    soft-target loss (plain label-smoothed cross-entropy when both are 0); no gradient clipping.
+
+    `train_dataset` yields augmented (image, label) pairs, e.g. with `finetune_transform`; it is
+    loaded in shuffled full batches of `batch_size` (even, when mixing). The caller's encoder is not
+    modified. Seeds torch, numpy and random globally with `seed`, as Mixup and drop path draw from
+    them. Returns "finetune_top1", "finetune_top5" (at least 5 classes), percentages, and
+    "finetune_train_seconds".
+    """
+    mixing = mixup > 0 or cutmix > 0
+    if mixing and batch_size % 2:
+        raise ValueError(
+            f"Mixup/CutMix pair samples within a batch: batch_size={batch_size} must be even"
+        )
+    if len(train_dataset) < batch_size:
+        raise ValueError(
+            f"{len(train_dataset)} training samples make no full batch of {batch_size}"
+        )
+    random_seed(seed)
+    model = _finetune_model(encoder, num_classes, drop_path).to(device)
+    loader = DataLoader(
+        train_dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = create_optimizer_v2(
+        model,
+        "adamw",
+        lr=base_lr * batch_size / 256,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        fused=True,
+    )
+    warmup_steps = round(warmup_epochs * len(loader))
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(epochs * len(loader) - warmup_steps, 1),
+        warmup_t=warmup_steps,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    if mixing:
+        mix = Mixup(
+            mixup_alpha=mixup,
+            cutmix_alpha=cutmix,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    else:
+        mix = None
+        criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    start = time.perf_counter()
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            scheduler.step_update(step)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, torch.long, non_blocking=True)
+            if mix is not None:
+                images, labels = mix(images, labels)
+            with autocast(device):
+                loss = criterion(model(images), labels)
+            # A diverged run must not report a garbage accuracy as a result (MAE stops here too).
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - start
+
+    metrics = _evaluate(model, val_loader, device)
+    if num_classes < 5:
+        del metrics["finetune_top5"]
+    return {**metrics, "finetune_train_seconds": train_seconds}
+
+
+def _finetune_model(
+    encoder: VisionTransformer, num_classes: int, drop_path: float
+) -> VisionTransformer:
+    """A fresh timm ViT shaped like `encoder`, with MAE's fine-tuning head, holding its weights.
+
+    The shape is read off the encoder (a plain pre-norm ViT such as vit_base_patch16_224); any
+    parameter the encoder has that this ViT lacks, or the reverse, raises instead of being dropped.
+    """
+    block = encoder.blocks[0]
+    model = VisionTransformer(
+        img_size=encoder.patch_embed.img_size,
+        patch_size=encoder.patch_embed.patch_size,
+        in_chans=encoder.patch_embed.proj.in_channels,
+        embed_dim=encoder.embed_dim,
+        depth=len(encoder.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / encoder.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+        class_token=encoder.has_class_token,
+        reg_tokens=encoder.num_reg_tokens,
+        no_embed_class=encoder.no_embed_class,
+        dynamic_img_size=encoder.dynamic_img_size,
+        norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
+        num_classes=num_classes,
+        global_pool="avg",
+        fc_norm=True,
+        drop_path_rate=drop_path,
+    )
+    # With fc_norm the ViT has no final `norm`: the pretrained one (which produced the cls feature
+    # the encoder was trained with) goes unused and the pooled patch tokens get a freshly
+    # initialised `fc_norm`, exactly as MAE's fine-tuning model does. The encoder's own classifier
+    # is dropped too.
+    pretrained = {
+        name: value
+        for name, value in encoder.state_dict().items()
+        if not name.startswith(("norm.", "fc_norm.", "head."))
+    }
+    loaded = model.load_state_dict(pretrained, strict=False)
+    fresh = {name for name in model.state_dict() if name.startswith(("fc_norm.", "head."))}
+    not_loaded = sorted(set(loaded.missing_keys) - fresh)
+    if loaded.unexpected_keys or not_loaded:
+        raise ValueError(
+            "encoder does not map onto a plain timm ViT: "
+            f"unexpected {loaded.unexpected_keys}, missing {not_loaded}"
+        )
+    # MAE's near-zero head: early updates then barely disturb the pretrained features.
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+@torch.inference_mode()
+def _evaluate(
+    model: VisionTransformer, loader: DataLoader, device: torch.device
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy in percent of the fine-tuned model over `loader`."""
+    model.eval()
+    top1, top5 = AverageMeter(), AverageMeter()
+    for images, labels in loader:
+        with autocast(device):
+            logits = model(images.to(device, non_blocking=True))
+        acc1, acc5 = accuracy(logits.float(), labels.to(device), topk=(1, 5))
+        top1.update(acc1.item(), len(labels))
+        top5.update(acc5.item(), len(labels))
+    return {"finetune_top1": top1.avg, "finetune_top5": top5.avg}
