@@ -1,0 +1,1 @@
+"""Launching benchmark jobs (locally or on Slurm)."""
