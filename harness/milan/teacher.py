@@ -64,6 +64,7 @@ class ClipTeacher(nn.Module):
         self.renormalize = normalize == "clip"
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.train(False)
 
     def train(self, mode: bool = True) -> "ClipTeacher":
         # The teacher is frozen: keep it in eval mode whatever the surrounding module does.
@@ -180,8 +181,9 @@ def build_teacher(model: str, pretrained: str | None, normalize: str = "imagenet
     try:
         clip = open_clip.create_model(name, pretrained=pretrained or None,
                                       force_quick_gelu=pretrained == "openai", device="cpu")
-    except RuntimeError as err:  # state-dict mismatch between the checkpoint and the architecture
-        first = str(err).strip().splitlines()[0]
+    except (RuntimeError, AssertionError, KeyError, ValueError) as err:
+        # open_clip reports a checkpoint of another architecture in any of these ways.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"teacher checkpoint {pretrained} does not fit model {name} ({first}): "
                           "use the model name the checkpoint was trained with") from None
     return ClipTeacher(clip.visual, normalize=normalize)
