@@ -1,0 +1,42 @@
+"""Comparison tables, figures and a Markdown report from a tidy frame of grid runs.
+
+Input contract (produced by the MLflow reader): `runs` has one row per grid cell x seed
+with `cell_id`, `cell`, `seed`, `status`, `failure_reason`, one column per axis and one
+per metric, and grid metadata in `runs.attrs` (`axes`, `axis_baselines`, `metrics`,
+`grid`, `paper_setting`); `curves` is long-form training loss (`cell_id`, `cell`, `seed`,
+`target`, `step`, `loss`).
+
+Entry point: `build_report(runs, curves, out_dir)`; the table and figure functions are
+usable on their own.
+"""
+
+from harness.report.build import ReportResult, build_report
+from harness.report.figures import (
+    plot_cost,
+    plot_loss_curves,
+    plot_main_effects,
+    plot_metric_by_cell,
+)
+from harness.report.tables import (
+    REFERENCE_TOP1,
+    ReportError,
+    cell_table,
+    main_effects,
+    reference_table,
+    write_tables,
+)
+
+__all__ = [
+    "REFERENCE_TOP1",
+    "ReportError",
+    "ReportResult",
+    "build_report",
+    "cell_table",
+    "main_effects",
+    "plot_cost",
+    "plot_loss_curves",
+    "plot_main_effects",
+    "plot_metric_by_cell",
+    "reference_table",
+    "write_tables",
+]

@@ -1,0 +1,208 @@
+"""Build a full report for one grid: tables in every format, figures and `report.md`.
+
+Layout under `out_dir`: `report.md`, `tables/<name>.<fmt>`, `figures/<name>.png`; the
+report links tables and embeds figures by relative path, so the folder can be moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from harness.report.figures import (
+    metric_label,
+    plot_cost,
+    plot_loss_curves,
+    plot_main_effects,
+    plot_metric_by_cell,
+)
+from harness.report.tables import (
+    REFERENCE_TOP1,
+    STATUS_ORDER,
+    TABLE_FORMATS,
+    ReportError,
+    axis_baselines,
+    cell_table,
+    check_metric,
+    cost_by_cell,
+    finished_values,
+    main_effects,
+    reference_table,
+    render_table,
+    write_tables,
+)
+
+__all__ = ["ReportError", "ReportResult", "build_report"]
+
+# Columns shown in report.md (the written tables keep every column).
+REPORT_CELL_COLUMNS = ["cell", "n", "mean ± std", "delta_vs_baseline", "status",
+                       "gpu_hours", "images_per_s"]
+REPORT_EFFECT_COLUMNS = ["axis", "baseline", "value", "mean ± std", "n", "pairs"]
+REPORT_REFERENCE_COLUMNS = ["metric", *REFERENCE_TOP1, "measured", "n", "delta_vs_authors_code"]
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Paths written by `build_report`."""
+
+    report: Path
+    tables: tuple[Path, ...]
+    figures: tuple[Path, ...]
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.report, *self.tables, *self.figures)
+
+
+def build_report(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    metric: str = "linear_top1",
+    formats: Iterable[str] = TABLE_FORMATS,
+    figures: bool = True,
+) -> ReportResult:
+    """Write tables, figures and report.md for `runs` (and loss `curves`) under out_dir.
+
+    Raises ReportError when `metric` is not a column with at least one value.
+    """
+    check_metric(runs, metric)
+    out_dir = Path(out_dir)
+    formats = tuple(formats)
+    tables = {"cells": cell_table(runs, metric), "main_effects": main_effects(runs, metric)}
+    reference = reference_table(runs)
+    if reference is not None:
+        tables["reference"] = reference
+    table_paths = write_tables(tables, out_dir / "tables", formats)
+    figure_paths = (
+        _write_figures(runs, curves, metric, tables["main_effects"], out_dir / "figures")
+        if figures else {}
+    )
+    report = out_dir / "report.md"
+    report.write_text(
+        _render_report(runs, metric, tables, figure_paths, formats, out_dir), encoding="utf-8"
+    )
+    return ReportResult(report, tuple(table_paths), tuple(figure_paths.values()))
+
+
+def _write_figures(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame | None,
+    metric: str,
+    effects: pd.DataFrame,
+    fig_dir: Path,
+) -> dict[str, Path]:
+    """Each figure whose data exists, keyed by the report section that embeds it."""
+    paths = {}
+    if finished_values(runs, metric).notna().any():
+        paths["cells"] = plot_metric_by_cell(runs, metric, fig_dir / "metric_by_cell.png")
+    if effects["mean"].notna().any():
+        paths["main_effects"] = plot_main_effects(effects, metric, fig_dir / "main_effects.png")
+    if curves is not None and curves["loss"].notna().any():
+        paths["curves"] = plot_loss_curves(curves, fig_dir / "loss_curves.png")
+    if cost_by_cell(runs).notna().any().any():
+        paths["cost"] = plot_cost(runs, fig_dir / "cost.png")
+    return paths
+
+
+# --- report.md -----------------------------------------------------------------------
+
+
+# One "how to read this" line per report section.
+HOW_TO_READ: dict[str, str] = {
+    "cells": "one row per cell; mean ± std over finished seeds (n); delta_vs_baseline = "
+    "cell mean − baseline-cell mean; status lists runs that did not finish and why; cost = "
+    "total GPU-hours and mean images/s.",
+    "main_effects": "average change in the metric when one axis moves from its baseline to "
+    "the value shown, every other axis held fixed; runs are paired by seed, mean ± std is "
+    "over seeds (n), pairs = complete pairs used.",
+    "reference": "published top-1 (%) from the spec beside the measured MILAN cell "
+    "(clip / prompting / semantic); delta is measured − authors' code.",
+    "curves": "mean loss over seeds (with a ±sd band for small grids); pixel and CLIP "
+    "losses are different quantities, so each target has its own facet and y scale.",
+    "cost": "total GPU-hours spent per cell (failed runs included) and mean training "
+    "throughput; the baseline cell is in red.",
+}
+
+
+def _render_report(
+    runs: pd.DataFrame,
+    metric: str,
+    tables: Mapping[str, pd.DataFrame],
+    figures: Mapping[str, Path],
+    formats: tuple[str, ...],
+    out_dir: Path,
+) -> str:
+    embeds = {
+        key: f"![{key}]({path.relative_to(out_dir).as_posix()})" for key, path in figures.items()
+    }
+
+    def section(title: str, key: str, *body: str) -> list[str]:
+        links = " · ".join(f"[{fmt}](tables/{key}.{fmt})" for fmt in formats)
+        return [
+            f"## {title}",
+            f"How to read this: {HOW_TO_READ[key]}",
+            *body,
+            f"Full table: {links}" if key in tables and links else "",
+            embeds.get(key, ""),
+        ]
+
+    effects = tables["main_effects"]
+    sections = [
+        _header(runs, metric),
+        *section(
+            f"Headline: {metric_label(metric)} per cell", "cells",
+            _baseline_note(runs, tables["cells"]),
+            render_table(_columns(tables["cells"], REPORT_CELL_COLUMNS), "md"),
+        ),
+        *section(
+            "Main effects", "main_effects",
+            render_table(_columns(effects, REPORT_EFFECT_COLUMNS), "md")
+            if effects["mean"].notna().any()
+            else "No main effects: no axis has a non-baseline value with complete pairs.",
+        ),
+    ]
+    if "reference" in tables:
+        sections += section(
+            "Reference numbers (ViT-B/16, 400 epochs, ImageNet-1K)", "reference",
+            render_table(_columns(tables["reference"], REPORT_REFERENCE_COLUMNS), "md"),
+        )
+    if "curves" in figures:
+        sections += section("Training loss", "curves")
+    if "cost" in figures:
+        sections += section("Cost", "cost")
+    return "\n\n".join(s.strip() for s in sections if s) + "\n"
+
+
+def _header(runs: pd.DataFrame, metric: str) -> str:
+    grid = runs.attrs.get("grid", "unnamed grid")
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    counts = runs["status"].value_counts()
+    ordered = [s for s in STATUS_ORDER if s in counts] + sorted(
+        set(counts.index) - set(STATUS_ORDER)
+    )
+    by_status = ", ".join(f"{counts[s]} {s}" for s in ordered)
+    return (
+        f"# MILAN ablation report: {grid}\n\n"
+        f"Generated {date} · metric: `{metric}`, {metric_label(metric)} · "
+        f"{runs['cell_id'].nunique()} cells, {len(runs)} runs: {by_status}"
+    )
+
+
+def _baseline_note(runs: pd.DataFrame, cells: pd.DataFrame) -> str:
+    """Explain empty deltas instead of leaving the reader to guess."""
+    if cells["delta_vs_baseline"].notna().any():
+        return ""
+    baseline = ", ".join(f"{axis}={value}" for axis, value in axis_baselines(runs).items())
+    return f"No finished baseline cell ({baseline}) in this grid, so deltas are empty."
+
+
+def _columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The listed columns that the table has (cost columns are optional), in order."""
+    return table[[c for c in columns if c in table]]
+

@@ -1,0 +1,296 @@
+"""Report figures: seaborn objects plots rendered with Agg, saved as PNG.
+
+Figures are plain `matplotlib.figure.Figure` objects with an Agg canvas, never created
+through pyplot: they stay out of pyplot's global registry (so there is nothing left open
+to close and no GUI backend is ever selected) and are freed when the function returns.
+Every function saves one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn.objects as so
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from harness.report.tables import (
+    check_metric,
+    cost_by_cell,
+    finished_values,
+    grid_axes,
+    ordered_cells,
+)
+
+DPI = 120
+ROW_HEIGHT_IN = 0.22  # per category row on horizontal plots: keeps tick labels apart
+COLUMN_GAP = "  "  # between axis-value columns of the row labels
+TITLE_CHARS = 70  # wrap width of title lines: fits the narrowest (8 in) figure
+ROLE_COLORS = {"baseline": "#c44e52", "other": "#4c72b0"}
+# Above this many cells a per-cell legend is unreadable; the lines stay, the legend goes.
+MAX_LEGEND_CELLS = 12
+
+METRIC_LABELS: dict[str, str] = {
+    "linear_top1": "linear-probe top-1 (%)",
+    "knn_top1": "k-NN top-1 (%)",
+    "finetune_top1": "fine-tune top-1 (%)",
+    "final_loss": "final training loss",
+    "images_per_s": "throughput (images/s)",
+    "peak_memory_mb": "peak memory (MB)",
+    "gpu_hours": "compute (GPU-hours)",
+}
+# Facet title and x label (with unit) per cost column.
+COST_LABELS: dict[str, tuple[str, str]] = {
+    "gpu_hours": ("total compute, all runs", "GPU-hours (wall time x devices)"),
+    "images_per_s": ("training throughput, mean over runs", "images/s"),
+}
+# Pixel and CLIP losses are different quantities; the facets say which one is shown.
+LOSS_LABELS: dict[str, str] = {
+    "pixel": "loss (MSE on masked patches)",
+    "clip": "loss (2 − 2·cos to CLIP features)",
+}
+
+
+def metric_label(metric: str) -> str:
+    """Axis label with unit for a metric column (the column name when unknown)."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _draw(plot: so.Plot, fig: Figure) -> None:
+    """Render a seaborn objects plot onto `fig`."""
+    with warnings.catch_warnings():
+        # seaborn 0.13 passes `copy=` to pandas 3 constructors: harmless, and not ours.
+        warnings.filterwarnings(
+            "ignore", message="The copy keyword is deprecated", module="seaborn"
+        )
+        plot.on(fig).plot()
+
+
+def _rows_height(n_rows: int) -> float:
+    return 1.8 + ROW_HEIGHT_IN * n_rows
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Seaborn puts its figure legend outside the axes, which only bbox_inches="tight"
+    # keeps; it costs a second full draw, so it is used only when there is a legend
+    # (constrained layout already fits labels and titles).
+    fig.savefig(path, dpi=DPI, bbox_inches="tight" if fig.legends else None)
+    return path
+
+
+# --- one row per cell ----------------------------------------------------------------
+
+
+def _cell_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """ordered_cells (baseline first) plus a row `label` and a `role` for colouring."""
+    cells = ordered_cells(runs)
+    return cells.assign(
+        label=_row_labels(cells, grid_axes(runs)),
+        role=cells["is_baseline"].map({True: "baseline", False: "other"}),
+    )
+
+
+def _row_labels(cells: pd.DataFrame, axes: list[str]) -> pd.Series:
+    """Pivot-table style labels: a fixed-width column per axis, values repeated from
+    the row above left blank.
+
+    Rows are sorted axis by axis, so blanking the repeated leading values reads as a
+    hierarchy; it also draws a few characters per row instead of every axis value,
+    which matters because text dominates the drawing time of large grids. Meant for a
+    monospace font, right-aligned (as y tick labels are): the last column is
+    right-justified so no label ends in spaces and the columns line up.
+    """
+    if not axes:
+        return cells["cell"]
+    text = cells[axes].astype(str)
+    widths = text.apply(lambda col: col.str.len().max())
+    padded = text.apply(lambda col: col.str.ljust(widths[col.name]))
+    padded[axes[-1]] = text[axes[-1]].str.rjust(widths[axes[-1]])
+    full = padded.agg(COLUMN_GAP.join, axis=1)
+    column_start = np.r_[0, np.cumsum(widths.to_numpy() + len(COLUMN_GAP))[:-1]]
+    first_new = text.ne(text.shift()).to_numpy().argmax(axis=1)  # first changed column
+    return pd.Series(
+        [label[column_start[k]:] for label, k in zip(full, first_new)], index=cells.index
+    )
+
+
+def _rows_key(runs: pd.DataFrame) -> str:
+    """Names the axes whose values make up the row labels, for the figure title
+    (wrapped: a five-axis grid's key is wider than the figure)."""
+    return textwrap.fill("rows: " + (" · ".join(grid_axes(runs)) or "cell"), TITLE_CHARS)
+
+
+def _set_row_labels(ax: Axes, cells: pd.DataFrame) -> None:
+    """Replace the cell_id ticks seaborn drew with the row labels; baseline in red.
+
+    Rows are plotted by cell_id because the blanked labels are not unique.
+    """
+    ax.set_yticks(range(len(cells)), cells["label"], fontfamily="monospace")
+    for position in np.flatnonzero(cells["is_baseline"]):
+        ax.get_yticklabels()[position].set_color(ROLE_COLORS["baseline"])
+
+
+def plot_metric_by_cell(runs: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """Mean ± sd over seeds per cell, seeds as faint dots, baseline first and in red.
+
+    Cells missing seeds get a hollow mean marker; cells without a finished run keep an
+    empty row, so failures stay visible.
+    """
+    check_metric(runs, metric)
+    values = finished_values(runs, metric)
+    # Aggregated with pandas, not seaborn's Est: same numbers as the tables, and faster.
+    stats = values.groupby(runs["cell_id"]).agg(["mean", "std", "count"])
+    cells = _cell_rows(runs).join(stats, on="cell_id")
+    cells = cells.assign(
+        complete=cells["count"] == cells["count"].max(),
+        lo=cells["mean"] - cells["std"],
+        hi=cells["mean"] + cells["std"],
+    )
+    seeds = runs.assign(value=values).dropna(subset=["value"])[["cell_id", "value"]].merge(
+        cells[["cell_id", "role"]], on="cell_id"
+    )
+    fig = _figure(8, _rows_height(len(cells)))
+    _draw(
+        so.Plot(cells, y="cell_id", color="role")
+        # Layer data is aligned to the plot data by index unless y/color are repeated.
+        .add(so.Dots(pointsize=4, alpha=0.5), data=seeds, x="value", y="cell_id",
+             color="role", legend=False)
+        .add(so.Range(linewidth=2), x="mean", xmin="lo", xmax="hi", legend=False)
+        .add(so.Dot(pointsize=7, edgewidth=1.5), x="mean", fill="complete", legend=False)
+        .scale(y=so.Nominal(order=list(cells["cell_id"])), color=ROLE_COLORS,
+               fill={True: True, False: False})
+        .label(x=metric_label(metric), y=""),
+        fig,
+    )
+    ax = fig.axes[0]
+    _set_row_labels(ax, cells)
+    baseline_mean = cells.loc[cells["is_baseline"], "mean"]
+    if baseline_mean.notna().any():  # how far each cell is from the baseline, at a glance
+        ax.axvline(baseline_mean.iloc[0], color=ROLE_COLORS["baseline"], lw=1, ls="--")
+    fig.suptitle(
+        f"{metric_label(metric)} per cell: mean ± sd over seeds\n"
+        "small dots: seeds · hollow: missing seeds · red: baseline and its mean\n"
+        + _rows_key(runs)
+    )
+    return _save(fig, path)
+
+
+def plot_cost(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Total GPU-hours and mean throughput per cell, side by side, baseline in red."""
+    cost = cost_by_cell(runs)
+    quantities = list(cost.columns)
+    cells = _cell_rows(runs)
+    data = cells.join(cost, on="cell_id").melt(
+        id_vars=["cell_id", "role"], value_vars=quantities, var_name="quantity",
+        value_name="value",
+    )
+    fig = _figure(3 + 3.5 * len(quantities), _rows_height(len(cells)))
+    _draw(
+        so.Plot(data, x="value", y="cell_id", color="role")
+        .add(so.Bars(), legend=False)  # Bars: one patch collection, fast with many cells
+        .facet(col="quantity", order=quantities)
+        .share(x=False)
+        .scale(y=so.Nominal(order=list(cells["cell_id"])), color=ROLE_COLORS)
+        .label(y=""),
+        fig,
+    )
+    _set_row_labels(fig.axes[0], cells)  # the facets share rows; only the first has labels
+    for ax, quantity in zip(fig.axes, quantities):
+        title, unit = COST_LABELS[quantity]
+        ax.set(title=title, xlabel=unit)
+    fig.suptitle(f"Cost per cell (baseline cell in red)\n{_rows_key(runs)}")
+    return _save(fig, path)
+
+
+# --- other figures -------------------------------------------------------------------
+
+
+def plot_main_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """Main effects (a `main_effects` table): mean ± sd over seeds per axis value.
+
+    One row per non-baseline axis value, coloured by axis, with a dashed zero line.
+    """
+    data = effects.assign(
+        label=effects["axis"] + ": " + effects["baseline"].astype(str) + " → "
+        + effects["value"].astype(str),
+        lo=effects["mean"] - effects["std"],
+        hi=effects["mean"] + effects["std"],
+    )
+    fig = _figure(8, _rows_height(len(data)))
+    _draw(
+        so.Plot(data, x="mean", y="label", color="axis")
+        .add(so.Range(linewidth=2), xmin="lo", xmax="hi", legend=False)
+        .add(so.Dot(pointsize=7), legend=False)  # the row labels already name the axis
+        .scale(y=so.Nominal(order=list(data["label"])))
+        .label(x=f"change in {metric_label(metric)}", y="axis: baseline → value"),
+        fig,
+    )
+    fig.axes[0].axvline(0, color=".25", lw=1, ls="--")
+    fig.suptitle(
+        f"Main effects on {metric}: mean ± sd over seeds\n"
+        "paired on seed and the other axes' values"
+    )
+    return _save(fig, path)
+
+
+def plot_loss_curves(curves: pd.DataFrame, path: str | Path) -> Path:
+    """Training loss per cell, mean over seeds, one facet per target type.
+
+    Pixel and CLIP losses live on different scales, so each facet has its own y axis.
+    Up to MAX_LEGEND_CELLS cells, each cell has its own colour, a ±sd band and a legend
+    entry; beyond that, bands and colours would only blur together, so cells are drawn
+    as thin lines of one colour (which also keeps large grids fast to draw).
+    Curves are aggregated with pandas first: seaborn would otherwise estimate every
+    (cell, step) group itself, which is slow on thousands of runs.
+    """
+    agg = (
+        curves.dropna(subset=["loss"])
+        .groupby(["target", "cell", "step"], sort=False)["loss"]
+        .agg(["mean", "std"])
+        .reset_index()
+    )
+    spread = agg["std"].fillna(0)  # a single seed has no spread: the band collapses
+    agg = agg.assign(lo=agg["mean"] - spread, hi=agg["mean"] + spread)
+    known = list(LOSS_LABELS)  # pixel (the baseline target) first, then clip
+    targets = sorted(
+        agg["target"].unique(), key=lambda t: (known.index(t) if t in known else len(known), t)
+    )
+    n_cells = agg["cell"].nunique()
+    per_cell = n_cells <= MAX_LEGEND_CELLS
+    plot = (
+        so.Plot(agg, x="step", y="mean")
+        .facet(col="target", order=targets)
+        .share(y=False)
+        .label(x="training step", col="target =", color="cell")
+    )
+    # so.Lines draws all cells as one collection: much faster than so.Line per cell.
+    if per_cell:
+        plot = (
+            plot.add(so.Band(alpha=0.2), color="cell", ymin="lo", ymax="hi")
+            .add(so.Lines(linewidth=1.5), color="cell")
+        )
+        title = "Training loss: mean over seeds, band ± sd"
+    else:
+        plot = plot.add(so.Lines(linewidth=0.8, alpha=0.5), group="cell")
+        title = f"Training loss: mean over seeds, one line per cell ({n_cells} cells)"
+    fig = _figure(5 * len(targets) + (4 if per_cell else 0), 4.5)
+    _draw(plot, fig)
+    for ax, target in zip(fig.axes, targets):
+        # Each facet has its own scale and quantity, so each gets its own y label
+        # (seaborn shows one only on the first facet).
+        ax.set_ylabel(LOSS_LABELS.get(target, "loss"), visible=True)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,313 @@
+"""Comparison tables built from the tidy `runs` frame (one row per grid cell x seed).
+
+Grid metadata comes from `runs.attrs`: ``axes`` (axis columns in grid order),
+``axis_baselines`` (axis -> baseline value), ``metrics``, ``grid`` and ``paper_setting``.
+Only runs with status "done" contribute metric values: a preempted or running run may
+have logged a number, but it is not a finished measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pandas.api.types import is_numeric_dtype
+
+DONE = "done"
+# Order in which statuses are listed in summaries: finished first, then the ones that
+# need attention, then the ones that will resolve by themselves.
+STATUS_ORDER: tuple[str, ...] = ("done", "failed", "preempted", "running", "pending")
+
+# Reference top-1 accuracies (%) for MILAN ViT-B/16, 400 epochs, ImageNet-1K, copied from
+# the "Reference numbers" table of /work/shared/docs/milan-spec.md (NaN: not reported).
+REFERENCE_TOP1: dict[str, dict[str, float]] = {
+    "paper abstract": {"finetune_top1": 85.4, "linear_top1": np.nan},
+    "authors' code (OpenMMLab repro)": {"finetune_top1": 85.2, "linear_top1": 78.9},
+    "OpenMMLab port": {"finetune_top1": 85.3, "linear_top1": 78.9},
+}
+# Reference source the measured MILAN cell is compared against: the only one with both
+# fine-tune and linear-probe numbers for the authors' own code.
+DELTA_REFERENCE = "authors' code (OpenMMLab repro)"
+# The full MILAN configuration; in a paper-setting grid this is the cell the paper reports.
+MILAN_CELL: dict[str, str] = {
+    "model.target": "clip",
+    "model.decoder": "prompting",
+    "model.masking": "semantic",
+}
+
+TABLE_FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
+
+
+class ReportError(ValueError):
+    """A report cannot be built from the given inputs (message is one line)."""
+
+
+# --- grid metadata -------------------------------------------------------------------
+
+
+def grid_axes(runs: pd.DataFrame) -> list[str]:
+    """Axis columns in grid order."""
+    return list(runs.attrs.get("axes", []))
+
+
+def axis_baselines(runs: pd.DataFrame) -> dict[str, object]:
+    """Baseline value of every axis (KeyError names an axis missing from the attrs)."""
+    baselines = runs.attrs.get("axis_baselines", {})
+    return {axis: baselines[axis] for axis in grid_axes(runs)}
+
+
+def axis_levels(runs: pd.DataFrame, axis: str) -> list[object]:
+    """Values of one axis: baseline first, then the others in order of appearance."""
+    baseline = axis_baselines(runs)[axis]
+    return [baseline, *(v for v in runs[axis].dropna().unique() if v != baseline)]
+
+
+def available_metrics(runs: pd.DataFrame) -> list[str]:
+    """Metric columns that hold at least one value."""
+    listed = runs.attrs.get("metrics", [])
+    return [m for m in listed if m in runs and runs[m].notna().any()]
+
+
+def check_metric(runs: pd.DataFrame, metric: str) -> None:
+    """Raise ReportError unless `metric` is a numeric column with at least one value."""
+    if metric in runs and is_numeric_dtype(runs[metric]) and runs[metric].notna().any():
+        return
+    available = ", ".join(available_metrics(runs)) or "none"
+    raise ReportError(
+        f"metric {metric!r} has no values in these runs; available metrics: {available}"
+    )
+
+
+def finished_values(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric where the run finished, NaN elsewhere (keeps the runs index)."""
+    return runs[metric].where(runs["status"] == DONE)
+
+
+# --- cell-level tables ---------------------------------------------------------------
+
+
+def ordered_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: cell_id, axis values, cell name and `is_baseline`.
+
+    Rows are sorted axis by axis (grid order) with each axis's baseline value first, so
+    the baseline cell, when the grid has one, is the first row.
+    """
+    axes = grid_axes(runs)
+    cells = runs.drop_duplicates("cell_id")[["cell_id", *axes, "cell"]]
+    levels = {axis: axis_levels(runs, axis) for axis in axes}
+    if axes:
+        cells = cells.sort_values(
+            axes, key=lambda s: pd.Series(pd.Categorical(s, levels[s.name]).codes, s.index),
+            kind="stable",
+        )
+    baseline = pd.Series(axis_baselines(runs), dtype=object)
+    is_baseline = cells[axes].eq(baseline).all(axis=1) if axes else True
+    return cells.assign(is_baseline=is_baseline).reset_index(drop=True)
+
+
+def cost_by_cell(runs: pd.DataFrame) -> pd.DataFrame:
+    """Cost per cell_id: total gpu_hours (all runs: failed ones cost too), mean images/s.
+
+    Each cost column is optional in the runs contract, so only present ones are returned.
+    """
+    grouped = runs.groupby("cell_id", sort=False)
+    cost = {}
+    if "gpu_hours" in runs:
+        cost["gpu_hours"] = grouped["gpu_hours"].sum(min_count=1)
+    if "images_per_s" in runs:
+        cost["images_per_s"] = grouped["images_per_s"].mean()
+    return pd.DataFrame(cost, index=pd.Index(runs["cell_id"].unique(), name="cell_id"))
+
+
+def format_mean_std(mean: pd.Series, std: pd.Series, digits: int = 2) -> pd.Series:
+    """'mean ± std'; just the mean when std is undefined (one seed); '–' with no value."""
+    fmt = f"{{:.{digits}f}}".format
+    # "str" dtype even when everything is missing, so the concatenation stays textual.
+    mean_text = mean.map(fmt, na_action="ignore").astype("str")
+    std_text = std.map(fmt, na_action="ignore").astype("str")
+    return (mean_text + " ± " + std_text).fillna(mean_text).fillna("–")
+
+
+def _status_rank(status: str) -> int:
+    return STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
+
+
+def status_by_cell(runs: pd.DataFrame) -> pd.Series:
+    """Status summary per cell_id, e.g. '2/3 done, 1 failed: CUDA out of memory'.
+
+    Built one status at a time (a handful), vectorised over cells.
+    """
+    counts = runs.groupby(["cell_id", "status"]).size().unstack(fill_value=0)
+    reasons = (
+        runs.dropna(subset=["failure_reason"])
+        .astype({"failure_reason": str})
+        .drop_duplicates(["cell_id", "status", "failure_reason"])
+        .groupby(["cell_id", "status"])["failure_reason"]
+        .agg("; ".join)
+        .unstack()
+        .reindex(index=counts.index, columns=counts.columns)
+        .astype("string")  # statuses without any reason are all-NA: keep them text
+    )
+    done = counts[DONE] if DONE in counts else pd.Series(0, index=counts.index)
+    summary = done.astype(str) + "/" + counts.sum(axis=1).astype(str) + " done"
+    for status in sorted(counts.columns.drop(DONE, errors="ignore"), key=_status_rank):
+        part = counts[status].astype(str) + " " + status + (": " + reasons[status]).fillna("")
+        summary += (", " + part).where(counts[status] > 0, "")
+    return summary
+
+
+def cell_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per cell: axes, n finished seeds, mean/std, delta vs baseline, status, cost.
+
+    Every cell appears, including those with no finished run (n = 0, NaN mean). The
+    delta is NaN when the grid has no baseline cell or the baseline has no value.
+    """
+    check_metric(runs, metric)
+    stats = (
+        finished_values(runs, metric)
+        .groupby(runs["cell_id"], sort=False)
+        .agg(["count", "mean", "std"])
+        .rename(columns={"count": "n"})
+    )
+    cost = cost_by_cell(runs)
+    cells = ordered_cells(runs).join(stats, on="cell_id").join(cost, on="cell_id")
+    baseline_mean = cells.loc[cells["is_baseline"], "mean"]
+    table = cells.assign(
+        **{"mean ± std": format_mean_std(cells["mean"], cells["std"])},
+        delta_vs_baseline=cells["mean"] - baseline_mean.iloc[0] if len(baseline_mean) else np.nan,
+        status=cells["cell_id"].map(status_by_cell(runs)),
+    )[[*grid_axes(runs), "cell", "n", "mean", "std", "mean ± std", "delta_vs_baseline",
+       "status", *cost.columns, "cell_id"]]
+    table.attrs = {"metric": metric}
+    return table
+
+
+# --- main effects --------------------------------------------------------------------
+
+EFFECT_COLUMNS = ["axis", "value", "baseline", "mean", "std", "n", "pairs", "mean ± std"]
+
+
+def main_effects(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean change in `metric` when one axis moves from its baseline to each other value.
+
+    For each axis and value v, runs are paired on seed and the values of every other
+    axis; a pair counts only when both runs finished. Each seed's effect is the mean
+    difference over its pairs (i.e. averaged over the other axes' combinations); the
+    table reports mean and std over seeds, n seeds, and the number of pairs used.
+    """
+    check_metric(runs, metric)
+    done = runs.assign(_value=finished_values(runs, metric)).dropna(subset=["_value"])
+    frames = [_axis_effects(runs, done, axis) for axis in grid_axes(runs)]
+    effects = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=EFFECT_COLUMNS
+    )
+    effects.attrs = {"metric": metric}
+    return effects
+
+
+def _axis_effects(runs: pd.DataFrame, done: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """main_effects rows for one axis (one per non-baseline value, even with no pairs)."""
+    baseline, *values = axis_levels(runs, axis)
+    others = [a for a in grid_axes(runs) if a != axis]
+    # One row per (other-axis combination, seed), one column per value of `axis`.
+    wide = done.groupby([*others, "seed", axis])["_value"].mean().unstack(axis)
+    wide = wide.reindex(columns=pd.Index([baseline, *values], name=axis))
+    diffs = wide[values].sub(wide[baseline], axis=0).stack().dropna()
+    per_seed = diffs.groupby(level=[axis, "seed"]).agg(["mean", "size"])
+    summary = (
+        per_seed.groupby(level=axis)
+        .agg(mean=("mean", "mean"), std=("mean", "std"), n=("mean", "size"),
+             pairs=("size", "sum"))
+        .reindex(values)
+    )
+    summary[["n", "pairs"]] = summary[["n", "pairs"]].fillna(0).astype(int)
+    return summary.rename_axis("value").reset_index().assign(
+        axis=axis,
+        baseline=baseline,
+        **{"mean ± std": lambda t: format_mean_std(t["mean"], t["std"])},
+    )[EFFECT_COLUMNS]
+
+
+# --- reference numbers ---------------------------------------------------------------
+
+
+def milan_cell_mask(runs: pd.DataFrame) -> pd.Series:
+    """Runs of the MILAN cell: clip/prompting/semantic, every other axis at baseline."""
+    wanted = {**axis_baselines(runs), **MILAN_CELL}
+    wanted = {col: value for col, value in wanted.items() if col in runs}
+    return runs[list(wanted)].eq(pd.Series(wanted, dtype=object)).all(axis=1)
+
+
+def reference_table(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame | None:
+    """Spec reference numbers beside the measured MILAN cell; None outside the paper setting.
+
+    `metric` restricts the table to one reference metric; by default both fine-tune and
+    linear-probe top-1 are listed.
+    """
+    if not runs.attrs.get("paper_setting", False):
+        return None
+    reference = pd.DataFrame(REFERENCE_TOP1)
+    if metric is not None:
+        if metric not in reference.index:
+            raise ReportError(
+                f"no reference numbers for metric {metric!r}; "
+                f"reference metrics: {', '.join(reference.index)}"
+            )
+        reference = reference.loc[[metric]]
+    milan = runs[milan_cell_mask(runs) & (runs["status"] == DONE)]
+    measured = (
+        milan.reindex(columns=reference.index)
+        .agg(["mean", "std", "count"])
+        .T.rename(columns={"count": "n"})
+    )
+    table = reference.join(measured)
+    return (
+        table.assign(
+            n=table["n"].astype(int),
+            measured=format_mean_std(table["mean"], table["std"]),
+            delta_vs_authors_code=table["mean"] - table[DELTA_REFERENCE],
+        )
+        .rename(columns={"mean": "measured_mean", "std": "measured_std"})
+        .rename_axis("metric")
+        .reset_index()
+    )
+
+
+# --- writers -------------------------------------------------------------------------
+
+
+def write_tables(
+    tables: Mapping[str, pd.DataFrame],
+    out_dir: str | Path,
+    formats: Iterable[str] = TABLE_FORMATS,
+) -> list[Path]:
+    """Write each table as `<out_dir>/<name>.<fmt>`; returns the written paths."""
+    formats = tuple(formats)
+    unknown = sorted(set(formats) - set(TABLE_FORMATS))
+    if unknown:
+        raise ReportError(f"unknown table formats {unknown}; known: {list(TABLE_FORMATS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in tables.items():
+        for fmt in formats:
+            path = out_dir / f"{name}.{fmt}"
+            path.write_text(render_table(table, fmt), encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def render_table(table: pd.DataFrame, fmt: str) -> str:
+    """Text of one table in one format; floats with 2 decimals except in CSV."""
+    if fmt == "csv":  # full precision: CSV is for machines
+        return table.to_csv(index=False)
+    if fmt == "md":
+        # tabulate only treats None as missing, so NaN would print as "nan".
+        cleaned = table.astype(object).where(table.notna(), None)
+        return cleaned.to_markdown(index=False, floatfmt=".2f", missingval="–") + "\n"
+    if fmt == "tex":
+        # escape=True: axis names and metrics contain "_" which LaTeX would reject.
+        return table.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True)
+    return table.to_html(index=False, float_format="{:.2f}".format, na_rep="–")
