@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import InterpolationMode
+
+from harness.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +31,7 @@ _LAYOUT_HINT = "point data.root at an ImageFolder tree with train/ and val/ (mak
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset on disk is unusable; the message is one line: the problem, then the fix."""
 
 
@@ -123,6 +125,7 @@ def make_loader(
     drop_last: bool,
     seed: int,
     distributed: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` whose order and augmentations are a function of ``seed``.
 
@@ -134,8 +137,11 @@ def make_loader(
     Distributed: the shuffle moves into a ``DistributedSampler`` (seeded with ``seed``, which
     needs an initialised process group); the caller must call ``loader.sampler.set_epoch(epoch)``
     before every epoch, or every epoch repeats the same order.
+
+    A caller-supplied ``sampler`` (e.g. the pretraining loop's resumable one) replaces both.
     """
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
+    if sampler is None and distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     workers = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
     return DataLoader(
         dataset,

@@ -13,6 +13,6 @@ knowledge of pretraining, configuration files, tracking or launching:
 from harness.evaluate.features import extract_features
 from harness.evaluate.finetune import finetune, finetune_transform
 from harness.evaluate.knn import knn_classify
-from harness.evaluate.linear_probe import linear_probe
+from harness.evaluate.linear_probe import linear_probe, linear_probe_on_features
 
-__all__ = ["extract_features", "finetune", "finetune_transform", "knn_classify", "linear_probe"]
+__all__ = ["extract_features", "finetune", "finetune_transform", "knn_classify", "linear_probe", "linear_probe_on_features"]

@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""milan-bench: `python bench.py --help` lists the commands (also installed as `milan-bench`)."""
+
+from harness.cli import app
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,256 @@
+"""The run configuration: one frozen, plain-data description of one ablation cell and seed.
+
+A config is read from YAML, overridden with dotted ``key=value`` pairs, validated (messages name
+the field), and hashed into a stable id. Everything downstream (grids, launching, tracking,
+reports) works on these objects or their flattened dict.
+
+``runtime`` settings (workers, logging cadence, compile, device) change how a run executes but
+not what it computes, so they are left out of the ids: changing them never re-runs a cell.
+"""
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harness.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    size: str = "vit_base_patch16"  # a preset of harness.milan.presets
+    img_size: int = Field(224, gt=0)
+    target: Literal["pixel", "clip"] = "clip"
+    decoder: Literal["standard", "prompting"] = "prompting"
+    masking: Literal["random", "semantic"] = "semantic"
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    norm_pix_loss: bool = True  # pixel target only
+    decoder_width: int | None = Field(None, gt=0)  # None: the preset's decoder shape
+    decoder_depth: int | None = Field(None, gt=0)
+    decoder_heads: int | None = Field(None, gt=0)
+
+
+class TeacherConfig(_Frozen):
+    model: str = "ViT-B-16-quickgelu"  # open_clip name, or a model-config JSON path
+    pretrained: str | None = "openai"  # open_clip tag, a checkpoint file, or null (random init)
+    normalize: Literal["imagenet", "clip"] = "imagenet"  # the authors pass ImageNet-normalised input
+
+
+class DataConfig(_Frozen):
+    root: str = "data/imagenet"  # ImageFolder tree with train/ and val/
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+class PretrainConfig(_Frozen):
+    epochs: float = Field(400, gt=0)
+    warmup_epochs: float = Field(40, ge=0)
+    batch_size: int = Field(64, gt=0)  # per device, per step
+    accum_steps: int = Field(1, gt=0)
+    base_lr: float = Field(1.5e-4, gt=0)  # lr = base_lr * effective batch / 256
+    lr: float | None = Field(None, gt=0)  # absolute lr; overrides base_lr when set
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+
+
+class LinearProbeConfig(_Frozen):
+    epochs: int = Field(100, gt=0)
+    warmup_epochs: int = Field(10, ge=0)
+    batch_size: int = Field(16384, gt=0)
+    base_lr: float = Field(0.05, gt=0)  # lr = base_lr * batch / 256
+    optimizer: Literal["lars", "sgd"] = "lars"
+    cache_features: bool = True  # train the head on features extracted once
+
+
+class KnnConfig(_Frozen):
+    k: int = Field(20, gt=0)
+    temperature: float = Field(0.07, gt=0)
+
+
+class FinetuneConfig(_Frozen):
+    epochs: int = Field(100, gt=0)
+    warmup_epochs: int = Field(5, ge=0)
+    batch_size: int = Field(1024, gt=0)
+    base_lr: float = Field(1e-4, gt=0)
+    layer_decay: float = Field(0.65, gt=0, le=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    mixup: float = Field(0.8, ge=0)
+    cutmix: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    randaug: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = Field(0.25, ge=0, le=1)
+
+
+Protocol = Literal["linear", "knn", "finetune"]
+
+
+class EvalConfig(_Frozen):
+    protocols: tuple[Protocol, ...] = ("linear", "knn")
+    feature_batch_size: int = Field(256, gt=0)  # frozen-feature extraction
+    linear: LinearProbeConfig = LinearProbeConfig()
+    knn: KnnConfig = KnnConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+class RuntimeConfig(_Frozen):
+    """How a run executes; not part of its identity."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(8, ge=0)
+    compile: bool = False
+    log_every: int = Field(20, gt=0)  # steps between logged metrics
+    checkpoint_every: int = Field(500, gt=0)  # steps between checkpoints (one is written at the end)
+
+
+class RunConfig(_Frozen):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "RunConfig":
+        if self.pretrain.warmup_epochs > self.pretrain.epochs:
+            raise ValueError("pretrain.warmup_epochs is longer than pretrain.epochs")
+        return self
+
+    # --- identity ------------------------------------------------------------------------
+    def run_id(self) -> str:
+        """Stable id of this run (cell + seed): a hash of everything but ``runtime``."""
+        return _digest(self.model_dump(mode="json", exclude={"runtime"}))
+
+    def cell_id(self) -> str:
+        """Stable id of the cell: like :meth:`run_id` but shared by all seeds."""
+        return _digest(self.model_dump(mode="json", exclude={"runtime", "seed"}))
+
+    # --- conversions ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"model.target": "clip", ...}."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A new config with dotted-key overrides applied and validated."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(data, key, value)
+        return parse_config(data)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _digest(data: dict[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+FIELD_NAMES: frozenset[str] = frozenset(flatten(RunConfig().model_dump(mode="json")))
+
+
+def check_field(key: str) -> None:
+    """Raise a ConfigError with a suggestion unless ``key`` is a dotted config field."""
+    if key not in FIELD_NAMES:
+        close = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see `bench.py run --help` for the config layout"
+        raise ConfigError(f"unknown config key {key!r}: {hint}")
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for key "a.b"; unknown keys are errors."""
+    check_field(key)
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML: 0.5 -> float, true -> bool, null -> None, [a, b] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """["model.target=clip", ...] -> {"model.target": "clip", ...}."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not key=value: write e.g. --set model.mask_ratio=0.9")
+        check_field(key.strip())
+        overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict into a RunConfig; the first problem becomes a one-line ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, sorted(FIELD_NAMES), n=1)
+        hint = f": did you mean {close[0]}?" if close else ""
+        return f"unknown config key {field!r}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    got = f" (got {first['input']!r})" if first["type"] != "value_error" else ""
+    more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    return f"{field + ': ' if field else ''}{message}{got}{more}"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: give the path of a run config YAML")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}): fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, validated once at the end."""
+    data = load_yaml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return parse_config(data, source=str(path or "config"))

@@ -1,0 +1,1 @@
+"""Pretraining: the resumable, checkpointed, optionally distributed training loop."""

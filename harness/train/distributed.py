@@ -1,0 +1,58 @@
+"""torch.distributed from the standard environment variables (torchrun, or Slurm via submitit).
+
+Only rank 0 writes checkpoints, logs and metrics; the helpers here say which rank this is.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistEnv:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistEnv()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def broadcast_flag(env: DistEnv, value: bool) -> bool:
+    """Rank 0's boolean, on every rank (e.g. 'stop: the loss went non-finite')."""
+    if not env.enabled:
+        return value
+    flag = torch.tensor([int(value)])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()
