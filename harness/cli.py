@@ -120,6 +120,71 @@ def evaluate_command(
     print_metrics(metrics)
 
 
+# --- grids ---------------------------------------------------------------------------------------
+
+def _parse_axes(pairs: list[str]) -> dict[str, list[Any]]:
+    """["model.mask_ratio=0.5,0.9", ...] -> {"model.mask_ratio": [0.5, 0.9]} (values as YAML)."""
+    from harness.config import parse_value
+
+    axes: dict[str, list[Any]] = {}
+    for pair in pairs:
+        name, sep, values = pair.partition("=")
+        parsed = parse_value(f"[{values}]") if sep else None
+        if not name.strip() or not isinstance(parsed, list) or not parsed:
+            raise UserError(f"--axis {pair!r} is not field=v1,v2: write e.g. --axis model.mask_ratio=0.5,0.75")
+        axes[name.strip()] = parsed
+    return axes
+
+
+@app.command("ablate")
+@user_errors
+def ablate_command(
+    grid: Annotated[str | None, typer.Argument(
+        help="Grid YAML, or the name of a shipped grid in ablations/ [default: the smoke grid, run locally].")] = None,
+    set_: SetOption = None,
+    axis: Annotated[list[str] | None, typer.Option(
+        "--axis", "-a", metavar="FIELD=V1,V2",
+        help="Add or replace an axis, e.g. --axis model.mask_ratio=0.5,0.9; for a variant axis "
+             "the values pick variants (repeatable).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Run seeds 0..N-1 instead of the grid's seeds.")] = None,
+    executor: Annotated[str, typer.Option(
+        help="local | slurm | debug | auto (slurm if sinfo answers, else local; local without GRID).")] = "auto",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the cells, their cost estimate and status; submit nothing.")] = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Follow the cells until all end, then write the report (local runs always wait).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Rerun every cell in a fresh folder (cancels its running jobs).")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI [default: the grid's, else ./mlflow.db locally, or an MLflow server "
+             "on this host for Slurm jobs].")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where the grids' run folders go.")] = Path("runs"),
+) -> None:
+    """Run an ablation grid: one job per cell x seed; finished cells are skipped, failed ones resumed."""
+    from harness.config import parse_assignments
+    from harness.launch.ablate import AblateRequest, ablate
+
+    request = AblateRequest(grid=grid, sets=parse_assignments(set_ or []), axes=_parse_axes(axis or []),
+                            seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
+                            tracking_uri=tracking_uri, runs_dir=runs_dir)
+    outcome = ablate(request, echo=typer.echo)
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+@user_errors
+def status_command(
+    grid: Annotated[str | None, typer.Argument(help="Grid name or YAML [default: every submitted grid].")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where the grids' run folders are.")] = Path("runs"),
+    lines: Annotated[int, typer.Option(help="Log lines shown per failed cell.")] = 8,
+) -> None:
+    """Each cell's state (pending, running, requeued, preempted, done, failed) from its folder and Slurm."""
+    from harness.launch.status import show_status
+
+    show_status(grid, runs_dir, echo=typer.echo, log_lines=lines)
+
+
 # --- demo data and teacher ----------------------------------------------------------------------
 
 @data_app.command("demo")
@@ -169,6 +234,74 @@ def teacher_list() -> None:
     """The open_clip ViT models usable as teachers (plus the shipped tiny ones)."""
     from harness.milan.teacher import vit_model_names
     typer.echo("\n".join(vit_model_names()))
+
+
+# --- tracking and reports (harness/tracking/commands.py) --------------------------------------
+
+from harness.tracking.commands import report_bench_command, report_command, ui_command  # noqa: E402
+
+app.command("report")(user_errors(report_command))
+app.command("ui")(user_errors(ui_command))
+app.command("report-bench")(user_errors(report_bench_command))
+
+
+# --- speed -------------------------------------------------------------------------------------
+
+@app.command("speed")
+@user_errors
+def speed_command(
+    size: Annotated[str, typer.Option(help="Student preset.")] = "vit_base_patch16",
+    img_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 224,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+    target: Annotated[list[str] | None, typer.Option(help="pixel / clip (repeatable; default both).")] = None,
+    decoder: Annotated[list[str] | None, typer.Option(help="standard / prompting (default both).")] = None,
+    masking: Annotated[list[str] | None, typer.Option(help="random / semantic (default both).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="open_clip teacher (random init) [default: by patch size].")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per combination.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 1,
+    compile: Annotated[bool, typer.Option(help="torch.compile the student.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads [default: all cores].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """Measure full training steps (teacher + student fwd/bwd + AdamW) per MILAN combination."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from harness.errors import ConfigError
+    from harness.milan.presets import PRESETS
+    from harness.speed import COMBINATIONS, as_dicts, default_teacher_for, run_speed
+    from harness.train.pretrain import resolve_device
+
+    if size not in PRESETS:
+        raise ConfigError(f"unknown model size {size!r}: choose one of {', '.join(PRESETS)}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"unknown precision {precision!r}: choose auto, fp32 or bf16")
+    chosen = [c for c in COMBINATIONS
+              if (not target or c[0] in target) and (not decoder or c[1] in decoder)
+              and (not masking or c[2] in masking)]
+    if not chosen:
+        raise ConfigError("no combination matches --target/--decoder/--masking: use pixel|clip, "
+                          "standard|prompting, random|semantic")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    precision = precision if precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    results = run_speed(chosen, size=size, img_size=img_size, batch_size=batch, device=dev,
+                        precision=precision, teacher_model=teacher or default_teacher_for(size),
+                        steps=steps, warmup=warmup, compile=compile)
+    if json_out:
+        typer.echo(json.dumps(as_dicts(results), indent=2))
+        return
+    table = pd.DataFrame(as_dicts(results))
+    typer.echo(f"{size} at {img_size}px, batch {batch}, {dev} {precision}, {torch.get_num_threads()} "
+               f"threads; matmul peak {results[0].peak_gflops:.0f} GFLOP/s")
+    columns = ["target", "decoder", "masking", "step_ms", "images_per_s", "gflops_per_image",
+               "achieved_gflops", "peak_fraction", "peak_memory_mb"]
+    typer.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 
 def main() -> None:

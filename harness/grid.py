@@ -1,0 +1,380 @@
+"""Ablation grids: a YAML file -> a list of frozen cells (one per axis combination x seed).
+
+A grid names a base run config and the axes to vary. Each axis is either a config field with a
+list of values (``model.mask_ratio: [0.5, 0.75, 0.9]``) or a label with named variants, each a
+mapping of dotted overrides (``teacher: {b16: {teacher.model: ViT-B-16-quickgelu}, ...}``).
+Expansion takes the product of the axes (first axis slowest), filters it with ``include`` /
+``exclude`` rules, and repeats every combination for each seed. Cell ids come from the resolved
+config (:meth:`RunConfig.run_id`), so they do not depend on YAML key order, on the order of the
+axes, or on where the grid file lives.
+
+Every problem is a one-line :class:`ConfigError` naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.config import (
+    FIELD_NAMES,
+    RunConfig,
+    describe_validation_error,
+    flatten,
+    load_yaml,
+    parse_config,
+    set_dotted,
+)
+from harness.errors import ConfigError
+from harness.tracking.schema import cell_name, encode_param, short_axis
+
+# Baselines of MILAN's three switches (the MAE side of each); other axes use their first value.
+MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "standard",
+                                   "model.masking": "random"}
+# Shipped grids live here; `bench.py ablate NAME` also finds ablations/NAME.yaml.
+ABLATIONS_DIR = Path("ablations")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Resources(_Frozen):
+    """What one cell asks the scheduler for (one task per GPU; CPU cells may ask for tasks)."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int | None = Field(None, ge=1)  # None: gpus_per_node, or 1 without GPUs
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)  # per node; None: the partition's default
+    # submitit asks Slurm for USR2 90 s before the limit; under ~3 min it can arrive before the
+    # handler is installed and kill the job (see harness/launch/slurm.py).
+    time_min: int = Field(60, ge=3)
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: int | None = Field(None, ge=1)  # None: every cell may run at once
+    setup: tuple[str, ...] = ()  # shell lines run before the job (module load, env activation)
+    slurm_extra: dict[str, Any] = {}  # further sbatch options, e.g. {"exclusive": true}
+
+    @property
+    def tasks(self) -> int:
+        """Tasks per node: one per GPU on GPU cells."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def summary(self) -> str:
+        """``1x8 GPU, 10 cpu/task, 64 GB, 240 min`` style one-liner for tables."""
+        what = f"{self.nodes}x{self.gpus_per_node} GPU" if self.gpus else f"{self.world_size} task"
+        mem = f", {self.mem_gb:g} GB" if self.mem_gb else ""
+        return f"{what}, {self.cpus_per_task} cpu/task{mem}, {self.time_min} min"
+
+
+class Tracking(_Frozen):
+    uri: str | None = None  # None: local executor -> SQLite in the cwd, slurm -> a server
+    experiment: str | None = None  # None: the grid name
+
+
+class Estimate(_Frozen):
+    """Assumptions behind the dry-run GPU-hours column."""
+
+    # Per-GPU sustained training throughput. 40 TFLOP/s reproduces the paper's 39 h on
+    # 8 A100s for 400 ImageNet epochs of ViT-B/16 MILAN (about 87 GFLOPs per image).
+    sustained_tflops: float = Field(40.0, gt=0)
+    # Training images per epoch when the data tree is not visible from the submitting host.
+    train_images: int | None = Field(None, gt=0)
+
+
+AxisSpec = list[Any] | dict[str, dict[str, Any]]
+Rule = dict[str, Any]
+
+
+class GridFile(_Frozen):
+    """The YAML layout of a grid file."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    base_config: str | None = None  # a run config YAML, relative to the grid file
+    base: dict[str, Any] = {}  # run-config overrides: nested sections or dotted keys
+    axes: dict[str, AxisSpec] = {}
+    seeds: int | list[int] = 1
+    include: list[Rule] = []
+    exclude: list[Rule] = []
+    paper_setting: bool = False  # the paper's recipe: the report adds its reference numbers
+    resources: Resources = Resources()
+    tracking: Tracking = Tracking()
+    estimate: Estimate = Estimate()
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, seeds: int | list[int]) -> int | list[int]:
+        if isinstance(seeds, int) and seeds < 1:
+            raise ValueError("give a number of seeds >= 1 or a list of seeds")
+        if isinstance(seeds, list) and (not seeds or len(set(seeds)) != len(seeds)):
+            raise ValueError("the list of seeds must be non-empty and without repeats")
+        return seeds
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis: ``name`` is a config field or a variant label; ``values`` in grid order.
+
+    For a field axis ``overrides[i]`` is ``{name: values[i]}``; for a variant axis ``values``
+    are the variant names and ``overrides[i]`` their dotted overrides.
+    """
+
+    name: str
+    values: tuple[Any, ...]
+    overrides: tuple[Mapping[str, Any], ...]
+    baseline: Any
+    variants: bool = False
+
+    @property
+    def short(self) -> str:
+        return short_axis(self.name) if not self.variants else self.name
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a grid: an axis combination and a seed, with its resolved config."""
+
+    grid: str
+    axes: tuple[tuple[str, Any], ...]  # (axis name, value), grid order
+    seed: int
+    config: RunConfig
+    run_id: str  # config.run_id(): cell + seed
+    cell_id: str  # config.cell_id(): shared by the seeds
+
+    @property
+    def axis_values(self) -> dict[str, Any]:
+        return dict(self.axes)
+
+    @property
+    def name(self) -> str:
+        """``target=clip decoder=prompting masking=semantic`` (the tracking run's cell name)."""
+        return cell_name(self.axis_values)
+
+    @property
+    def folder(self) -> str:
+        """Folder name under the grid's run folder: readable, unique, stable."""
+        slug = re.sub(r"[^A-Za-z0-9.=_-]+", "-", self.name.replace(" ", "_")).replace("=", "-")
+        return f"{slug[:80]}_s{self.seed}_{self.run_id[:8]}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A validated grid: its file content, axes and expanded cells."""
+
+    spec: GridFile
+    path: Path | None
+    axes: tuple[Axis, ...]
+    cells: tuple[Cell, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def resources(self) -> Resources:
+        return self.spec.resources
+
+    @property
+    def baselines(self) -> dict[str, Any]:
+        """Axis name -> baseline value (the report compares every value against it)."""
+        return {axis.name: axis.baseline for axis in self.axes}
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.tracking.experiment or self.spec.name
+
+    def axes_spec(self) -> list[dict[str, Any]]:
+        """``[{"name", "values", "baseline"}, ...]``: the tracking layer's ``grid.axes`` tag."""
+        return [{"name": a.name, "values": list(a.values), "baseline": a.baseline} for a in self.axes]
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def find_grid_file(grid: str | Path) -> Path:
+    """A grid path, or the name of a shipped grid (``smoke`` -> ``ablations/smoke.yaml``)."""
+    path = Path(grid)
+    if path.is_file():
+        return path
+    for candidate in (ABLATIONS_DIR / f"{grid}.yaml", ABLATIONS_DIR / f"{grid}.yml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in ABLATIONS_DIR.glob("*.yaml")) if ABLATIONS_DIR.is_dir() else []
+    hint = f" or one of the shipped grids: {', '.join(shipped)}" if shipped else ""
+    raise ConfigError(f"grid {str(grid)!r} not found: give the path of a grid YAML{hint}")
+
+
+def load_grid(path: str | Path, *, sets: Mapping[str, Any] | None = None,
+              axes: Mapping[str, Sequence[Any]] | None = None, seeds: int | None = None) -> Grid:
+    """Read, validate and expand a grid file, with command-line changes applied.
+
+    ``sets`` override the base config (``--set``), ``axes`` add or replace axes (``--axis``;
+    for a variant axis the values select variants by name), ``seeds`` replaces the seeds.
+    """
+    path = Path(path)
+    data = load_yaml(path)
+    if axes:
+        data["axes"] = dict(data.get("axes") or {})
+        for name, values in axes.items():
+            current = data["axes"].get(name)
+            if isinstance(current, dict):  # select named variants
+                unknown = [v for v in values if str(v) not in current]
+                if unknown:
+                    raise ConfigError(f"--axis {name}: unknown variant(s) {', '.join(map(str, unknown))}: "
+                                      f"{name} has {', '.join(current)}")
+                data["axes"][name] = {str(v): current[str(v)] for v in values}
+            else:
+                data["axes"][name] = list(values)
+    if seeds is not None:
+        data["seeds"] = seeds
+    return build_grid(data, path, sets=sets)
+
+
+def build_grid(data: Mapping[str, Any], path: Path | None = None, *,
+               sets: Mapping[str, Any] | None = None) -> Grid:
+    """Validate a grid mapping (as read from YAML) and expand it into cells."""
+    where = str(path) if path else "grid"
+    try:
+        spec = GridFile.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            field = ".".join(map(str, first["loc"]))
+            known = [f for f in GridFile.model_fields] + [f"resources.{f}" for f in Resources.model_fields]
+            close = difflib.get_close_matches(field, known, n=1)
+            hint = f": did you mean {close[0]}?" if close else f": grid fields are {', '.join(GridFile.model_fields)}"
+            raise ConfigError(f"{where}: unknown grid field {field!r}{hint}") from None
+        raise ConfigError(f"{where}: {describe_validation_error(err)}") from None
+    base = _base_config(spec, path, where, sets or {})
+    grid_axes = tuple(_axis(name, values, where) for name, values in spec.axes.items())
+    rules = {"include": [_rule(r, grid_axes, f"{where}: include[{i}]") for i, r in enumerate(spec.include)],
+             "exclude": [_rule(r, grid_axes, f"{where}: exclude[{i}]") for i, r in enumerate(spec.exclude)]}
+    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else spec.seeds
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for combo in itertools.product(*(range(len(a.values)) for a in grid_axes)):
+        values = {a.name: a.values[i] for a, i in zip(grid_axes, combo)}
+        if rules["include"] and not any(_matches(r, values) for r in rules["include"]):
+            continue
+        if any(_matches(r, values) for r in rules["exclude"]):
+            continue
+        overrides: dict[str, Any] = {}
+        for axis, i in zip(grid_axes, combo):
+            overrides.update(axis.overrides[i])
+        for seed in seeds:
+            cfg = _cell_config(base, {**overrides, "seed": seed}, where, cell_name(values))
+            label = f"{cell_name(values)} seed={seed}"
+            if (other := seen.get(cfg.run_id())) is not None:
+                raise ConfigError(f"{where}: cells '{other}' and '{label}' have identical configs: "
+                                  "remove the repeated axis value or variant")
+            seen[cfg.run_id()] = label
+            cells.append(Cell(spec.name, tuple(values.items()), seed, cfg, cfg.run_id(), cfg.cell_id()))
+    if not cells:
+        raise ConfigError(f"{where}: include/exclude leave no cells: loosen the rules")
+    return Grid(spec, path, grid_axes, tuple(cells))
+
+
+def _base_config(spec: GridFile, path: Path | None, where: str, sets: Mapping[str, Any]) -> dict[str, Any]:
+    """The base run config as a nested dict: base_config file <- base <- --set (checked keys)."""
+    data: dict[str, Any] = {}
+    if spec.base_config:
+        base_path = Path(spec.base_config)
+        if not base_path.is_absolute() and path is not None:
+            base_path = path.parent / base_path
+        if not base_path.is_file():
+            raise ConfigError(f"{where}: base_config {spec.base_config} not found (looked for {base_path}): "
+                              "give a run config path relative to the grid file")
+        data = load_yaml(base_path)
+    for source, overrides in (("base", flatten(spec.base)), ("--set", dict(sets))):
+        for key, value in overrides.items():
+            try:
+                set_dotted(data, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {source}: {err}") from None
+    parse_config(data, source=f"{where}: base")  # a bad base is reported once, not per cell
+    return data
+
+
+def _axis(name: str, spec: AxisSpec, where: str) -> Axis:
+    if isinstance(spec, dict):
+        if not spec:
+            raise ConfigError(f"{where}: axis {name!r} has no variants: list at least one or remove the axis")
+        overrides = []
+        for variant, mapping in spec.items():
+            if not isinstance(mapping, dict) or not mapping:
+                raise ConfigError(f"{where}: axis {name}, variant {variant!r} must be a non-empty mapping "
+                                  "of dotted config overrides, e.g. {teacher.model: ViT-B-16-quickgelu}")
+            flat = flatten(mapping)
+            for key in flat:
+                _check_axis_field(key, f"{where}: axis {name}, variant {variant!r}")
+            overrides.append(flat)
+        return Axis(name, tuple(spec), tuple(overrides), next(iter(spec)), variants=True)
+    _check_axis_field(name, f"{where}: axis")
+    if not spec:
+        raise ConfigError(f"{where}: axis {name!r} has no values: list at least one or remove the axis")
+    baseline = MILAN_BASELINES.get(name, spec[0])
+    if baseline not in spec:
+        baseline = spec[0]
+    return Axis(name, tuple(spec), tuple({name: v} for v in spec), baseline)
+
+
+def _check_axis_field(key: str, where: str) -> None:
+    if key == "seed":
+        raise ConfigError(f"{where}: vary seeds with `seeds:` (or --seeds), not as an axis")
+    if key not in FIELD_NAMES:
+        close = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
+        hint = f"did you mean {close[0]}?" if close else "use a dotted config field such as model.mask_ratio"
+        raise ConfigError(f"{where}: unknown config field {key!r}: {hint}")
+
+
+def _rule(rule: Rule, axes: Sequence[Axis], where: str) -> dict[str, tuple[Any, ...]]:
+    """A partial axis assignment; an axis may be named in full or by its short name."""
+    by_name = {a.name: a for a in axes} | {a.short: a for a in axes if sum(b.short == a.short for b in axes) == 1}
+    resolved: dict[str, tuple[Any, ...]] = {}
+    if not rule:
+        raise ConfigError(f"{where}: empty rule: give axis: value pairs")
+    for key, value in rule.items():
+        axis = by_name.get(key)
+        if axis is None:
+            names = ", ".join(a.name for a in axes) or "none"
+            raise ConfigError(f"{where}: unknown axis {key!r}: the grid's axes are {names}")
+        values = tuple(value) if isinstance(value, list) else (value,)
+        for v in values:
+            if v not in axis.values:
+                raise ConfigError(f"{where}: {axis.name} has no value {v!r}: its values are "
+                                  f"{', '.join(encode_param(x) for x in axis.values)}")
+        resolved[axis.name] = values
+    return resolved
+
+
+def _matches(rule: Mapping[str, tuple[Any, ...]], values: Mapping[str, Any]) -> bool:
+    return all(values[axis] in allowed for axis, allowed in rule.items())
+
+
+def _cell_config(base: dict[str, Any], overrides: Mapping[str, Any], where: str, name: str) -> RunConfig:
+    data = _deep_copy(base)
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return parse_config(data, source=f"{where}: cell {name}")
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}

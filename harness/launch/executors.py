@@ -1,0 +1,125 @@
+"""submitit executors for a grid's resources, and running jobs through them.
+
+* ``slurm``: every cell to (re)submit goes out as ONE job array (``executor.batch()``),
+  throttled by ``resources.array_parallelism``, with ``--requeue`` and submitit's default
+  ``--signal=USR2@90`` (preemption and time limits requeue the job, which resumes).
+  One task per GPU; CPU cells may ask for several tasks.
+* ``local``: jobs are processes on this machine. submitit's LocalExecutor starts every job at
+  once, so :func:`run_local` keeps at most ``concurrency`` running, each with its share of
+  the cores as torch threads.
+* ``debug``: in this process, one after another (a debugger stops at the failure).
+
+Nothing here waits on ``job.result()`` for a Slurm job: without ``sacct`` it blocks forever
+for a job that died before writing its result (see :mod:`harness.launch.slurm`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from harness.errors import UserError
+from harness.grid import Resources
+
+EXECUTORS = ("auto", "local", "slurm", "debug")
+
+
+def resolve_executor(name: str) -> str:
+    """``auto``: slurm when a controller answers ``sinfo``, else local."""
+    if name not in EXECUTORS:
+        raise UserError(f"unknown executor {name!r}: use one of {', '.join(EXECUTORS)}")
+    if name != "auto":
+        return name
+    from harness.launch.slurm import slurm_available
+
+    return "slurm" if slurm_available() else "local"
+
+
+def slurm_executor(folder: Path, resources: Resources, job_name: str) -> submitit.AutoExecutor:
+    """An AutoExecutor for Slurm; ``folder`` gets one sub-folder per job (``%j``)."""
+    r = resources
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    params: dict[str, Any] = {
+        "name": job_name, "timeout_min": r.time_min, "nodes": r.nodes, "tasks_per_node": r.tasks,
+        "cpus_per_task": r.cpus_per_task,
+        # --requeue: Slurm may requeue the job (preemption, node failure) and so may submitit
+        "slurm_additional_parameters": {"requeue": True, **r.slurm_extra},
+    }
+    optional = {"gpus_per_node": r.gpus_per_node or None, "mem_gb": r.mem_gb,
+                "slurm_partition": r.partition, "slurm_account": r.account, "slurm_qos": r.qos,
+                "slurm_constraint": r.constraint, "slurm_array_parallelism": r.array_parallelism,
+                "slurm_setup": list(r.setup) or None}
+    params |= {k: v for k, v in optional.items() if v is not None}
+    executor.update_parameters(**params)
+    return executor
+
+
+def local_executor(folder: Path, resources: Resources) -> submitit.LocalExecutor:
+    if resources.nodes > 1:
+        raise UserError(f"the local executor runs on one node but the grid asks for "
+                        f"resources.nodes={resources.nodes}: use --executor slurm")
+    executor = submitit.LocalExecutor(folder=folder / "%j")
+    executor.update_parameters(timeout_min=resources.time_min, tasks_per_node=resources.tasks,
+                               gpus_per_node=resources.gpus_per_node)
+    if resources.setup:
+        executor.update_parameters(setup=list(resources.setup))
+    return executor
+
+
+def local_slots(resources: Resources, cores: int | None = None) -> tuple[int, int]:
+    """(jobs at once, torch threads per task) for local runs without oversubscribing.
+
+    A job takes ``tasks x cpus_per_task`` cores; as many jobs run at once as fit in the
+    machine's cores (at least one).
+    """
+    cores = cores or len(os.sched_getaffinity(0))
+    per_job = resources.tasks * resources.cpus_per_task
+    return max(1, cores // per_job), max(1, min(resources.cpus_per_task, cores // resources.tasks))
+
+
+def submit_array(executor: submitit.Executor, jobs: Sequence[Callable[[], Any]]) -> list[submitit.Job]:
+    """Submit callables as one Slurm job array; returns their jobs (ids ``<array>_<i>``)."""
+    with executor.batch():
+        submitted = [executor.submit(job) for job in jobs]
+    return submitted
+
+
+def run_local(executor: submitit.LocalExecutor, jobs: Sequence[Callable[[], Any]], concurrency: int,
+              on_start: Callable[[int, submitit.Job], None],
+              on_tick: Callable[[], None] = lambda: None, poll_s: float = 1.0) -> None:
+    """Run ``jobs`` as local processes, at most ``concurrency`` at a time, until all end.
+
+    ``on_start(i, job)`` is called as job ``i`` starts (to record its id); ``on_tick`` after
+    each poll (progress display). An interrupt (Ctrl-C) cancels the running jobs.
+    """
+    queue = list(enumerate(jobs))
+    running: list[submitit.Job] = []
+    try:
+        while queue or running:
+            while queue and len(running) < concurrency:
+                index, job = queue.pop(0)
+                started = executor.submit(job)
+                on_start(index, started)
+                running.append(started)
+            time.sleep(poll_s)
+            running = [j for j in running if not j.done()]  # a process poll: never blocks
+            on_tick()
+    except BaseException:
+        for job in running:
+            job.cancel(check=False)
+        raise
+
+
+def run_debug(folder: Path, jobs: Sequence[Callable[[], Any]],
+              on_start: Callable[[int, submitit.Job], None]) -> None:
+    """Run ``jobs`` in this process, one after another; a failure stops at the first one."""
+    executor = submitit.DebugExecutor(folder=folder / "debug")
+    for index, job in enumerate(jobs):
+        started = executor.submit(job)
+        on_start(index, started)
+        started.result()

@@ -1,0 +1,94 @@
+"""Checks before anything is submitted, each failing with one line (exit code 2).
+
+The per-config checks of :func:`harness.run.preflight` (dataset tree and classes, teacher name
+and weights, model shapes) depend on a few config sections only, so they run once per distinct
+combination of those, not once per cell. Slurm adds the partition; the caller checks the
+tracking store.
+
+The demo data and demo teacher are generated here when a grid uses their default paths and
+they are missing, so the smoke grid works on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from harness.config import RunConfig
+from harness.errors import UserError
+from harness.grid import Grid
+
+# Where `bench.py data demo` / `bench.py teacher demo` write by default (and configs/smoke.yaml reads).
+DEMO_DATA = Path("data/demo")
+DEMO_TEACHER = Path("data/demo-teacher/milan-clip-tiny.pt")
+
+
+def _signature(cfg: RunConfig) -> str:
+    """The config sections harness.run.preflight reads."""
+    data = cfg.to_dict()
+    return json.dumps({"model": data["model"], "teacher": data["teacher"], "data": data["data"],
+                       "protocols": data["eval"]["protocols"]}, sort_keys=True)
+
+
+def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]) -> None:
+    """Make the demo dataset / demo teacher if a config points at their default paths and
+    they are missing (the teacher takes minutes on a CPU: say so)."""
+    configs = list(configs)
+    needs_data = any(Path(c.data.root) == DEMO_DATA for c in configs)
+    needs_teacher = any(c.teacher.pretrained and Path(c.teacher.pretrained) == DEMO_TEACHER for c in configs)
+    from harness.data.demo import make_demo_dataset
+
+    if (needs_data or needs_teacher) and not (DEMO_DATA / "meta.json").is_file():
+        echo(f"making the demo dataset in {DEMO_DATA} (first run only) ...")
+        make_demo_dataset(DEMO_DATA)
+    if needs_teacher and not DEMO_TEACHER.is_file():
+        from harness.data.demo_teacher import train_demo_teacher
+
+        echo(f"training the demo CLIP teacher into {DEMO_TEACHER} (first run only; a few minutes on a CPU) ...")
+        report = train_demo_teacher(DEMO_DATA, DEMO_TEACHER)
+        echo(f"demo teacher: zero-shot top-1 {report.zero_shot_top1:.1f}% (chance {report.chance_top1:.1f}%), "
+             f"{report.seconds:.0f} s")
+
+
+def check_configs(grid: Grid) -> None:
+    """harness.run.preflight once per distinct (model, teacher, data, protocols)."""
+    from harness.run import preflight
+
+    checked: set[str] = set()
+    for cell in grid.cells:
+        signature = _signature(cell.config)
+        if signature in checked:
+            continue
+        try:
+            preflight(cell.config)
+        except UserError as err:
+            raise type(err)(f"cell {cell.name}: {err}") from None
+        checked.add(signature)
+
+
+def check_resources(grid: Grid, executor: str) -> None:
+    r = grid.resources
+    if executor == "slurm":
+        from harness.launch import slurm
+
+        try:
+            names, default = slurm.partitions(), slurm.default_partition()
+        except slurm.SlurmError as err:
+            raise UserError(f"cannot ask Slurm for its partitions ({err}): is the controller up?") from None
+        if r.partition and r.partition not in names:
+            raise UserError(f"partition {r.partition!r} does not exist (Slurm has {', '.join(names)}): "
+                            f"fix resources.partition in the grid")
+        if not r.partition and default is None:
+            raise UserError(f"Slurm has no default partition: set resources.partition to one of {', '.join(names)}")
+    elif r.gpus_per_node:
+        import torch
+
+        if torch.cuda.device_count() < r.gpus_per_node:
+            raise UserError(f"the grid asks for {r.gpus_per_node} GPUs per node but this machine has "
+                            f"{torch.cuda.device_count()}: use --executor slurm or set resources.gpus_per_node")
+
+
+def preflight_grid(grid: Grid, executor: str) -> None:
+    check_resources(grid, executor)
+    check_configs(grid)

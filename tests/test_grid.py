@@ -1,0 +1,184 @@
+"""Grid files -> cells: expansion, stable ids, rules, variants, seeds, and every validation error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.config import RunConfig
+from harness.errors import ConfigError
+from harness.grid import MILAN_BASELINES, build_grid, find_grid_file, load_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {"model": {"size": "vit_micro_patch4", "img_size": 32}, "data": {"root": "data/demo"}}
+MILAN_AXES = {"model.target": ["pixel", "clip"], "model.decoder": ["standard", "prompting"],
+              "model.masking": ["random", "semantic"]}
+
+
+def grid(**fields) -> dict:
+    return {"name": "g", "base": BASE, **fields}
+
+
+def write(tmp_path: Path, data: dict, name: str = "g.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_milan_grid_expands_in_axis_order() -> None:
+    g = build_grid(grid(axes=MILAN_AXES))
+    assert len(g.cells) == 8
+    assert g.cells[0].axes == (("model.target", "pixel"), ("model.decoder", "standard"),
+                               ("model.masking", "random"))
+    assert g.cells[-1].name == "target=clip decoder=prompting masking=semantic"
+    assert g.cells[-1].config.model.target == "clip" and g.cells[-1].config.model.size == "vit_micro_patch4"
+    assert g.baselines == MILAN_BASELINES
+    assert len({c.run_id for c in g.cells}) == 8 and len({c.folder for c in g.cells}) == 8
+
+
+def test_ids_are_the_configs_ids_and_stable_across_key_order(tmp_path: Path) -> None:
+    g = build_grid(grid(axes=MILAN_AXES))
+    cell = g.cells[5]
+    assert cell.run_id == cell.config.run_id() and cell.cell_id == cell.config.cell_id()
+    # the same grid written with every mapping in reverse order, base given as dotted keys
+    reordered = {"axes": dict(reversed(MILAN_AXES.items())), "base": {"data.root": "data/demo",
+                 "model.img_size": 32, "model.size": "vit_micro_patch4"}, "name": "g"}
+    again = load_grid(write(tmp_path, reordered))
+    assert {c.run_id for c in again.cells} == {c.run_id for c in g.cells}
+    assert build_grid(grid(axes=MILAN_AXES)).cells == g.cells  # deterministic
+
+
+def test_folder_names_are_readable_and_unique() -> None:
+    g = build_grid(grid(axes={"model.mask_ratio": [0.5, 0.75]}, seeds=2))
+    assert [c.folder for c in g.cells] == [
+        f"mask_ratio-{r}_s{s}_{c.run_id[:8]}" for c, (r, s) in zip(g.cells, [(0.5, 0), (0.5, 1), (0.75, 0), (0.75, 1)])]
+
+
+def test_seeds_count_or_list() -> None:
+    g = build_grid(grid(axes={"model.target": ["pixel", "clip"]}, seeds=3))
+    assert [(c.name, c.seed) for c in g.cells][:3] == [("target=pixel", 0), ("target=pixel", 1), ("target=pixel", 2)]
+    assert len({c.cell_id for c in g.cells}) == 2 and len({c.run_id for c in g.cells}) == 6
+    listed = build_grid(grid(seeds=[3, 7]))
+    assert [c.seed for c in listed.cells] == [3, 7] and [c.config.seed for c in listed.cells] == [3, 7]
+    assert listed.cells[0].name == "baseline"
+
+
+def test_include_and_exclude() -> None:
+    excl = build_grid(grid(axes=MILAN_AXES, exclude=[{"target": "pixel", "masking": "semantic"}]))
+    assert len(excl.cells) == 6
+    assert not any(c.axis_values["model.target"] == "pixel" and c.axis_values["model.masking"] == "semantic"
+                   for c in excl.cells)
+    incl = build_grid(grid(axes=MILAN_AXES, include=[{"model.target": "clip"}, {"decoder": "standard"}],
+                           exclude=[{"masking": ["random"]}]))
+    # (clip or standard) and not random
+    assert sorted(c.name for c in incl.cells) == sorted([
+        "target=clip decoder=standard masking=semantic", "target=clip decoder=prompting masking=semantic",
+        "target=pixel decoder=standard masking=semantic"])
+
+
+def test_named_variants() -> None:
+    axes = {"teacher": {"small": {"teacher.model": "milan-clip-micro"},
+                        "big": {"teacher": {"model": "ViT-B-16-quickgelu", "pretrained": "openai"}}},
+            "model.mask_ratio": [0.5, 0.75]}
+    g = build_grid(grid(axes=axes))
+    assert [c.name for c in g.cells] == ["teacher=small mask_ratio=0.5", "teacher=small mask_ratio=0.75",
+                                         "teacher=big mask_ratio=0.5", "teacher=big mask_ratio=0.75"]
+    assert g.cells[2].config.teacher.model == "ViT-B-16-quickgelu" and g.cells[2].config.teacher.pretrained == "openai"
+    assert g.baselines == {"teacher": "small", "model.mask_ratio": 0.5}
+    assert g.axes_spec()[0] == {"name": "teacher", "values": ["small", "big"], "baseline": "small"}
+    rule = build_grid(grid(axes=axes, exclude=[{"teacher": "big", "mask_ratio": 0.5}]))
+    assert len(rule.cells) == 3
+
+
+def test_baseline_of_other_axes_is_the_first_value() -> None:
+    g = build_grid(grid(axes={"model.masking": ["semantic", "random"], "model.decoder_depth": [4, 2]}))
+    assert g.baselines == {"model.masking": "random", "model.decoder_depth": 4}
+
+
+def test_base_config_file_and_command_line_changes(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump({**BASE, "pretrain": {"epochs": 3, "warmup_epochs": 0.1}}))
+    path = write(tmp_path, {"name": "g", "base_config": "configs/run.yaml", "base": {"pretrain.epochs": 2},
+                            "axes": {"model.target": ["pixel", "clip"]}})
+    g = load_grid(path)
+    assert g.cells[0].config.pretrain.epochs == 2 and g.cells[0].config.model.size == "vit_micro_patch4"
+    changed = load_grid(path, sets={"pretrain.epochs": 0.5}, axes={"model.mask_ratio": [0.6, 0.9]}, seeds=2)
+    assert len(changed.cells) == 8 and changed.cells[0].config.pretrain.epochs == 0.5
+    assert [a.name for a in changed.axes] == ["model.target", "model.mask_ratio"]
+    replaced = load_grid(path, axes={"model.target": ["clip"]})
+    assert [c.name for c in replaced.cells] == ["target=clip"]
+
+
+def test_axis_option_selects_variants(tmp_path: Path) -> None:
+    path = write(tmp_path, grid(axes={"teacher": {"a": {"teacher.model": "x"}, "b": {"teacher.model": "y"}}}))
+    assert [c.name for c in load_grid(path, axes={"teacher": ["b"]}).cells] == ["teacher=b"]
+    with pytest.raises(ConfigError, match=r"--axis teacher: unknown variant\(s\) c: teacher has a, b"):
+        load_grid(path, axes={"teacher": ["c"]})
+
+
+def test_shipped_grids_expand() -> None:
+    smoke = load_grid(REPO / "ablations" / "smoke.yaml")
+    assert len(smoke.cells) == 8 and smoke.baselines == MILAN_BASELINES
+    assert smoke.cells[-1].config.teacher.model == "milan-clip-tiny"  # from configs/smoke.yaml
+    paper = load_grid(REPO / "ablations" / "milan_vitb_in1k.yaml")
+    cfg: RunConfig = paper.cells[-1].config
+    p = cfg.pretrain
+    assert (p.batch_size * paper.resources.tasks * p.accum_steps, p.epochs, p.warmup_epochs) == (4096, 400, 40)
+    assert (cfg.teacher.model, cfg.teacher.pretrained, paper.resources.gpus_per_node) == ("ViT-B-16-quickgelu", "openai", 8)
+    assert paper.spec.paper_setting and set(cfg.eval.protocols) == {"linear", "finetune"}
+    other = load_grid(REPO / "ablations" / "mask_ratio_decoder.yaml")
+    assert len(other.cells) == 17 and other.baselines["decoder_width"] == "narrow"
+
+
+def test_find_grid_file_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert find_grid_file("smoke") == Path("ablations/smoke.yaml")
+    with pytest.raises(ConfigError, match=r"grid 'nope' not found: .*shipped grids: .*smoke"):
+        find_grid_file("nope")
+
+
+# --- validation: one line naming the file/field and the fix ------------------------------------
+
+@pytest.mark.parametrize(("data", "message"), [
+    (grid(axes={"model.targt": ["pixel"]}),
+     r"/g.yaml: axis: unknown config field 'model.targt': did you mean model.target\?$"),
+    (grid(axes={"model.target": []}),
+     r"/g.yaml: axis 'model.target' has no values: list at least one or remove the axis$"),
+    (grid(axes={"teacher": {}}), r"axis 'teacher' has no variants"),
+    (grid(axes={"teacher": {"a": {"teacher.modl": "x"}}}),
+     r"axis teacher, variant 'a': unknown config field 'teacher.modl': did you mean teacher.model\?"),
+    (grid(axes={"model.target": ["pixel", "clip2"]}),
+     r"/g.yaml: cell target=clip2: model.target: Input should be 'pixel' or 'clip' \(got 'clip2'\)$"),
+    (grid(axes={"model.mask_ratio": [0.5, "lots"]}), r"cell mask_ratio=lots: model.mask_ratio: Input should be a valid number.*\(got .lots.\)$"),
+    (grid(axes={"model.target": ["pixel", "pixel"]}),
+     r"cells 'target=pixel seed=0' and 'target=pixel seed=0' have identical configs: remove the repeated"),
+    (grid(axes={"a": {"x": {"model.target": "clip"}, "y": {"model.target": "clip"}}}),
+     r"cells 'a=x seed=0' and 'a=y seed=0' have identical configs"),
+    (grid(axes=MILAN_AXES, exclude=[{"colour": "red"}]),
+     r"/g.yaml: exclude\[0\]: unknown axis 'colour': the grid's axes are model.target, model.decoder, model.masking$"),
+    (grid(axes=MILAN_AXES, include=[{"target": "rgb"}]),
+     r"/g.yaml: include\[0\]: model.target has no value 'rgb': its values are pixel, clip$"),
+    (grid(axes=MILAN_AXES, include=[{"target": "clip"}], exclude=[{"target": "clip"}]),
+     r"include/exclude leave no cells"),
+    (grid(axes={"seed": [1, 2]}), r"vary seeds with `seeds:`"),
+    (grid(base={"model": {"sise": "x"}}), r"/g.yaml: base: unknown config key 'model.sise': did you mean model.size\?$"),
+    (grid(base={"pretrain": {"epochs": -1}}), r"/g.yaml: base: pretrain.epochs: .*greater than 0"),
+    ({**grid(), "axis": {}}, r"/g.yaml: unknown grid field 'axis': did you mean axes\?$"),
+    ({**grid(), "resources": {"gpu_per_node": 8}}, r"unknown grid field 'resources.gpu_per_node': did you mean resources.gpus_per_node\?"),
+    ({**grid(), "resources": {"time_min": 2}}, r"resources.time_min: .*greater than or equal to 3"),
+    ({**grid(), "seeds": 0}, r"seeds: give a number of seeds >= 1"),
+    ({**grid(), "name": "has space"}, r"/g.yaml: name: String should match pattern"),
+    ({**grid(), "base_config": "missing.yaml"}, r"base_config missing.yaml not found"),
+])
+def test_validation_errors(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_grid(write(tmp_path, data))
+    assert "\n" not in str(info.value)
+
+
+def test_command_line_set_errors_name_the_option(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"g.yaml: --set: unknown config key 'pretrain.epoch'"):
+        load_grid(write(tmp_path, grid()), sets={"pretrain.epoch": 1})

@@ -1,0 +1,172 @@
+"""Cell state from run folders + scheduler state (pure), idempotence decisions, records, views."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.grid import Resources, build_grid
+from harness.launch import views
+from harness.launch.executors import local_slots
+from harness.launch.records import LAUNCH_FILE, GridRecord, LaunchRecord, Submission, read_record, write_record
+from harness.launch.slurm import SlurmJobState
+from harness.launch.state import CellState, collect, derive_state, local_job_state, plan, tail
+
+
+def sub(job_id: str = "12_3", executor: str = "slurm") -> Submission:
+    return Submission(job_id=job_id, executor=executor, host=socket.gethostname(), submitted_at=time.time())
+
+
+def job(state: str, reason: str = "", restarts: int = 0) -> SlurmJobState:
+    return SlurmJobState("12_3", state, reason, restarts)
+
+
+RUNNING = {"state": "running", "attempts": 1}
+FAILED = {"state": "failed", "attempts": 1, "reason": "loss became nan at step 3: lower pretrain.base_lr"}
+
+
+@pytest.mark.parametrize(("status", "finished", "submission", "slurm", "expected", "reason"), [
+    (None, False, None, None, "missing", None),
+    (None, True, None, None, "done", None),  # results.json wins
+    ({"state": "done"}, False, sub(), job("COMPLETING"), "done", None),
+    (None, False, sub(), job("PENDING", "Priority"), "pending", "Priority"),
+    (FAILED, False, sub(), job("PENDING", "Resources"), "pending", "Resources"),  # resubmitted
+    (RUNNING, False, sub(), job("PENDING", "BeginTime", restarts=1), "requeued", "BeginTime"),
+    (RUNNING, False, sub(), job("REQUEUED"), "requeued", None),
+    (RUNNING, False, sub(), job("PREEMPTED"), "preempted", None),
+    (RUNNING, False, sub(), job("SUSPENDED"), "preempted", None),
+    (None, False, sub(), job("RUNNING"), "running", None),  # started, status not written yet
+    (RUNNING, False, sub(), job("RUNNING"), "running", None),
+    ({"state": "requeued", "reason": "preempted"}, False, sub(), job("COMPLETING"), "requeued", "preempted"),
+    (FAILED, False, sub(), job("COMPLETING"), "failed", FAILED["reason"]),
+    (FAILED, False, sub(), None, "failed", FAILED["reason"]),
+    (RUNNING, False, sub(), job("CANCELLED"), "failed", "job 12_3 ended CANCELLED before the run finished: see its log"),
+    (RUNNING, False, sub(), job("TIMEOUT"), "failed", "job 12_3 ended TIMEOUT before the run finished: see its log"),
+    (RUNNING, False, sub(), job("OUT_OF_MEMORY"), "failed", "job 12_3 ended OUT_OF_MEMORY"),
+    (None, False, sub(), job("FAILED", "NonZeroExitCode"), "failed", "job 12_3 ended FAILED (NonZeroExitCode)"),
+    (RUNNING, False, sub(), None, "failed", "job 12_3 is gone and its run never wrote a final status"),
+    (RUNNING, False, sub("4242", "local"), None, "failed", "job 4242 is gone"),
+])
+def test_derive_state(status, finished, submission, slurm, expected, reason) -> None:
+    state = derive_state(status, finished, submission, slurm)
+    assert state.state == expected
+    if reason is None:
+        assert state.reason is None
+    else:
+        assert state.reason is not None and state.reason.startswith(reason)
+
+
+def test_derive_state_counts() -> None:
+    state = derive_state({"state": "running", "attempts": 2, "step": 40}, False, sub(), job("RUNNING", restarts=1))
+    assert (state.attempts, state.restarts, state.job_id, state.step, state.active) == (2, 1, "12_3", 40, True)
+
+
+@pytest.mark.parametrize(("state", "force", "action"), [
+    ("missing", False, "submit"), ("failed", False, "submit"), ("done", False, "skip"),
+    ("pending", False, "leave"), ("running", False, "leave"), ("requeued", False, "leave"),
+    ("preempted", False, "leave"), ("done", True, "restart"), ("running", True, "restart"),
+])
+def test_plan(state: str, force: bool, action: str) -> None:
+    assert plan(CellState(state), force) == action
+
+
+def test_local_slots_never_oversubscribe() -> None:
+    assert local_slots(Resources(cpus_per_task=1), cores=2) == (2, 1)
+    assert local_slots(Resources(cpus_per_task=2), cores=2) == (1, 2)
+    assert local_slots(Resources(cpus_per_task=4), cores=2) == (1, 2)
+    assert local_slots(Resources(tasks_per_node=2), cores=2) == (1, 1)
+    assert local_slots(Resources(cpus_per_task=2), cores=16) == (8, 2)
+
+
+def test_resources_tasks() -> None:
+    assert (Resources().tasks, Resources(gpus_per_node=8).tasks, Resources(tasks_per_node=2).tasks) == (1, 8, 2)
+    assert Resources(nodes=2, gpus_per_node=4).world_size == 8
+    assert Resources(gpus_per_node=8, cpus_per_task=10, mem_gb=480, time_min=1440).summary() == \
+        "1x8 GPU, 10 cpu/task, 480 GB, 1440 min"
+
+
+def test_local_job_state_of_this_process_and_a_dead_pid() -> None:
+    # this (pytest) process stands in for the ablate process that queues local cells
+    queued = local_job_state(sub(f"queued:{os.getpid()}", "local"))
+    assert queued is not None and (queued.state, queued.reason) == ("PENDING", "waiting for a free local slot")
+    assert local_job_state(sub(str(os.getpid()), "local")) is None  # alive, but not a submitit job
+    assert local_job_state(sub("999999999", "local")) is None
+
+
+def test_records_round_trip_and_bad_files(tmp_path: Path) -> None:
+    record = LaunchRecord(grid="g", name="target=clip", run_id="r", cell_id="c", seed=0,
+                          axes={"model.target": "clip"}, submissions=[sub()])
+    write_record(tmp_path / "a" / LAUNCH_FILE, record)
+    assert read_record(tmp_path / "a" / LAUNCH_FILE, LaunchRecord) == record
+    assert read_record(tmp_path / "missing.json", LaunchRecord) is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_record(tmp_path / "bad.json", GridRecord) is None
+
+
+def make_cell_dir(root: Path, name: str, *, status: dict | None = None, results: dict | None = None,
+                  submission: Submission | None = None) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    if status is not None:
+        (folder / "status.json").write_text(json.dumps(status))
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    if submission is not None:
+        record = LaunchRecord(grid="g", name=name, run_id=name, cell_id=name, seed=0, axes={},
+                              submissions=[submission])
+        write_record(folder / LAUNCH_FILE, record)
+    return folder
+
+
+def test_idempotence_decisions_from_folders(tmp_path: Path) -> None:
+    """Done cells are skipped, failed and missing ones (re)submitted; a job Slurm no longer
+    knows with a run that says running counts as failed (it died without a final status)."""
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / "9_0_0_log.err").write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    dead = sub("999999990_0")
+    dead = dead.model_copy(update={"log_dir": str(log_dir)})
+    dirs = [
+        make_cell_dir(tmp_path, "done", status={"state": "done", "attempts": 1},
+                      results={"metrics": {"linear_top1": 42.0}}, submission=sub("999999991_0")),
+        make_cell_dir(tmp_path, "failed", status=FAILED, submission=sub("999999992_0")),
+        make_cell_dir(tmp_path, "vanished", status=RUNNING, submission=dead),
+        tmp_path / "missing",
+    ]
+    found = collect(dirs)
+    assert [v.state.state for v in found] == ["done", "failed", "failed", "missing"]
+    assert [plan(v.state, force=False) for v in found] == ["skip", "submit", "submit", "submit"]
+    assert [plan(v.state, force=True) for v in found] == ["restart"] * 4
+    table = views.status_table(found)
+    assert "linear_top1=42" in table and "loss became nan" in table
+    details = views.failure_details(found)
+    assert "FAILED vanished seed=0: job 999999990_0 is gone" in details
+    assert "| RuntimeError: CUDA out of memory" in details
+    assert views.counts([v.state for v in found]) == "1 missing, 1 done, 2 failed"
+
+
+def test_tail_reads_the_end_of_large_files(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_text("".join(f"line {i}\n" for i in range(100_000)))
+    assert tail(path, 3) == ["line 99997", "line 99998", "line 99999"]
+
+
+def test_plan_table_shows_cells_estimates_and_status(tmp_path: Path) -> None:
+    grid = build_grid({"name": "g", "base": {"model": {"size": "vit_base_patch16"}, "pretrain": {"epochs": 400},
+                                             "data": {"root": str(tmp_path / "nowhere")}},
+                       "axes": {"model.decoder": ["standard", "prompting"]},
+                       "resources": {"gpus_per_node": 8}, "estimate": {"train_images": 1281167}})
+    found = collect([tmp_path / c.folder for c in grid.cells])
+    hours = {grid.cells[0].run_id: 332.5, grid.cells[1].run_id: None}
+    text = views.plan_table(grid, found, hours, ["submit", "submit"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["#", "cell", "seed", "run", "id", "resources", "GPU-h", "status", "ablate", "would"]
+    assert "decoder=standard" in lines[2] and "1x8 GPU, 1 cpu/task, 60 min" in lines[2] and "332.5" in lines[2]
+    assert lines[3].split()[-3:] == ["?", "missing", "submit"]
+    assert lines[-1].startswith("2 cells; total 332.5 GPU-hours of pretraining (evaluation not included), "
+                                "assuming 40 TFLOP/s sustained per GPU")
