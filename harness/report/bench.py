@@ -1,6 +1,8 @@
 """Synthetic runs/curves frames and a timing benchmark for `build_report`.
 
-Run `python -m harness.report.bench` to print how long a 1,000-run report takes.
+Run `python -m harness.report.bench` to print how long a 1,000-run report takes, and
+`python -m harness.report.bench --mlflow` to time it read from a SQLite MLflow store
+(harness.report.mlflow_bench).
 """
 
 from __future__ import annotations
@@ -139,4 +141,11 @@ def time_build_report(n_runs: int = 1000, n_steps: int = 100) -> float:
 
 
 if __name__ == "__main__":
-    print(f"build_report, 1000 runs x 100 curve points: {time_build_report():.2f} s")
+    import sys
+
+    if "--mlflow" in sys.argv[1:]:  # the same report, read from a real SQLite MLflow store
+        from harness.report.mlflow_bench import main
+
+        main(sys.argv[1:])
+    else:
+        print(f"build_report, 1000 runs x 100 curve points: {time_build_report():.2f} s")

@@ -6,7 +6,12 @@ report links tables and embeds figures by relative path, so the folder can be mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,8 +71,14 @@ def build_report(
     metric: str = "linear_top1",
     formats: Iterable[str] = TABLE_FORMATS,
     figures: bool = True,
+    workers: int | None = None,
 ) -> ReportResult:
     """Write tables, figures and report.md for `runs` (and loss `curves`) under out_dir.
+
+    Figures are drawn in up to `workers` forked processes while the tables are written
+    (default: one per CPU, at most one per figure; `MILAN_BENCH_REPORT_WORKERS=1` or
+    `workers=1` draws them here, one after the other). Drawing is CPU-bound Python, so this
+    is what brings a 1,000-run report under its time goal on two cores.
 
     Raises ReportError when `metric` is not a column with at least one value.
     """
@@ -78,16 +89,42 @@ def build_report(
     reference = reference_table(runs)
     if reference is not None:
         tables["reference"] = reference
-    table_paths = write_tables(tables, out_dir / "tables", formats)
-    figure_paths = (
-        _write_figures(runs, curves, metric, tables["main_effects"], out_dir / "figures")
+    jobs = (
+        _figure_jobs(runs, curves, metric, tables["main_effects"], out_dir / "figures")
         if figures else {}
     )
+    with _FigureRenderer(jobs, workers) as renderer:
+        table_paths = write_tables(tables, out_dir / "tables", formats)
+        figure_paths = renderer.results()
     report = out_dir / "report.md"
     report.write_text(
         _render_report(runs, metric, tables, figure_paths, formats, out_dir), encoding="utf-8"
     )
     return ReportResult(report, tuple(table_paths), tuple(figure_paths.values()))
+
+
+FigureJob = tuple[Callable[..., Path], tuple]
+
+
+def _figure_jobs(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame | None,
+    metric: str,
+    effects: pd.DataFrame,
+    fig_dir: Path,
+) -> dict[str, FigureJob]:
+    """Each figure whose data exists, keyed by the report section that embeds it (in the
+    order the report shows them)."""
+    jobs: dict[str, FigureJob] = {}
+    if finished_values(runs, metric).notna().any():
+        jobs["cells"] = (plot_metric_by_cell, (runs, metric, fig_dir / "metric_by_cell.png"))
+    if effects["mean"].notna().any():
+        jobs["main_effects"] = (plot_main_effects, (effects, metric, fig_dir / "main_effects.png"))
+    if curves is not None and curves["loss"].notna().any():
+        jobs["curves"] = (plot_loss_curves, (curves, fig_dir / "loss_curves.png"))
+    if cost_by_cell(runs).notna().any().any():
+        jobs["cost"] = (plot_cost, (runs, fig_dir / "cost.png"))
+    return jobs
 
 
 def _write_figures(
@@ -97,17 +134,65 @@ def _write_figures(
     effects: pd.DataFrame,
     fig_dir: Path,
 ) -> dict[str, Path]:
-    """Each figure whose data exists, keyed by the report section that embeds it."""
-    paths = {}
-    if finished_values(runs, metric).notna().any():
-        paths["cells"] = plot_metric_by_cell(runs, metric, fig_dir / "metric_by_cell.png")
-    if effects["mean"].notna().any():
-        paths["main_effects"] = plot_main_effects(effects, metric, fig_dir / "main_effects.png")
-    if curves is not None and curves["loss"].notna().any():
-        paths["curves"] = plot_loss_curves(curves, fig_dir / "loss_curves.png")
-    if cost_by_cell(runs).notna().any().any():
-        paths["cost"] = plot_cost(runs, fig_dir / "cost.png")
-    return paths
+    """Each figure whose data exists, drawn here, keyed by the report section."""
+    return {key: fn(*args) for key, (fn, args) in
+            _figure_jobs(runs, curves, metric, effects, fig_dir).items()}
+
+
+def _default_workers() -> int:
+    env = os.environ.get("MILAN_BENCH_REPORT_WORKERS", "").strip()
+    if env.isdigit():
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class _FigureRenderer:
+    """Draws figure jobs in forked worker processes (started on enter) or, with one worker
+    or where fork is unavailable, in this process when `results()` is called. A failure in a
+    worker pool (not in a figure) falls back to drawing here."""
+
+    def __init__(self, jobs: Mapping[str, FigureJob], workers: int | None) -> None:
+        self.jobs = dict(jobs)
+        self.workers = min(len(self.jobs), workers or _default_workers())
+        self.pool = None
+        self.futures: dict[str, Future] = {}
+
+    def __enter__(self) -> _FigureRenderer:
+        if self.workers > 1 and sys.platform == "linux":
+            try:
+                self.pool = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("fork")
+                )
+                self.futures = {key: self.pool.submit(fn, *args)
+                                for key, (fn, args) in self.jobs.items()}
+            except (OSError, ValueError):
+                self._close()
+        return self
+
+    def results(self) -> dict[str, Path]:
+        paths = {}
+        for key, (fn, args) in self.jobs.items():
+            future = self.futures.get(key)
+            if future is not None:
+                try:
+                    paths[key] = future.result()
+                    continue
+                except BrokenProcessPool:
+                    pass  # a worker died (not the figure's fault): draw it here
+            paths[key] = fn(*args)
+        return paths
+
+    def _close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+            self.futures = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
 
 
 # --- report.md -----------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""What milan-bench writes to MLflow: tag and param names, statuses, value encoding.
+
+Light module (no MLflow import): the launcher, the jobs and the report reader all share it.
+
+Layout
+------
+* One MLflow **experiment per grid**, named after the grid (:func:`experiment_name`).
+* One **parent run per ``ablate`` invocation** (tag ``role=ablate``), named
+  ``"<grid> <UTC timestamp>"``. Its tags describe the grid:
+
+  ========================  ==================================================================
+  ``role``                  ``"ablate"``
+  ``grid``                  grid name
+  ``grid.axes``             JSON list, grid order: ``[{"name": "model.target",
+                            "values": ["pixel", "clip"], "baseline": "pixel"}, ...]``
+                            (values typed as in the grid YAML); the report takes axis order,
+                            levels and baselines from the newest parent run
+  ``grid.paper_setting``    ``"true"`` / ``"false"``: the report adds the reference table
+  ``status``                ``running`` | ``done`` | ``failed`` (the launcher decides)
+  ``host``, ``git_commit``, ``executor``, anything else the launcher passes
+  ========================  ==================================================================
+
+* One **child run per cell x seed** (tag ``role=cell`` and ``mlflow.parentRunId``), named
+  ``"<cell> seed=<seed>"`` (:func:`run_name`), where the cell name lists the axis values,
+  ``"target=clip decoder=prompting"`` (:func:`cell_name`). A requeued or resumed cell keeps
+  logging to the same child run. Params: the flattened resolved config
+  (``RunConfig.flat()``: ``"model.target"``, ``"pretrain.epochs"``, ...), encoded by
+  :func:`encode_param`. Tags (:func:`cell_tags` builds them):
+
+  ========================  ==================================================================
+  ``role``                  ``"cell"``
+  ``grid``                  grid name
+  ``cell_id``               ``RunConfig.cell_id()`` (shared by the seeds of a cell)
+  ``config_run_id``         ``RunConfig.run_id()`` (cell + seed)
+  ``seed``                  the seed
+  ``cell``                  cell name (axis values), the report's row label
+  ``axis.<name>``           each axis value, encoded like a param (``axis.model.target=clip``)
+  ``executor``              ``local`` | ``slurm`` | ``debug`` ...
+  ``host``                  host that last ran the job
+  ``git_commit``            commit of the code that ran
+  ``slurm.job_id``, ``slurm.array_job_id``, ``slurm.array_task_id``, ``slurm.restart_count``
+                            set by the job itself (:func:`job_tags`)
+  ``run_dir``               the run folder (config.yaml, metrics.jsonl, checkpoints/)
+  ``status``                ``pending`` | ``running`` | ``done`` | ``failed`` | ``preempted`` |
+                            ``requeued``
+  ``failure_reason``        one line, empty when there is none
+  ``checkpoint``            path of the final checkpoint (also ``checkpoint_path.txt``)
+  ========================  ==================================================================
+
+  Metrics: ``train/loss`` and ``train/lr`` per step, ``train/images_per_s`` and
+  ``train/peak_memory_mb`` at the last step, then the run's summary metrics (``final_loss``,
+  ``images_per_s``, ``peak_memory_mb``, ``train_seconds``, ``device_hours``, ``linear_top1``,
+  ``knn_top1``, ``finetune_top1``, ...) and ``system/*`` (MLflow system metrics).
+  Artifacts: ``config.yaml``, ``figures/loss_curve.png``, ``checkpoint_path.txt`` (and
+  ``checkpoints/`` only when asked).
+
+The MLflow run status follows the ``status`` tag: pending/running/preempted/requeued are
+RUNNING, done is FINISHED, failed is FAILED.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from harness.errors import UserError
+
+
+class TrackingError(UserError):
+    """The tracking store cannot be used; the message names the problem and the fix."""
+
+
+# --- names -----------------------------------------------------------------------------------
+
+ROLE = "role"
+ROLE_PARENT = "ablate"
+ROLE_CELL = "cell"
+GRID = "grid"
+GRID_AXES = "grid.axes"
+GRID_PAPER_SETTING = "grid.paper_setting"
+CELL_ID = "cell_id"
+CONFIG_RUN_ID = "config_run_id"
+SEED = "seed"
+CELL = "cell"
+AXIS_PREFIX = "axis."
+EXECUTOR = "executor"
+HOST = "host"
+GIT_COMMIT = "git_commit"
+RUN_DIR = "run_dir"
+STATUS = "status"
+FAILURE_REASON = "failure_reason"
+CHECKPOINT = "checkpoint"
+SLURM_JOB_ID = "slurm.job_id"
+SLURM_ARRAY_JOB_ID = "slurm.array_job_id"
+SLURM_ARRAY_TASK_ID = "slurm.array_task_id"
+SLURM_RESTART_COUNT = "slurm.restart_count"
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
+
+LOSS_KEY = "train/loss"
+LR_KEY = "train/lr"
+
+# status tag -> MLflow run status
+STATUSES: dict[str, str] = {
+    "pending": "RUNNING",
+    "running": "RUNNING",
+    "preempted": "RUNNING",
+    "requeued": "RUNNING",
+    "done": "FINISHED",
+    "failed": "FAILED",
+}
+# MLflow run status -> status, for runs without a status tag
+FROM_MLFLOW_STATUS: dict[str, str] = {
+    "RUNNING": "running",
+    "SCHEDULED": "pending",
+    "FINISHED": "done",
+    "FAILED": "failed",
+    "KILLED": "failed",
+}
+
+# Report metric column -> MLflow metric keys, first present wins.
+REPORT_METRICS: dict[str, tuple[str, ...]] = {
+    "linear_top1": ("linear_top1",),
+    "knn_top1": ("knn_top1",),
+    "finetune_top1": ("finetune_top1",),
+    "final_loss": ("final_loss",),
+    "images_per_s": ("images_per_s", "train/images_per_s"),
+    "peak_memory_mb": ("peak_memory_mb", "train/peak_memory_mb"),
+    "gpu_hours": ("device_hours",),
+}
+
+MAX_TAG_CHARS = 5000  # MLflow's limit is 8000; failure reasons are cut well before
+
+
+def experiment_name(grid: str) -> str:
+    """The MLflow experiment that holds a grid's runs (one experiment per grid)."""
+    return grid
+
+
+# --- value encoding --------------------------------------------------------------------------
+
+def encode_param(value: Any) -> str:
+    """A config value as MLflow param text: strings as they are, everything else as JSON
+    (True -> "true", None -> "null", (0.9, 0.95) -> "[0.9, 0.95]")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": JSON has no literal for them
+    return json.dumps(value)
+
+
+_LITERALS = {"true": True, "false": False, "null": None, "True": True, "False": False,
+             "None": None, "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+@functools.lru_cache(maxsize=65536)
+def decode_param(text: str | None) -> Any:
+    """Inverse of :func:`encode_param` for scalars: numbers, bools and null come back typed.
+
+    Lists and dicts stay text (hashable, so they can be grouped on); so does any string.
+    """
+    if text is None:
+        return None
+    if text in _LITERALS:
+        return _LITERALS[text]
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def short_axis(name: str) -> str:
+    """``model.target`` -> ``target`` (the last dotted part)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def cell_name(axis_values: Mapping[str, Any]) -> str:
+    """Run-name part naming a cell by its axis values: ``"target=clip decoder=prompting"``."""
+    if not axis_values:
+        return "baseline"
+    return " ".join(f"{short_axis(k)}={encode_param(v)}" for k, v in axis_values.items())
+
+
+def run_name(axis_values: Mapping[str, Any], seed: int) -> str:
+    """Child run name: ``"target=clip decoder=prompting seed=0"``."""
+    return f"{cell_name(axis_values)} seed={seed}"
+
+
+def axes_json(axes: Sequence[Mapping[str, Any]]) -> str:
+    """Validate and encode the ``grid.axes`` tag: ``[{"name", "values", "baseline"}, ...]``."""
+    spec = []
+    for axis in axes:
+        try:
+            name, values, baseline = axis["name"], list(axis["values"]), axis["baseline"]
+        except (KeyError, TypeError) as err:
+            raise TrackingError(f"grid axis {axis!r} needs name, values and baseline ({err})") from None
+        if baseline not in values:
+            raise TrackingError(f"grid axis {name}: baseline {baseline!r} is not one of its values {values}")
+        spec.append({"name": str(name), "values": values, "baseline": baseline})
+    text = json.dumps(spec, default=str)
+    if len(text) > MAX_TAG_CHARS:
+        raise TrackingError(f"the grid's axes take {len(text)} characters as a tag (limit "
+                            f"{MAX_TAG_CHARS}): use fewer or shorter axis values")
+    return text
+
+
+def parse_axes(text: str | None) -> list[dict[str, Any]]:
+    """The ``grid.axes`` tag back as a list of dicts (empty when absent or unreadable)."""
+    if not text:
+        return []
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    return [a for a in spec if isinstance(a, dict) and {"name", "values", "baseline"} <= a.keys()]
+
+
+def tag_text(value: Any) -> str:
+    """Any value as tag text (tags are strings), cut to the tag limit."""
+    text = encode_param(value) if not isinstance(value, str) else value
+    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
+
+
+def one_line(reason: str | None) -> str:
+    """A failure reason as one line."""
+    if not reason:
+        return ""
+    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    return tag_text(" | ".join(lines))
+
+
+# --- tag builders ----------------------------------------------------------------------------
+
+def cell_tags(cfg: Any, *, grid: str, axis_values: Mapping[str, Any], executor: str,
+              git_commit: str | None = None, run_dir: str | os.PathLike | None = None,
+              host: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags of a cell's child run (pass to ``create_cell_run(tags=...)``).
+
+    ``cfg`` is the cell's resolved :class:`~harness.config.RunConfig`; ``axis_values`` maps
+    each axis name (grid order) to this cell's value.
+    """
+    tags: dict[str, Any] = {
+        GRID: grid,
+        CELL_ID: cfg.cell_id(),
+        CONFIG_RUN_ID: cfg.run_id(),
+        SEED: cfg.seed,
+        CELL: cell_name(axis_values),
+        EXECUTOR: executor,
+        HOST: host or socket.getfqdn(),
+        GIT_COMMIT: git_commit or git_commit_of() or "unknown",
+    }
+    tags |= {AXIS_PREFIX + name: value for name, value in axis_values.items()}
+    if run_dir is not None:
+        tags[RUN_DIR] = os.fspath(run_dir)
+    tags |= dict(extra or {})
+    return {k: tag_text(v) for k, v in tags.items()}
+
+
+def job_tags() -> dict[str, str]:
+    """Tags a job sets on its run when it starts: host and Slurm ids (from the environment)."""
+    env = os.environ
+    tags = {HOST: socket.getfqdn()}
+    for tag, var in ((SLURM_JOB_ID, "SLURM_JOB_ID"), (SLURM_ARRAY_JOB_ID, "SLURM_ARRAY_JOB_ID"),
+                     (SLURM_ARRAY_TASK_ID, "SLURM_ARRAY_TASK_ID"),
+                     (SLURM_RESTART_COUNT, "SLURM_RESTART_COUNT")):
+        if env.get(var):
+            tags[tag] = env[var]
+    return tags
+
+
+def git_commit_of(path: str | os.PathLike | None = None) -> str | None:
+    """HEAD commit of the repository holding ``path`` (default: this package), or None."""
+    import subprocess
+    from pathlib import Path
+
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
