@@ -290,3 +290,29 @@ def test_report_command_bad_input_is_one_line_exit_2(case, grid_store, tmp_path)
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "none.db").exists()  # a report never creates a store
+
+
+def test_report_finds_the_store_ablate_recorded(grid_store, tmp_path, monkeypatch):
+    """Without --tracking-uri: the store in runs/<grid>/grid.json; when that is a server that no
+    longer runs, the SQLite file behind it (from the server's state file) is read."""
+    import json
+
+    uri, _ = grid_store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs_dir = tmp_path / "runs"
+    (runs_dir / GRID).mkdir(parents=True)
+    record = runs_dir / GRID / "grid.json"
+    record.write_text(json.dumps({"grid": GRID, "experiment": GRID, "tracking_uri": uri}))
+    result = invoke("report", GRID, "--runs-dir", str(runs_dir), "--out", str(tmp_path / "a"), "--no-log")
+    assert result.exit_code == 0, result.output
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    record.write_text(json.dumps({"grid": GRID, "experiment": GRID, "tracking_uri": dead}))
+    (runs_dir / ".mlflow-server").mkdir()
+    (runs_dir / ".mlflow-server" / "mlflow-server.json").write_text(json.dumps({
+        "url": dead, "pid": 999999, "port": 1, "host": "0.0.0.0", "store_uri": uri, "artifact_root": "",
+        "log_path": "", "started_at": 0}))
+    result = invoke("report", GRID, "--runs-dir", str(runs_dir), "--out", str(tmp_path / "b"), "--no-log")
+    assert result.exit_code == 0, result.output
+    assert "is not running: reading its store" in result.stderr
+    assert (tmp_path / "b" / "report.md").is_file()

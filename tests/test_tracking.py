@@ -20,6 +20,7 @@ from harness.tracking import (
     check_store,
     client,
     create_cell_run,
+    create_cell_runs,
     decode_param,
     default_tracking_uri,
     encode_param,
@@ -309,6 +310,8 @@ def test_cell_artifacts(store, tmp_path):
         f.path for f in mlflow_client.list_artifacts(run_id, "figures")}
     assert {"config.yaml", "checkpoint_path.txt", "figures/loss_curve.png"} <= names
     assert "checkpoints" not in names  # the checkpoint itself only when asked
+    log_cell_artifacts(store, run_id, checkpoint=checkpoint, log_checkpoint=True, loss_figure=False)
+    assert [f.path for f in mlflow_client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/latest.pt"]
     local = Path(mlflow_client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
     assert RunConfig.model_validate(__import__("yaml").safe_load(local.read_text())) == cfg
     run = mlflow_client.get_run(run_id)
@@ -409,3 +412,21 @@ def test_pretraining_killed_and_resumed_logs_every_step_once(store, tmp_path):
     mlflow_loss = dict(history(store, run_id))
     local_loss = {r["step"]: r["train/loss"] for r in read_jsonl(jsonl) if "train/loss" in r}
     assert mlflow_loss == pytest.approx(local_loss)
+
+
+def test_create_cell_runs_in_order_over_http(mlflow_server):
+    uri = mlflow_server.url
+    exp_id = prepare_store(uri, "bulk")
+    parent = start_parent_run(uri, exp_id, grid="bulk", tags={}, axes=AXES)
+    cells = []
+    for seed in range(12):
+        values = {"model.target": "clip", "model.mask_ratio": 0.5}
+        cfg = RunConfig().with_overrides({**values, "seed": seed})
+        cells.append({"run_name": run_name(values, seed), "params": cfg.flat(),
+                      "tags": cell_tags(cfg, grid="bulk", axis_values=values, executor="slurm")})
+    run_ids = create_cell_runs(uri, exp_id, parent_run_id=parent, cells=cells)
+    assert len(set(run_ids)) == 12
+    for seed, run_id in enumerate(run_ids):
+        run = client(uri).get_run(run_id)
+        assert run.data.tags["seed"] == str(seed) and run.data.params["seed"] == str(seed)
+        assert run.data.tags["mlflow.parentRunId"] == parent

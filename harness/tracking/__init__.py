@@ -52,9 +52,10 @@ _LAZY: dict[str, str] = {
     "sqlite_path": "store", "is_http": "store", "client": "store",
     # runs
     "start_parent_run": "runs", "finish_run": "runs", "create_cell_run": "runs",
+    "create_cell_runs": "runs",
     "set_run_tags": "runs", "mark_run": "runs", "get_status": "runs",
     "log_summary_metrics": "runs", "log_cell_artifacts": "runs", "log_config": "runs",
-    "log_checkpoint": "runs", "log_loss_figure": "runs", "log_files": "runs",
+    "log_checkpoint_path": "runs", "log_loss_figure": "runs", "log_files": "runs",
     # loggers
     "MlflowRunLogger": "logger", "CellLogger": "logger", "system_metrics": "logger",
     # server

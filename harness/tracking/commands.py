@@ -23,8 +23,9 @@ DEFAULT_GRID = "smoke"
 
 
 def grid_name(grid: str) -> str:
-    """A grid argument as an experiment name: a grid YAML path gives its ``name:`` (else the
-    file's stem); anything else is taken as the name (or id) itself."""
+    """A grid argument as an experiment name: a grid YAML path gives its experiment
+    (``tracking.experiment``, else ``name:``, else the file's stem); anything else is taken as
+    the grid or experiment name (or id) itself."""
     path = Path(grid)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
@@ -35,9 +36,49 @@ def grid_name(grid: str) -> str:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise UserError(f"{grid} is not valid YAML ({str(err).splitlines()[0]})") from None
-        name = data.get("name") if isinstance(data, dict) else None
+        data = data if isinstance(data, dict) else {}
+        tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
+        name = tracking.get("experiment") or data.get("name")
         return str(name) if name else path.stem
     return grid
+
+
+def resolve_store(name: str, tracking_uri: str | None, runs_dir: Path) -> tuple[str, str, str | None]:
+    """(tracking URI, experiment, note) for a report on grid ``name``.
+
+    ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the store that ``bench.py ablate``
+    recorded in ``<runs>/<grid>/grid.json`` (for Slurm grids an MLflow server: when it no longer
+    answers, its SQLite file is read directly), else ``sqlite:///<cwd>/mlflow.db``.
+    """
+    import json
+    import os
+
+    from harness.tracking.server import STATE_FILE, read_state
+    from harness.tracking.store import check_store, default_tracking_uri, is_http, sqlite_path
+
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return tracking_uri or default_tracking_uri(), name, None
+    try:
+        record = json.loads((runs_dir / name / "grid.json").read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not record.get("tracking_uri"):
+        return default_tracking_uri(), name, None
+    uri, experiment = record["tracking_uri"], record.get("experiment") or name
+    if not is_http(uri):
+        return uri, experiment, None
+    try:
+        check_store(uri, timeout_s=3)
+        return uri, experiment, None
+    except UserError:
+        for state_file in [*runs_dir.glob(f".*/{STATE_FILE}"), *runs_dir.glob(f"*/{STATE_FILE}")]:
+            info = read_state(state_file.parent)
+            if info is not None and info.url.rstrip("/") == uri.rstrip("/"):
+                store = sqlite_path(info.store_uri) if info.store_uri.startswith("sqlite:") else None
+                if store is not None and store.is_file():
+                    return info.store_uri, experiment, (f"the grid's MLflow server {uri} is not running: "
+                                                        f"reading its store {store} directly")
+        raise
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -61,22 +102,26 @@ def report_command(
     out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/<grid>/).")] = None,
     log_to_mlflow: Annotated[bool, typer.Option(
         "--log/--no-log", help="Also log report.md, tables and figures to the grid's newest parent run.")] = True,
+    runs_dir: Annotated[Path, typer.Option(
+        help="Where `bench.py ablate` recorded the grid's store (<runs>/<grid>/grid.json).")] = Path("runs"),
 ) -> None:
     """Tables, figures and report.md for a grid's runs in MLflow (failed cells included)."""
     import time
 
-    from harness.tracking.store import bounded_http, default_tracking_uri, display_uri
+    from harness.tracking.store import bounded_http, display_uri
 
     start = time.perf_counter()
     name = grid_name(grid)
     formats = parse_formats(format_)
-    uri = tracking_uri or default_tracking_uri()
     from harness.report.build import build_report
     from harness.report.ingest import load_runs
     from harness.report.tables import ReportError
 
     with bounded_http():
-        runs, curves = load_runs(uri, name)
+        uri, experiment, note = resolve_store(name, tracking_uri, runs_dir)
+        if note:
+            typer.secho(f"note: {note}", err=True)
+        runs, curves = load_runs(uri, experiment)
         if runs.empty:
             raise UserError(f"grid {name!r} has no cell runs in {display_uri(uri)} yet: run "
                             f"`bench.py ablate` first")
