@@ -74,7 +74,7 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     assert "2 to submit with the local executor" in out
     assert "running 2 cells here, 2 at a time with 1 torch thread(s) each" in out
     report = tmp_path / "reports" / "smoke" / "report.md"
-    assert report.is_file() and f"report: {Path('reports/smoke/report.md')}" in out
+    assert report.is_file() and f"{Path('reports/smoke/report.md')}: 2 cells, 2 runs (2 done)" in out
     assert "target=clip" in report.read_text()
     assert (tmp_path / "mlflow.db").is_file()
     cells = sorted((tmp_path / "runs" / "smoke").glob("target-*"))

@@ -64,6 +64,9 @@ def test_derive_state(status, finished, submission, slurm, expected, reason) -> 
 def test_derive_state_counts() -> None:
     state = derive_state({"state": "running", "attempts": 2, "step": 40}, False, sub(), job("RUNNING", restarts=1))
     assert (state.attempts, state.restarts, state.job_id, state.step, state.active) == (2, 1, "12_3", 40, True)
+    finishing = derive_state({"state": "done"}, True, sub(), job("RUNNING"))  # still logging
+    assert (finishing.state, finishing.settled) == ("done", False)
+    assert derive_state({"state": "done"}, True, sub(), job("COMPLETED")).settled
 
 
 @pytest.mark.parametrize(("state", "force", "action"), [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,50 +78,66 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     if req.dry_run:
         _dry_run(grid, gdir, executor, req, echo)
         return outcome
-    with grid_lock(gdir):
-        views_now = collect([gdir / c.folder for c in grid.cells])
-        actions = [plan(v.state, req.force) for v in views_now]
-        todo = [i for i, a in enumerate(actions) if a in ("submit", "restart")]
-        echo(f"grid {grid.name}: {len(grid.cells)} cells ({views.counts([v.state for v in views_now])}); "
-             f"{len(todo)} to {'restart' if req.force else 'submit'} with the {executor} executor")
-        from harness.launch.preflight import ensure_demo_assets, preflight_grid
-
-        if todo:
-            ensure_demo_assets((grid.cells[i].config for i in todo), echo)
-            preflight_grid(grid, executor)
-        previous = read_record(gdir / GRID_FILE, GridRecord)
-        # nothing to submit: keep the store of the last submission (no server start for nothing)
-        uri = _tracking_uri(req, grid, executor, echo) if todo or previous is None else previous.tracking_uri
-        record = GridRecord(grid=grid.name, experiment=grid.experiment,
-                            grid_file=str(grid.path) if grid.path else None, executor=executor,
-                            tracking_uri=uri, submitted_at=time.time(), folders=[c.folder for c in grid.cells],
-                            axes=grid.axes_spec(), paper_setting=grid.spec.paper_setting)
-        if previous and previous.tracking_uri == uri:
-            record = record.model_copy(update={"experiment_id": previous.experiment_id,
-                                               "parent_run_id": previous.parent_run_id,
-                                               "parent_finished": previous.parent_finished})
-        if todo:
-            if req.force:
-                _clear([views_now[i] for i in todo], echo)
-            record = _start_tracking(record, grid, uri, executor)
-            cells = [grid.cells[i] for i in todo]
-            launches = [_launch_record(gdir, c, uri, record, executor, reuse=not req.force) for c in cells]
-            outcome.submitted = cells
-        write_record(gdir / GRID_FILE, record)
-        if todo and executor == "slurm":
-            _submit_slurm(grid, gdir, cells, launches, uri, echo)
+    with grid_lock(gdir):  # another ablate of this grid waits here, then finds these cells active
+        batch = _prepare(grid, gdir, executor, req, echo)
+        if batch.cells and executor == "slurm":
+            _submit_slurm(grid, gdir, batch, echo)
+    outcome.submitted = batch.cells
     if executor == "slurm" and not req.wait:
-        _how_to_follow(grid, gdir, echo)
+        _how_to_follow(grid, gdir, req.runs_dir, echo)
         return outcome
     progress = _Progress(gdir, grid.cells, echo)
-    if todo and executor == "local":
-        _run_local(grid, gdir, cells, launches, progress, echo)
-    elif todo and executor == "debug":
-        _run_debug(gdir, cells, launches)
+    if batch.cells and executor == "local":
+        _run_local(grid, gdir, batch, progress, echo)
+    elif batch.cells and executor == "debug":
+        _run_debug(gdir, batch)
     outcome.views = wait_for_cells(progress, POLL_S.get(executor, 2.0))
-    _finish(gdir, record, outcome.views, echo)
-    outcome.report = write_report(record, req.reports_dir / grid.name, echo)
+    _finish(gdir, batch.record, outcome.views, echo)
+    if write_report(grid, batch.record, req.reports_dir / grid.name, req.runs_dir, echo):
+        outcome.report = req.reports_dir / grid.name / "report.md"
     return outcome
+
+
+@dataclass
+class _Batch:
+    """The cells one ablate (re)submits, with their launch records, and the grid record."""
+
+    record: GridRecord
+    cells: list[Cell]
+    launches: list[LaunchRecord]
+
+
+def _prepare(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Echo) -> _Batch:
+    """Plan, preflight, tracking runs and launch records: everything before submission."""
+    from harness.launch.preflight import ensure_demo_assets, preflight_grid
+
+    now = collect([gdir / c.folder for c in grid.cells])
+    todo = [i for i, v in enumerate(now) if plan(v.state, req.force) in ("submit", "restart")]
+    echo(f"grid {grid.name}: {len(grid.cells)} cells ({views.counts([v.state for v in now])}); "
+         f"{len(todo)} to {'restart' if req.force else 'submit'} with the {executor} executor")
+    if todo:
+        ensure_demo_assets((grid.cells[i].config for i in todo), echo)
+        preflight_grid(grid, executor, cache_dir=req.runs_dir)
+    previous = read_record(gdir / GRID_FILE, GridRecord)
+    # nothing to submit: keep the store of the last submission (no server start for nothing)
+    uri = _tracking_uri(req, grid, executor, echo) if todo or previous is None else previous.tracking_uri
+    record = GridRecord(grid=grid.name, experiment=grid.experiment, grid_file=str(grid.path) if grid.path else None,
+                        executor=executor, tracking_uri=uri, submitted_at=time.time(),
+                        folders=[c.folder for c in grid.cells], axes=grid.axes_spec(),
+                        paper_setting=grid.spec.paper_setting)
+    if previous and previous.tracking_uri == uri:
+        record = record.model_copy(update={"experiment_id": previous.experiment_id,
+                                           "parent_run_id": previous.parent_run_id,
+                                           "parent_finished": previous.parent_finished})
+    cells, launches = [grid.cells[i] for i in todo], []
+    if todo:
+        if req.force:
+            _clear([now[i] for i in todo], echo)
+        record = _start_tracking(record, grid, uri, executor)
+        launches = _per_cell(lambda c: _launch_record(gdir, c, uri, record, executor, reuse=not req.force),
+                             cells, uri)
+    write_record(gdir / GRID_FILE, record)
+    return _Batch(record, cells, launches)
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -204,6 +221,17 @@ def _launch_record(gdir: Path, cell: Cell, uri: str, grid_record: GridRecord, ex
     return record
 
 
+def _per_cell(fn: Callable[[Any], Any], items: Sequence[Any], uri: str) -> list[Any]:
+    """One MLflow call (or a few) per cell: concurrent over HTTP, where each call mostly waits
+    on the server; one after another on SQLite, which takes one writer at a time."""
+    from harness.tracking import is_http
+
+    if not is_http(uri) or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(fn, items))
+
+
 def _job(cell: Cell, gdir: Path, launch: LaunchRecord, threads: int) -> Any:
     from harness.launch.job import CellJob
 
@@ -224,31 +252,34 @@ def _record_submission(gdir: Path, cell: Cell, launch: LaunchRecord, job_id: str
     return launch
 
 
-def _submit_slurm(grid: Grid, gdir: Path, cells: Sequence[Cell], launches: Sequence[LaunchRecord],
-                  uri: str, echo: Echo) -> None:
+def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
     import harness.tracking as tracking
     from harness.launch.executors import slurm_executor, submit_array
 
+    uri, threads = batch.record.tracking_uri, grid.resources.cpus_per_task
     executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}")
-    jobs = submit_array(executor, [_job(c, gdir, l, grid.resources.cpus_per_task) for c, l in zip(cells, launches)])
-    for cell, launch, job in zip(cells, launches, jobs):
+    jobs = submit_array(executor, [_job(c, gdir, l, threads) for c, l in zip(batch.cells, batch.launches)])
+    for cell, launch, job in zip(batch.cells, batch.launches, jobs):
         _record_submission(gdir, cell, launch, job.job_id, "slurm", Path(job.paths.folder))
+
+    def tag(pair: tuple[LaunchRecord, Any]) -> None:
+        launch, job = pair
         array_id, _, task = job.job_id.partition("_")
         tracking.set_run_tags(uri, launch.mlflow_run_id, {"slurm.job_id": job.job_id,
                                                           "slurm.array_job_id": array_id,
                                                           "slurm.array_task_id": task})
+    _per_cell(tag, list(zip(batch.launches, jobs)), uri)
     echo(f"submitted {len(jobs)} cells as Slurm job array {jobs[0].job_id.partition('_')[0]} "
          f"({grid.resources.summary()} each)")
 
 
-def _run_local(grid: Grid, gdir: Path, cells: Sequence[Cell], launches: Sequence[LaunchRecord],
-               progress: _Progress, echo: Echo) -> None:
+def _run_local(grid: Grid, gdir: Path, batch: _Batch, progress: _Progress, echo: Echo) -> None:
     from harness.launch.executors import local_executor, local_slots, run_local
 
     concurrency, threads = local_slots(grid.resources)
-    launches = list(launches)
-    for i, cell in enumerate(cells):  # status shows them as pending while they wait for a slot
-        launches[i] = _record_submission(gdir, cell, launches[i], f"{QUEUED_PREFIX}{os.getpid()}", "local", None)
+    cells = batch.cells
+    launches = [_record_submission(gdir, c, l, f"{QUEUED_PREFIX}{os.getpid()}", "local", None)
+                for c, l in zip(cells, batch.launches)]  # status shows them pending until they start
     echo(f"running {len(cells)} cells here, {concurrency} at a time with {threads} torch thread(s) each")
     executor = local_executor(gdir / SUBMITIT_DIR, grid.resources)
 
@@ -259,15 +290,15 @@ def _run_local(grid: Grid, gdir: Path, cells: Sequence[Cell], launches: Sequence
               on_start=started, on_tick=progress.update, poll_s=POLL_S["local"])
 
 
-def _run_debug(gdir: Path, cells: Sequence[Cell], launches: Sequence[LaunchRecord]) -> None:
+def _run_debug(gdir: Path, batch: _Batch) -> None:
     from harness.launch.executors import run_debug
 
-    launches = list(launches)
+    launches = list(batch.launches)
 
     def started(i: int, job: Any) -> None:
-        launches[i] = _record_submission(gdir, cells[i], launches[i], f"debug-{os.getpid()}", "debug", None)
+        launches[i] = _record_submission(gdir, batch.cells[i], launches[i], f"debug-{os.getpid()}", "debug", None)
 
-    run_debug(gdir / SUBMITIT_DIR, [_job(c, gdir, l, 0) for c, l in zip(cells, launches)], on_start=started)
+    run_debug(gdir / SUBMITIT_DIR, [_job(c, gdir, l, 0) for c, l in zip(batch.cells, launches)], on_start=started)
 
 
 def _clear(cell_views: Sequence[CellView], echo: Echo) -> None:
@@ -295,9 +326,10 @@ def _clear(cell_views: Sequence[CellView], echo: Echo) -> None:
             shutil.rmtree(v.folder)
 
 
-def _how_to_follow(grid: Grid, gdir: Path, echo: Echo) -> None:
-    echo(f"follow with: python bench.py status {grid.name}   (or squeue -n milan-{grid.name}); "
-         f"wait with: python bench.py ablate {grid.path or grid.name} --wait")
+def _how_to_follow(grid: Grid, gdir: Path, runs_dir: Path, echo: Echo) -> None:
+    runs = f" --runs-dir {runs_dir}" if runs_dir != AblateRequest.runs_dir else ""
+    echo(f"follow with: python bench.py status {grid.name}{runs}   (or squeue -n milan-{grid.name}); "
+         "to wait for the end and the report, repeat this ablate command with --wait")
     echo(f"run folders: {gdir}/<cell>/ (launch.json, status.json, logs/)")
 
 
@@ -327,8 +359,8 @@ class _Progress:
 
 
 def wait_for_cells(progress: _Progress, poll_s: float) -> list[CellView]:
-    """Poll folders and the scheduler until no cell is queued or running."""
-    while any(v.state.active for v in progress.update()):
+    """Poll folders and the scheduler until every cell is over and its job gone."""
+    while not all(v.state.settled for v in progress.update()):
         time.sleep(poll_s)
     return progress.views
 
@@ -345,24 +377,23 @@ def _finish(gdir: Path, record: GridRecord, final: Sequence[CellView], echo: Ech
         write_record(gdir / GRID_FILE, record.model_copy(update={"parent_finished": True}))
 
 
-def write_report(record: GridRecord, out_dir: Path, echo: Echo) -> Path | None:
-    """The grid's report from its MLflow runs (harness.report), or None when there is
-    nothing to report yet."""
+def headline_metric(grid: Grid) -> str:
+    """The report's headline metric: the first evaluation protocol the cells run."""
+    protocols = {p for cell in grid.cells for p in cell.config.eval.protocols}
+    return next((f"{p}_top1" for p in ("linear", "finetune", "knn") if p in protocols), "final_loss")
+
+
+def write_report(grid: Grid, record: GridRecord, out_dir: Path, runs_dir: Path, echo: Echo) -> bool:
+    """The grid's report from its MLflow runs, through ``bench.py report`` (which also logs it
+    to the invocation's parent run). A report that cannot be built does not fail the ablate."""
     if not record.tracking_uri:
-        return None
-    from harness.report import ReportError, build_report
-    from harness.report.ingest import load_runs
-    from harness.tracking.schema import TrackingError
+        return False
+    from harness.tracking.commands import report_command
 
     try:
-        runs, curves = load_runs(record.tracking_uri, record.experiment)
-        metric = next((m for m in views.HEADLINE_METRICS if m in runs and runs[m].notna().any()), None)
-        if metric is None:
-            echo("report: no finished cell has a result yet")
-            return None
-        result = build_report(runs, curves, out_dir, metric=metric)
-    except (ReportError, TrackingError) as err:
+        report_command(grid=record.experiment, tracking_uri=record.tracking_uri, metric=headline_metric(grid),
+                       format_="md,csv,tex,html", out=out_dir, log_to_mlflow=True, runs_dir=runs_dir)
+    except UserError as err:
         echo(f"report: not written ({err})")
-        return None
-    echo(f"report: {result.report}")
-    return result.report
+        return False
+    return True

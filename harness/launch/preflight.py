@@ -2,8 +2,11 @@
 
 The per-config checks of :func:`harness.run.preflight` (dataset tree and classes, teacher name
 and weights, model shapes) depend on a few config sections only, so they run once per distinct
-combination of those, not once per cell. Slurm adds the partition; the caller checks the
-tracking store.
+combination of those, not once per cell. They need torch, timm and open_clip (seconds to
+import), so a combination that passed is remembered in the runs folder together with what it
+read (dataset split folders, teacher file, harness commit): submitting again, or a grid that
+shares its settings, skips the imports unless one of those changed. Slurm adds the partition;
+the caller checks the tracking store.
 
 The demo data and demo teacher are generated here when a grid uses their default paths and
 they are missing, so the smoke grid works on a fresh clone.
@@ -11,7 +14,9 @@ they are missing, so the smoke grid works on a fresh clone.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,13 +27,32 @@ from harness.grid import Grid
 # Where `bench.py data demo` / `bench.py teacher demo` write by default (and configs/smoke.yaml reads).
 DEMO_DATA = Path("data/demo")
 DEMO_TEACHER = Path("data/demo-teacher/milan-clip-tiny.pt")
+CACHE_FILE = ".preflight-passed.json"
+CACHE_SIZE = 2000
 
 
-def _signature(cfg: RunConfig) -> str:
+def _signature(cfg: RunConfig) -> dict:
     """The config sections harness.run.preflight reads."""
     data = cfg.to_dict()
-    return json.dumps({"model": data["model"], "teacher": data["teacher"], "data": data["data"],
-                       "protocols": data["eval"]["protocols"]}, sort_keys=True)
+    return {"model": data["model"], "teacher": data["teacher"], "data": data["data"],
+            "protocols": data["eval"]["protocols"]}
+
+
+def _stat(path: str | Path | None) -> list[int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size] if st else None
+
+
+def _fingerprint(cfg: RunConfig, commit: str | None) -> str:
+    """Signature + the state of what its checks read: a changed tree or file re-checks."""
+    d, t = cfg.data, cfg.teacher
+    inputs = {"signature": _signature(cfg), "commit": commit,
+              "splits": [_stat(Path(d.root) / split) for split in (d.train_split, d.val_split)],
+              "teacher": [_stat(t.pretrained), _stat(t.model if t.model.endswith(".json") else None)]}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]) -> None:
@@ -37,9 +61,9 @@ def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]
     configs = list(configs)
     needs_data = any(Path(c.data.root) == DEMO_DATA for c in configs)
     needs_teacher = any(c.teacher.pretrained and Path(c.teacher.pretrained) == DEMO_TEACHER for c in configs)
-    from harness.data.demo import make_demo_dataset
-
     if (needs_data or needs_teacher) and not (DEMO_DATA / "meta.json").is_file():
+        from harness.data.demo import make_demo_dataset
+
         echo(f"making the demo dataset in {DEMO_DATA} (first run only) ...")
         make_demo_dataset(DEMO_DATA)
     if needs_teacher and not DEMO_TEACHER.is_file():
@@ -51,20 +75,42 @@ def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]
              f"{report.seconds:.0f} s")
 
 
-def check_configs(grid: Grid) -> None:
-    """harness.run.preflight once per distinct (model, teacher, data, protocols)."""
+def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
+    """harness.run.preflight once per distinct (model, teacher, data, protocols) not yet
+    passed (per ``cache_dir``'s record)."""
+    from harness.tracking.schema import git_commit_of
+
+    cache_path = cache_dir / CACHE_FILE if cache_dir else None
+    passed = _read_cache(cache_path)
+    commit = git_commit_of()
+    todo: dict[str, tuple[str, RunConfig]] = {}
+    for cell in grid.cells:
+        key = _fingerprint(cell.config, commit)
+        if key not in passed and key not in todo:
+            todo[key] = (cell.name, cell.config)
+    if not todo:
+        return
     from harness.run import preflight
 
-    checked: set[str] = set()
-    for cell in grid.cells:
-        signature = _signature(cell.config)
-        if signature in checked:
-            continue
+    for key, (name, cfg) in todo.items():
         try:
-            preflight(cell.config)
+            preflight(cfg)
         except UserError as err:
-            raise type(err)(f"cell {cell.name}: {err}") from None
-        checked.add(signature)
+            raise type(err)(f"cell {name}: {err}") from None
+        passed.append(key)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(passed[-CACHE_SIZE:]))
+        os.replace(tmp, cache_path)
+
+
+def _read_cache(path: Path | None) -> list[str]:
+    try:
+        data = json.loads(path.read_text()) if path else []
+    except (OSError, ValueError):
+        return []
+    return [k for k in data if isinstance(k, str)] if isinstance(data, list) else []
 
 
 def check_resources(grid: Grid, executor: str) -> None:
@@ -89,6 +135,6 @@ def check_resources(grid: Grid, executor: str) -> None:
                             f"{torch.cuda.device_count()}: use --executor slurm or set resources.gpus_per_node")
 
 
-def preflight_grid(grid: Grid, executor: str) -> None:
+def preflight_grid(grid: Grid, executor: str, cache_dir: Path | None = None) -> None:
     check_resources(grid, executor)
-    check_configs(grid)
+    check_configs(grid, cache_dir)

@@ -89,7 +89,7 @@ def read_record(path: Path, kind: type[R]) -> R | None:
     """The record at ``path``, or None when it is missing or unreadable (never raises)."""
     try:
         return kind.model_validate_json(path.read_text())
-    except (FileNotFoundError, ValidationError, ValueError):
+    except (OSError, ValidationError, ValueError):
         return None
 
 

@@ -40,10 +40,17 @@ class CellState:
     restarts: int = 0  # Slurm requeues of the current job
     job_id: str | None = None
     step: int | None = None  # last step reached (for finished or failed runs)
+    # the scheduler still runs the job: a done run's job may still be logging to MLflow
+    job_alive: bool = False
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
+
+    @property
+    def settled(self) -> bool:
+        """Over, and its job gone: nothing will change it any more (what --wait waits for)."""
+        return not self.active and not self.job_alive
 
 
 def derive_state(status: Mapping[str, Any] | None, finished: bool, submission: Submission | None,
@@ -54,8 +61,10 @@ def derive_state(status: Mapping[str, Any] | None, finished: bool, submission: S
     status = dict(status or {})
     attempts = int(status.get("attempts", 0))
     run_state = status.get("state")
+    alive = job is not None and job.state not in FINISHED_STATES and job.state != "UNKNOWN"
     common = {"attempts": attempts, "restarts": job.restarts if job else 0,
-              "job_id": submission.job_id if submission else None, "step": status.get("step")}
+              "job_id": submission.job_id if submission else None, "step": status.get("step"),
+              "job_alive": alive}
     if finished or run_state == "done":
         return CellState("done", **common)
     if submission is None and run_state is None:

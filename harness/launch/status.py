@@ -39,7 +39,7 @@ def show_status(grid: str | None, runs_dir: Path, echo: Echo = print, log_lines:
     details = views.failure_details(cell_views, log_lines)
     if details:
         echo(details)
-    if record is not None and not any(v.state.active for v in cell_views):
+    if record is not None and all(v.state.settled for v in cell_views):
         _close_parent_run(grid_dir(runs_dir, name), record, cell_views)
     return cell_views
 

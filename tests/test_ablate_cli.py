@@ -1,0 +1,133 @@
+"""`bench.py ablate` / `bench.py status` front end: dry run, option errors, preflight stops,
+the GPU-hours estimate, and the in-process debug executor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_ablate_local import assets, tiny_base  # noqa: F401 - assets is a fixture
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.grid import build_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def write_grid(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump({"name": "g", **fields}, sort_keys=False))
+    return path
+
+
+def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, assets: tuple[Path, Path]) -> None:  # noqa: F811
+    grid = write_grid(cwd / "g.yaml", base=tiny_base(*assets),
+                      axes={"model.target": ["pixel", "clip"], "model.mask_ratio": [0.5, 0.75]})
+    code, out = invoke("ablate", str(grid), "--dry-run", "--executor", "local", "--seeds", "2",
+                       "--axis", "model.decoder=standard,prompting")
+    assert code == 0, out
+    assert "nothing is submitted (dry run)" in out and "preflight: ok" in out
+    assert "16 cells; CPU cells: no GPU-hours" in out
+    rows = [line for line in out.splitlines() if "target=" in line]
+    assert len(rows) == 16
+    assert "target=pixel mask_ratio=0.5 decoder=standard" in rows[0] and rows[0].split()[-2:] == ["missing", "submit"]
+    assert not (cwd / "runs" / "g").exists() and not (cwd / "mlflow.db").exists()
+
+
+def test_dry_run_of_the_paper_grid_estimates_gpu_hours(cwd: Path) -> None:
+    """Paper grid without ImageNet here: the table with GPU-hours (from estimate.train_images),
+    then the preflight error (exit 2)."""
+    code, out = invoke("ablate", str(REPO / "ablations" / "milan_vitb_in1k.yaml"), "--dry-run", "--executor", "local")
+    assert code == 2
+    milan = next(line for line in out.splitlines() if "target=clip decoder=prompting masking=semantic" in line)
+    hours = float(milan.split()[-3].replace(",", ""))
+    # about the paper's 39 h x 8 A100 = 312 GPU-hours for 400 epochs
+    assert 290 < hours < 330, milan
+    assert "1x8 GPU, 10 cpu/task, 480 GB, 1440 min" in milan
+    assert "assuming 40 TFLOP/s sustained per GPU" in out
+    assert out.strip().splitlines()[-1].startswith("error: the grid asks for 8 GPUs per node but this machine has 0") \
+        or "dataset root /datasets/imagenet does not exist" in out.strip().splitlines()[-1]
+
+
+def test_gpu_hours_scale_with_epochs_and_skip_cpu_cells() -> None:
+    from harness.launch.estimate import gpu_hours
+
+    base = {"model": {"size": "vit_base_patch16", "target": "pixel", "masking": "random"},
+            "pretrain": {"epochs": 100, "warmup_epochs": 1}, "data": {"root": "/nowhere"}}
+    gpu = build_grid({"name": "g", "base": base, "axes": {"pretrain.epochs": [100, 200]},
+                      "resources": {"gpus_per_node": 8}, "estimate": {"train_images": 1000}})
+    low, high = gpu_hours(gpu).values()
+    assert high == pytest.approx(2 * low) and low > 0
+    assert set(gpu_hours(build_grid({"name": "c", "base": base})).values()) == {"cpu"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--axis", "model.mask_ratio"], "error: --axis 'model.mask_ratio' is not field=v1,v2"),
+    (["--axis", "model.mask_rati=0.5"], "unknown config field 'model.mask_rati': did you mean model.mask_ratio?"),
+    (["--set", "model.target"], "error: override 'model.target' is not key=value"),
+    (["--executor", "kube"], "error: unknown executor 'kube': use one of auto, local, slurm, debug"),
+    (["--seeds", "0"], "seeds: give a number of seeds >= 1"),
+])
+def test_option_errors_are_one_line(cwd: Path, args: list[str], message: str) -> None:
+    grid = write_grid(cwd / "g.yaml", base={"data": {"root": "x"}})
+    code, out = invoke("ablate", str(grid), *args)
+    assert code == 2 and message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_unknown_grid_name(cwd: Path) -> None:
+    code, out = invoke("ablate", "nonesuch", "--executor", "local")
+    assert code == 2 and out.startswith("error: grid 'nonesuch' not found: give the path of a grid YAML")
+
+
+def test_preflight_failure_submits_nothing(cwd: Path) -> None:
+    grid = write_grid(cwd / "g.yaml", base={"model": {"size": "vit_micro_patch4", "img_size": 32,
+                                                      "target": "pixel", "masking": "random"},
+                                            "data": {"root": str(cwd / "missing")}},
+                      axes={"model.mask_ratio": [0.5, 0.75]})
+    code, out = invoke("ablate", str(grid), "--executor", "local")
+    assert code == 2
+    assert out.strip().splitlines()[-1].startswith(
+        f"error: cell mask_ratio=0.5: dataset root {cwd / 'missing'} does not exist")
+    assert not list((cwd / "runs" / "g").glob("*/launch.json")) and not (cwd / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_store_submits_nothing(cwd: Path, assets: tuple[Path, Path]) -> None:  # noqa: F811
+    grid = write_grid(cwd / "g.yaml", base=tiny_base(*assets))
+    code, out = invoke("ablate", str(grid), "--executor", "local", "--tracking-uri", "http://127.0.0.1:9")
+    assert code == 2 and "MLflow server http://127.0.0.1:9 is not reachable" in out, out
+    assert not list((cwd / "runs" / "g").glob("*/launch.json"))
+
+
+def test_status_of_a_grid_never_submitted_and_of_nothing(cwd: Path) -> None:
+    write_grid(cwd / "g.yaml", base={"data": {"root": "x"}}, axes={"model.target": ["pixel", "clip"]})
+    code, out = invoke("status", str(cwd / "g.yaml"))
+    assert code == 0 and "grid g: 2 missing" in out
+    code, out = invoke("status")
+    assert code == 2 and "no grid has been submitted under runs" in out
+
+
+def test_debug_executor_runs_in_process(cwd: Path, assets: tuple[Path, Path]) -> None:  # noqa: F811
+    base = tiny_base(*assets)
+    base["model"] |= {"target": "pixel", "masking": "random"}
+    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
+    grid = write_grid(cwd / "g.yaml", base=base)
+    code, out = invoke("ablate", str(grid), "--executor", "debug")
+    assert code == 0, out
+    [cell] = list((cwd / "runs" / "g").glob("baseline_*"))
+    assert "knn_top1" in json.loads((cell / "results.json").read_text())["metrics"]
+    assert json.loads((cell / "launch.json").read_text())["submissions"][-1]["executor"] == "debug"
+    assert (cwd / "reports" / "g" / "report.md").is_file()

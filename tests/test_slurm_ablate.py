@@ -1,0 +1,206 @@
+"""`bench.py ablate` against the real Slurm cluster (``bash scripts/local-slurm.sh start``).
+
+Skipped when Slurm is absent, failed when CI=true (``slurm_cluster`` in conftest.py). No sacct:
+states come from the run folders, squeue and scontrol. Every test logs to one MLflow server
+that the first ``ablate`` starts over a SQLite store in a shared temporary runs folder (the
+default for Slurm), stopped at the end of the module.
+
+For speed the cells are tiny: vit_micro_patch4 at 32 px on a demo dataset of 30 + 10 images per
+class, with a milan-clip-micro teacher trained for one epoch (session fixture, in a temporary
+folder); the smoke grid is shrunk with ``--set`` overrides to that setup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from test_ablate_local import tiny_assets, tiny_base
+
+from harness.launch import slurm
+from harness.launch.state import CellView, collect
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_IMAGES = 300  # 30 per class x 10 classes
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cwd of every ablate here; its runs/ holds the MLflow store and server (stopped at the end)."""
+    path = tmp_path_factory.mktemp("slurm-ablate")
+    yield path
+    from harness.tracking import stop_server
+
+    stop_server(path / "runs" / ".mlflow-server")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_assets(tmp_path_factory)
+
+
+def bench(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench.py"), *args], cwd=workdir, capture_output=True,
+                          text=True, timeout=timeout, env={**_env(), "PYTHONUNBUFFERED": "1"})
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def cell_dirs(workdir: Path, grid: str) -> list[Path]:
+    record = json.loads((workdir / "runs" / grid / "grid.json").read_text())
+    return [workdir / "runs" / grid / f for f in record["folders"]]
+
+
+def poll(what: Callable[[], object], timeout: float, every: float = 1.0) -> object:
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what.__doc__ or what}")
+        time.sleep(every)
+    return value
+
+
+def write_grid(workdir: Path, name: str, base: dict, resources: dict, axes: dict | None = None) -> Path:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "axes": axes or {}, "resources": resources}))
+    return path
+
+
+def loss_steps(cell: Path) -> list[int]:
+    lines = (cell / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def mlflow_loss_steps(uri: str, run_id: str) -> list[int]:
+    from harness.tracking import client
+
+    return sorted(m.step for m in client(uri).get_metric_history(run_id, "train/loss"))
+
+
+def test_smoke_grid_on_slurm(workdir: Path, assets: tuple[Path, Path]) -> None:
+    """The 2x2x2 smoke grid (shrunk to micro cells) as one job array: all 8 cells finish with
+    their evaluation metrics, in the run folders and in their MLflow runs."""
+    data, teacher = assets
+    overrides = {"model.size": "vit_micro_patch4", "teacher.model": "milan-clip-micro",
+                 "teacher.pretrained": teacher, "data.root": data, "pretrain.batch_size": 32,
+                 "eval.linear.epochs": 5, "eval.feature_batch_size": 100, "runtime.num_workers": 0}
+    sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+    proc = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", "--wait", *sets)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted 8 cells as Slurm job array" in proc.stdout
+    assert "[8 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
+
+    views = collect(cell_dirs(workdir, "smoke"))
+    assert [v.state.state for v in views] == ["done"] * 8
+    array_ids = {v.record.last.job_id.split("_")[0] for v in views}
+    assert len(array_ids) == 1  # one job array
+    for view in views:
+        results = json.loads((view.folder / "results.json").read_text())
+        assert {"linear_top1", "knn_top1", "final_loss"} <= results["metrics"].keys()
+        assert (view.folder / "logs").is_dir()
+
+    from harness.report.ingest import load_runs
+
+    uri = views[0].record.tracking_uri
+    assert uri.startswith("http://")
+    runs, curves = load_runs(uri, "smoke")
+    assert len(runs) == 8 and set(runs["status"]) == {"done"}
+    assert runs["linear_top1"].notna().all() and runs["knn_top1"].notna().all()
+    assert set(runs["cell"]) == {v.record.name for v in views}
+    assert curves["loss"].notna().all() and curves["cell_id"].nunique() == 8
+
+    # a second ablate finds everything done and submits nothing
+    again = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", *sets)
+    assert again.returncode == 0 and "8 cells (8 done); 0 to submit" in again.stdout, again.stdout
+
+
+def test_requeued_cell_resumes_from_its_checkpoint(workdir: Path, assets: tuple[Path, Path]) -> None:
+    """`scontrol requeue` kills a running cell; Slurm restarts it (same job id) and it continues
+    from its last checkpoint: the final step count is right and neither metrics.jsonl nor the
+    MLflow run has a gap or a repeated step."""
+    data, teacher = assets
+    base = tiny_base(data, teacher)
+    base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
+    base["pretrain"] |= {"epochs": 25, "batch_size": 16}
+    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
+    base["runtime"] = {"num_workers": 0, "log_every": 1, "checkpoint_every": 10}
+    path = write_grid(workdir, "requeue", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10})
+    total = math.ceil(25 * (TRAIN_IMAGES // 16))
+
+    start = time.monotonic()
+    proc = bench(workdir, "ablate", str(path), "--executor", "slurm")  # returns at once
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "follow with: python bench.py status requeue" in proc.stdout
+    assert time.monotonic() - start < 60
+    [cell] = cell_dirs(workdir, "requeue")
+    job_id = json.loads((cell / "launch.json").read_text())["submissions"][-1]["job_id"]
+
+    def checkpointed() -> bool:
+        """a checkpoint past step 10"""
+        return (cell / "checkpoints" / "latest.pt").is_file() and (cell / "metrics.jsonl").is_file() \
+            and max(loss_steps(cell), default=0) >= 12
+    poll(checkpointed, timeout=180, every=0.5)
+    slurm.requeue(job_id)
+
+    def requeued() -> CellView | None:
+        """status 'requeued'"""
+        [view] = collect([cell])
+        return view if view.state.state == "requeued" else None
+    view = poll(requeued, timeout=60)
+    assert view.state.restarts == 1
+
+    def ended() -> CellView | None:
+        """the cell to end"""
+        [view] = collect([cell])
+        return view if view.state.settled else None
+    final = poll(ended, timeout=300, every=2)
+    assert final.state.state == "done", final.state
+    assert slurm.job_states([job_id])[job_id].restarts == 1
+    status = json.loads((cell / "status.json").read_text())
+    assert status["attempts"] >= 2  # both starts of the run (harness.run also counts stage changes)
+    results = json.loads((cell / "results.json").read_text())
+    assert results["steps"] == total
+    assert loss_steps(cell) == list(range(1, total + 1))  # no gap, no repeat
+    log_text = "".join(p.read_text() for p in (cell / "logs").glob("*_log.err"))
+    assert "resuming" in log_text and f"of {total}" in log_text
+
+    record = json.loads((cell / "launch.json").read_text())
+    assert mlflow_loss_steps(record["tracking_uri"], record["mlflow_run_id"]) == list(range(1, total + 1))
+    from harness.tracking import get_status
+
+    assert get_status(record["tracking_uri"], record["mlflow_run_id"])[0] == "done"
+
+
+def test_two_task_cell_on_cpu(workdir: Path, assets: tuple[Path, Path]) -> None:
+    """A cell with 2 tasks (torch.distributed over gloo on CPU) completes with world size 2:
+    half the steps per epoch, one log per task, and only rank 0 logs metrics."""
+    data, teacher = assets
+    base = tiny_base(data, teacher)
+    base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
+    base["pretrain"] |= {"batch_size": 16}
+    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
+    base["runtime"] = {"num_workers": 0, "log_every": 1, "checkpoint_every": 4}
+    path = write_grid(workdir, "two_tasks", base, {"tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 2,
+                                                   "time_min": 10})
+    proc = bench(workdir, "ablate", str(path), "--executor", "slurm", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [cell] = cell_dirs(workdir, "two_tasks")
+    steps = TRAIN_IMAGES // (16 * 2)  # world size 2: each step takes 32 images
+    assert json.loads((cell / "results.json").read_text())["steps"] == steps
+    assert loss_steps(cell) == list(range(1, steps + 1))
+    logs = sorted(p.name for p in (cell / "logs").glob("*_log.out"))
+    assert len(logs) == 2 and logs[0].endswith("_0_log.out") and logs[1].endswith("_1_log.out")
+    assert "global_rank=1(2)" in (cell / "logs" / logs[1]).read_text()
