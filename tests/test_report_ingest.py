@@ -316,3 +316,29 @@ def test_report_finds_the_store_ablate_recorded(grid_store, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert "is not running: reading its store" in result.stderr
     assert (tmp_path / "b" / "report.md").is_file()
+
+
+def test_parallel_figures_match_serial_ones(tmp_path, monkeypatch):
+    """build_report draws figures in forked workers: same files, same bytes as drawn here."""
+    from harness.report import build
+    from harness.report.bench import synthetic_runs
+
+    pools = []
+
+    class CountingPool(build.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(build, "ProcessPoolExecutor", CountingPool)
+    runs, curves = synthetic_runs(96, 20)
+    serial = build.build_report(runs, curves, tmp_path / "serial", workers=1, formats=("md",))
+    assert pools == []
+    parallel = build.build_report(runs, curves, tmp_path / "parallel", workers=2, formats=("md",))
+    assert pools == [(2,)]
+    names = [p.relative_to(tmp_path / "serial") for p in serial.figures]
+    assert names == [p.relative_to(tmp_path / "parallel") for p in parallel.figures] and len(names) == 4
+    for name in names:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes()
+    report = (tmp_path / "parallel" / "report.md").read_text()
+    assert report.split("\n", 3)[3] == (tmp_path / "serial" / "report.md").read_text().split("\n", 3)[3]
