@@ -12,6 +12,8 @@ the teacher unchanged (``teacher.normalize=imagenet``).
 import itertools
 import json
 import math
+import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +27,31 @@ from torch.utils.data import DataLoader
 from harness.data.datasets import CaptionedImages, eval_transform, image_folder
 from harness.data.demo import COLOURS, SIZES, _NOUNS
 from harness.milan.teacher import resolve_model_name
+
+
+# The demo generator's caption grammar (harness.data.demo.render_image).
+CAPTION = re.compile(r"a (?P<size>\w+) (?P<colour>\w+) (?P<noun>.+?) (?P<position>(?:in|at|on) the [\w ]+?) "
+                     r"on a (?P<texture>\w+) (?P<background>\w+) background")
+
+
+def caption_variant(caption: str, rng: random.Random, keep: float = 0.5) -> str:
+    """The caption with each attribute phrase kept with probability ``keep``; the noun always stays.
+
+    With full captions every image in a batch is already told apart by colours, position and
+    background, so a small model never needs the shape; shorter captions make the shape word
+    carry the match, as varied alt-texts do for real CLIP models.
+    """
+    parts = CAPTION.fullmatch(caption)
+    if parts is None:
+        return caption
+    p = parts.groupdict()
+    adjectives = " ".join(word for word in (p["size"], p["colour"]) if rng.random() < keep)
+    text = f"a {adjectives + ' ' if adjectives else ''}{p['noun']}"
+    if rng.random() < keep:
+        text += f" {p['position']}"
+    if rng.random() < keep:
+        text += f" on a {p['texture']} {p['background']} background"
+    return text
 
 
 @dataclass(frozen=True)
@@ -79,10 +106,12 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     loss_fn = ClipLoss()
+    rng = random.Random(seed)
     clip.train()
     for _ in range(epochs):
         for images, captions in loader:
-            image_features, text_features, logit_scale = clip(images.to(device), tokenizer(list(captions)).to(device))
+            texts = [caption_variant(c, rng) for c in captions]
+            image_features, text_features, logit_scale = clip(images.to(device), tokenizer(texts).to(device))
             loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,10 +6,12 @@ either the previous complete checkpoint or the new complete one, never a torn fi
 """
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 LATEST = "latest.pt"
@@ -36,29 +38,32 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 
 def load_latest(folder: Path) -> dict[str, Any] | None:
-    """The latest checkpoint in ``folder`` (weights_only: it holds tensors and plain data)."""
+    """The latest checkpoint in ``folder``.
+
+    Checkpoints hold only tensors and plain Python data, so they load with ``weights_only=True``
+    like any published checkpoint (and ``bench.py evaluate`` reads them the same way).
+    """
     path = folder / LATEST
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the loop draws from, as tensors and plain data (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
