@@ -430,3 +430,20 @@ def test_create_cell_runs_in_order_over_http(mlflow_server):
         run = client(uri).get_run(run_id)
         assert run.data.tags["seed"] == str(seed) and run.data.params["seed"] == str(seed)
         assert run.data.tags["mlflow.parentRunId"] == parent
+
+
+def test_stop_server_never_kills_a_process_that_reused_the_pid(tmp_path):
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "mlflow-server.json").write_text(json.dumps({
+            "url": "http://127.0.0.1:1", "pid": other.pid, "port": 1, "host": "127.0.0.1",
+            "store_uri": "sqlite:///x.db", "artifact_root": "", "log_path": "", "started_at": 0}))
+        assert stop_server(state) is False
+        assert other.poll() is None and not (state / "mlflow-server.json").exists()
+    finally:
+        other.kill()
+        other.wait()

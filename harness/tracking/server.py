@@ -128,6 +128,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_mlflow(pid: int) -> bool:
+    """Whether ``pid`` still runs an MLflow server (not a process that reused its id)."""
+    try:
+        return b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid
+
+
 def _log_tail(path: Path, lines: int = 3) -> str:
     with contextlib.suppress(OSError):
         text = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -203,7 +211,7 @@ def ensure_server(store_uri: str, artifact_root: str | os.PathLike, state_dir: s
     artifact_root = Path(artifact_root).absolute()
     with _locked(state_dir):
         current = read_state(state_dir)
-        if current is not None and pid_alive(current.pid):
+        if current is not None and pid_alive(current.pid) and _is_mlflow(current.pid):
             if current.store_uri != store_uri:
                 raise TrackingError(
                     f"an mlflow server for another store ({current.store_uri}) runs at {current.url} "
@@ -262,7 +270,7 @@ def stop_server(state_dir: str | os.PathLike) -> bool:
     with _locked(state_dir):
         info = read_state(state_dir)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
-        if info is None or not pid_alive(info.pid):
+        if info is None or not pid_alive(info.pid) or not _is_mlflow(info.pid):
             return False
         _terminate_group(info.pid)
         return True
