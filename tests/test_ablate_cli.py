@@ -129,5 +129,14 @@ def test_debug_executor_runs_in_process(cwd: Path, assets: tuple[Path, Path]) ->
     assert code == 0, out
     [cell] = list((cwd / "runs" / "g").glob("baseline_*"))
     assert "knn_top1" in json.loads((cell / "results.json").read_text())["metrics"]
-    assert json.loads((cell / "launch.json").read_text())["submissions"][-1]["executor"] == "debug"
+    launch = json.loads((cell / "launch.json").read_text())
+    assert launch["submissions"][-1]["executor"] == "debug"
     assert (cwd / "reports" / "g" / "report.md").is_file()
+
+    # --force: a fresh folder and a new MLflow run for the same cell
+    (cell / "marker").touch()
+    code, out = invoke("ablate", str(grid), "--executor", "debug", "--force")
+    assert code == 0 and "1 cells (1 done); 1 to restart" in out, out
+    assert not (cell / "marker").exists() and (cell / "results.json").is_file()
+    again = json.loads((cell / "launch.json").read_text())
+    assert again["mlflow_run_id"] != launch["mlflow_run_id"] and len(again["submissions"]) == 1

@@ -1,1 +1,8 @@
-"""Launching benchmark jobs (locally or on Slurm)."""
+"""Launching grids as jobs (Slurm, local processes, or in-process) and following them.
+
+Data flows one way: :mod:`harness.grid` expands a grid into cells; :mod:`.preflight` checks them;
+:mod:`.ablate` creates their MLflow runs and launch records (:mod:`.records`) and submits one
+:class:`.job.CellJob` per cell through :mod:`.executors`; :mod:`.state` derives each cell's state
+from its run folder and the scheduler (:mod:`.slurm`, no sacct); :mod:`.status` and :mod:`.views`
+show it. :mod:`.estimate` prices a grid in GPU-hours for ``--dry-run``.
+"""

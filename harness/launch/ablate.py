@@ -134,8 +134,7 @@ def _prepare(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Ec
         if req.force:
             _clear([now[i] for i in todo], echo)
         record = _start_tracking(record, grid, uri, executor)
-        launches = _per_cell(lambda c: _launch_record(gdir, c, uri, record, executor, reuse=not req.force),
-                             cells, uri)
+        launches = _launch_records(gdir, cells, uri, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
     return _Batch(record, cells, launches)
 
@@ -192,33 +191,46 @@ def _start_tracking(record: GridRecord, grid: Grid, uri: str, executor: str) -> 
     return record.model_copy(update={"experiment_id": experiment_id, "parent_run_id": parent})
 
 
-def _launch_record(gdir: Path, cell: Cell, uri: str, grid_record: GridRecord, executor: str,
-                   reuse: bool) -> LaunchRecord:
-    """The cell's launch record with its MLflow run: the one it already has in this store
-    (a resubmitted cell continues its own run), else a new child of this invocation."""
+def _launch_records(gdir: Path, cells: Sequence[Cell], uri: str, grid_record: GridRecord, executor: str,
+                    reuse: bool) -> list[LaunchRecord]:
+    """Each cell's launch record with its MLflow run: the one it already has in this store (a
+    resubmitted cell continues its own run), else a new child run of this invocation."""
     import harness.tracking as tracking
+    from harness.tracking.schema import git_commit_of
 
-    cell_dir = gdir / cell.folder
-    old = read_record(cell_dir / LAUNCH_FILE, LaunchRecord) if reuse else None
-    run_id = old.mlflow_run_id if old and old.tracking_uri == uri else None
-    if run_id is not None:
+    olds = [read_record(gdir / c.folder / LAUNCH_FILE, LaunchRecord) if reuse else None for c in cells]
+
+    def reused(old: LaunchRecord | None) -> str | None:
+        if old is None or old.tracking_uri != uri or not old.mlflow_run_id:
+            return None
         try:
-            tracking.mark_run(uri, run_id, "pending")
-            tracking.set_run_tags(uri, run_id, {"executor": executor})
-        except Exception:  # noqa: BLE001 - the run was deleted from the store: start a new one
-            run_id = None
-    if run_id is None:
-        tags = tracking.cell_tags(cell.config, grid=cell.grid, axis_values=cell.axis_values,
-                                  executor=executor, run_dir=cell_dir)
-        run_id = tracking.create_cell_run(uri, grid_record.experiment_id, parent_run_id=grid_record.parent_run_id,
-                                          run_name=tracking.run_name(cell.axis_values, cell.seed),
-                                          params=cell.config.flat(), tags=tags)
-    record = LaunchRecord(grid=cell.grid, name=cell.name, run_id=cell.run_id, cell_id=cell.cell_id,
-                          seed=cell.seed, axes=cell.axis_values, tracking_uri=uri, mlflow_run_id=run_id,
-                          submissions=old.submissions if old else [])
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    write_record(cell_dir / LAUNCH_FILE, record)
-    return record
+            tracking.mark_run(uri, old.mlflow_run_id, "pending")
+            tracking.set_run_tags(uri, old.mlflow_run_id, {"executor": executor})
+        except Exception:  # noqa: BLE001 - the run is gone from the store: make a new one
+            return None
+        return old.mlflow_run_id
+
+    run_ids = _per_cell(reused, olds, uri)
+    new = [i for i, run_id in enumerate(run_ids) if run_id is None]
+    commit = git_commit_of() or "unknown"  # once, not a git call per cell
+
+    def spec(cell: Cell) -> dict[str, Any]:
+        tags = tracking.cell_tags(cell.config, grid=cell.grid, axis_values=cell.axis_values, executor=executor,
+                                  run_dir=gdir / cell.folder, git_commit=commit)
+        return {"run_name": tracking.run_name(cell.axis_values, cell.seed), "params": cell.config.flat(), "tags": tags}
+
+    created = tracking.create_cell_runs(uri, grid_record.experiment_id, parent_run_id=grid_record.parent_run_id,
+                                        cells=[spec(cells[i]) for i in new])
+    for i, run_id in zip(new, created):
+        run_ids[i] = run_id
+    records = []
+    for cell, old, run_id in zip(cells, olds, run_ids):
+        record = LaunchRecord(grid=cell.grid, name=cell.name, run_id=cell.run_id, cell_id=cell.cell_id,
+                              seed=cell.seed, axes=cell.axis_values, tracking_uri=uri, mlflow_run_id=run_id,
+                              submissions=old.submissions if old else [])
+        write_record(gdir / cell.folder / LAUNCH_FILE, record)
+        records.append(record)
+    return records
 
 
 def _per_cell(fn: Callable[[Any], Any], items: Sequence[Any], uri: str) -> list[Any]:

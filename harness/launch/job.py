@@ -14,6 +14,7 @@ kills the job without that call; the restart resumes the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -96,10 +97,7 @@ class CellJob(submitit.helpers.Checkpointable):
             tracking.mark_run(uri, run_id, "running")
             tracking.set_run_tags(uri, run_id, tracking.job_tags())
         try:
-            if tracked:
-                with tracking.system_metrics(uri, run_id):
-                    result = run(cfg, run_dir, logger)
-            else:
+            with tracking.system_metrics(uri, run_id) if tracked else contextlib.nullcontext():
                 result = run(cfg, run_dir, logger)
         except Exception as err:
             # harness.run records TrainingFailed itself; anything else (a crash, out of memory,
