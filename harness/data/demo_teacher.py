@@ -87,8 +87,8 @@ def zero_shot_top1(model, tokenizer, loader: DataLoader, classes: list[str], dev
     return 100.0 * correct / total
 
 
-def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-tiny", epochs: int = 12,
-                       batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-tiny", epochs: int = 30,
+                       batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
                        device: torch.device = torch.device("cpu")) -> DemoTeacherReport:
     """Train a CLIP model on the demo captions; writes ``out`` and ``out`` + ``.json``."""
     start = time.perf_counter()
