@@ -140,7 +140,7 @@ def _parse_axes(pairs: list[str]) -> dict[str, list[Any]]:
 @user_errors
 def ablate_command(
     grid: Annotated[str | None, typer.Argument(
-        help="Grid YAML, or the name of a shipped grid in ablations/ [default: the smoke grid, run locally].")] = None,
+        help="Grid YAML, or the name of a shipped grid in ablations/ (default: the smoke grid, run locally).")] = None,
     set_: SetOption = None,
     axis: Annotated[list[str] | None, typer.Option(
         "--axis", "-a", metavar="FIELD=V1,V2",
@@ -156,8 +156,8 @@ def ablate_command(
     force: Annotated[bool, typer.Option(
         "--force", help="Rerun every cell in a fresh folder (cancels its running jobs).")] = False,
     tracking_uri: Annotated[str | None, typer.Option(
-        help="MLflow tracking URI [default: the grid's, else ./mlflow.db locally, or an MLflow server "
-             "on this host for Slurm jobs].")] = None,
+        help="MLflow tracking URI (default: the grid's, else ./mlflow.db locally, or an MLflow server "
+             "on this host for Slurm jobs).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the grids' run folders go.")] = Path("runs"),
 ) -> None:
     """Run an ablation grid: one job per cell x seed; finished cells are skipped, failed ones resumed."""
@@ -175,7 +175,7 @@ def ablate_command(
 @app.command("status")
 @user_errors
 def status_command(
-    grid: Annotated[str | None, typer.Argument(help="Grid name or YAML [default: every submitted grid].")] = None,
+    grid: Annotated[str | None, typer.Argument(help="Grid name or YAML (default: every submitted grid).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the grids' run folders are.")] = Path("runs"),
     lines: Annotated[int, typer.Option(help="Log lines shown per failed cell.")] = 8,
 ) -> None:
@@ -212,7 +212,7 @@ def data_demo(
 def teacher_demo(
     data: Annotated[Path, typer.Option(help="Demo dataset (made if missing).")] = Path("data/demo"),
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("data/demo-teacher/milan-clip-tiny.pt"),
-    epochs: int = 12,
+    epochs: int = 30,
     force: Annotated[bool, typer.Option(help="Retrain even if the checkpoint exists.")] = False,
 ) -> None:
     """Train a tiny open_clip model on the demo captions; report its zero-shot accuracy."""

@@ -173,3 +173,36 @@ def test_plan_table_shows_cells_estimates_and_status(tmp_path: Path) -> None:
     assert lines[3].split()[-3:] == ["?", "missing", "submit"]
     assert lines[-1].startswith("2 cells; total 332.5 GPU-hours of pretraining (evaluation not included), "
                                 "assuming 40 TFLOP/s sustained per GPU")
+
+
+def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from harness.errors import ConfigError
+    from harness.launch.preflight import check_configs
+
+    calls: list[str] = []
+
+    def fake_preflight(cfg) -> None:
+        calls.append(cfg.run_id())
+        if cfg.model.mask_ratio == 0.9:
+            raise ConfigError("shapes do not fit")
+
+    monkeypatch.setitem(sys.modules, "harness.run", types.SimpleNamespace(preflight=fake_preflight))
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    grid = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "seeds": 3,
+                       "axes": {"model.mask_ratio": [0.5, 0.75]}})
+    check_configs(grid, cache_dir=tmp_path)
+    assert len(calls) == 2  # seeds share a signature
+    check_configs(grid, cache_dir=tmp_path)
+    assert len(calls) == 2  # remembered
+    os.utime(data / "train", ns=(1, 1))  # the tree changed: check again
+    check_configs(grid, cache_dir=tmp_path)
+    assert len(calls) == 4
+    bad = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "axes": {"model.mask_ratio": [0.5, 0.9]}})
+    with pytest.raises(ConfigError, match=r"^cell mask_ratio=0.9: shapes do not fit$"):
+        check_configs(bad, cache_dir=tmp_path)
+    with pytest.raises(ConfigError):  # failures are not remembered
+        check_configs(bad, cache_dir=tmp_path)
