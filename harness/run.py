@@ -129,10 +129,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def set_status(run_dir: Path, state: str, **fields: Any) -> None:
+def set_status(run_dir: Path, state: str, *, new_attempt: bool = False, **fields: Any) -> None:
+    """Update status.json; ``new_attempt`` marks a (re)start of the run, counted in ``attempts``."""
     status = read_json(run_dir / "status.json") or {}
     status.update(state=state, updated=time.time(), host=socket.gethostname(), **fields)
-    if state == "running":
+    if new_attempt:
         status.setdefault("started", time.time())
         status["attempts"] = status.get("attempts", 0) + 1
         status.pop("reason", None)
@@ -158,7 +159,8 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        set_status(run_dir, "running", run_id=cfg.run_id(), cell_id=cfg.cell_id())
+        set_status(run_dir, "running", new_attempt=True, stage="pretrain", run_id=cfg.run_id(),
+                   cell_id=cfg.cell_id())
     barrier(env)
     logger = logger or JsonlLogger(run_dir / "metrics.jsonl")
     try:

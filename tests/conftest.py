@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,38 @@ def require_slurm() -> None:
 def slurm_cluster() -> None:
     """A Slurm cluster that answers (skip, or fail under CI=true, when there is none)."""
     require_slurm()
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny demo dataset root, micro CLIP teacher checkpoint), made once per session.
+
+    Real generated data and a real (one-epoch) open_clip teacher, small enough for seconds.
+    """
+    from harness.data.demo import make_demo_dataset
+    from harness.data.demo_teacher import train_demo_teacher
+
+    root = tmp_path_factory.getbasetemp() / "milan-demo-assets"
+    data, teacher = root / "data", root / "teacher" / "milan-clip-micro.pt"
+    make_demo_dataset(data, train_per_class=30, val_per_class=10)
+    if not teacher.is_file():
+        train_demo_teacher(data, teacher, model="milan-clip-micro", epochs=1)
+    return data, teacher
+
+
+def micro_config(data_root: Path, teacher_checkpoint: Path, /, **sections: dict) -> dict:
+    """A run config (nested dict) that pretrains a few steps and evaluates in seconds;
+    ``sections`` update its sections, e.g. ``pretrain={"epochs": 3}``."""
+    config = {
+        "model": {"size": "vit_micro_patch4", "img_size": 32},
+        "teacher": {"model": "milan-clip-micro", "pretrained": str(teacher_checkpoint)},
+        "data": {"root": str(data_root)},
+        "pretrain": {"epochs": 1, "warmup_epochs": 0.1, "batch_size": 32, "base_lr": 1.2e-3},
+        "eval": {"protocols": ["linear", "knn"], "feature_batch_size": 100,
+                 "linear": {"epochs": 5, "warmup_epochs": 1, "batch_size": 64, "base_lr": 1.0,
+                            "optimizer": "sgd"}},
+        "runtime": {"num_workers": 0, "log_every": 2, "checkpoint_every": 2},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return config

@@ -1,0 +1,161 @@
+"""One cell end to end (`bench.py run`): pretrain -> evaluate, resume after SIGKILL, failures, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import micro_config
+from harness.config import load_config, parse_assignments
+from harness.errors import ConfigError
+from harness.run import run
+from harness.train.metrics_log import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def bench(*args: str, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "bench.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+# --- config --------------------------------------------------------------------------------------
+
+def test_config_yaml_round_trip_overrides_and_ids(tmp_path):
+    cfg = load_config(None, parse_assignments(["model.mask_ratio=0.9", "eval.protocols=[knn]"]))
+    again = load_config(write_config(tmp_path / "c.yaml", cfg.to_dict()))
+    assert again == cfg and again.run_id() == cfg.run_id()
+    assert cfg.model.mask_ratio == 0.9 and cfg.eval.protocols == ("knn",)
+    # the seed changes the run but not the cell; runtime settings change neither
+    seeded = cfg.with_overrides({"seed": 1})
+    assert seeded.run_id() != cfg.run_id() and seeded.cell_id() == cfg.cell_id()
+    assert cfg.with_overrides({"runtime.num_workers": 0}).run_id() == cfg.run_id()
+
+
+@pytest.mark.parametrize("pairs, words", [
+    (["model.decodr=prompting"], "unknown config key 'model.decodr': did you mean model.decoder"),
+    (["model.mask_ratio=abc"], "model.mask_ratio: Input should be a valid number"),
+    (["model.target=clap"], "model.target: Input should be 'pixel' or 'clip'"),
+    (["pretrain.batch_size"], "is not key=value"),
+])
+def test_bad_overrides_name_the_field(pairs, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, parse_assignments(pairs))
+
+
+# --- a real run ----------------------------------------------------------------------------------
+
+def test_micro_cell_pretrains_evaluates_and_evaluate_reads_its_checkpoint(demo_assets, tmp_path):
+    data, teacher = demo_assets
+    cfg = load_config(write_config(tmp_path / "cell.yaml", micro_config(data, teacher)))
+    result = run(cfg, tmp_path / "run")
+    assert result.state == "done"
+    for key in ("linear_top1", "linear_top5", "knn_top1", "final_loss", "images_per_s", "peak_memory_mb"):
+        assert key in result.metrics and result.metrics[key] == result.metrics[key]  # present, not NaN
+    steps = 300 // 32  # 10 classes x 30 images, batch 32, one epoch
+    assert logged_steps(tmp_path / "run") == list(range(1, steps + 1))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == steps and status["attempts"] == 1
+    # running it again returns the stored results without training
+    assert run(cfg, tmp_path / "run").metrics == json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    # the checkpoint is a regular pretraining checkpoint: `bench.py evaluate` reads it
+    proc = bench("evaluate", str(tmp_path / "run" / "checkpoints" / "latest.pt"),
+                 "--config", str(tmp_path / "cell.yaml"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "encoder vit_micro_patch4 at 32px" in out and "linear_top1" in out
+
+
+def test_sigkill_partway_then_resume_has_no_gap_and_matches_an_uninterrupted_run(demo_assets, tmp_path):
+    """Kill `bench.py run` with SIGKILL mid-pretraining, run it again, compare with a clean run."""
+    data, teacher = demo_assets
+    config = micro_config(data, teacher, pretrain={"epochs": 3}, eval={"protocols": []})
+    path = write_config(tmp_path / "cell.yaml", config)
+    killed = tmp_path / "killed"
+    proc = bench("run", str(path), "--out", str(killed))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = killed / "checkpoints" / "latest.pt"
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= 8:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    total = 3 * (300 // 32)
+    assert 8 <= before < total
+
+    resumed = bench("run", str(path), "--out", str(killed))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming killed from step {before} of {total}" in err
+    assert logged_steps(killed) == list(range(1, total + 1))  # no gap, no repeat
+    status = json.loads((killed / "status.json").read_text())
+    assert status["state"] == "done" and status["attempts"] == 2
+
+    # model, optimiser, schedule, data order and RNG were all restored: same weights as a clean run
+    clean = run(load_config(path), tmp_path / "clean")
+    assert clean.state == "done"
+    final_killed = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)
+    final_clean = torch.load(tmp_path / "clean" / "checkpoints" / "latest.pt", weights_only=True)
+    assert final_killed["step"] == final_clean["step"] == total
+    for key, value in final_clean["model"].items():
+        torch.testing.assert_close(final_killed["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_non_finite_loss_fails_with_a_reason(demo_assets, tmp_path):
+    data, teacher = demo_assets
+    cfg = load_config(write_config(tmp_path / "c.yaml", micro_config(data, teacher, pretrain={"lr": 1e12})))
+    result = run(cfg, tmp_path / "run")
+    assert result.state == "failed"
+    assert result.failure_reason.startswith("loss became nan at step") or "inf" in result.failure_reason
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["reason"] == result.failure_reason
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+# --- bad input: one line, exit 2, nothing trained ------------------------------------------------
+
+def _broken_trees(tmp_path: Path, data: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    unlabeled = tmp_path / "unlabeled"  # train/ only: pretraining works, evaluation cannot
+    unlabeled.mkdir()
+    (unlabeled / "train").symlink_to(data / "train")
+    return {"missing": tmp_path / "nope", "empty": empty, "unlabeled": unlabeled}
+
+
+@pytest.mark.parametrize("case, extra, words", [
+    ("key", ["--set", "model.decodr=standard"], "unknown config key 'model.decodr'"),
+    ("type", ["--set", "pretrain.batch_size=many"], "pretrain.batch_size: Input should be a valid integer"),
+    ("missing", [], "does not exist"),
+    ("empty", [], "no class folders"),
+    ("unlabeled", [], "needs a labelled validation split"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_training(demo_assets, tmp_path, case, extra, words):
+    data, teacher = demo_assets
+    roots = _broken_trees(tmp_path, data)
+    config = micro_config(data, teacher, data={"root": str(roots.get(case, data))})
+    proc = bench("run", str(write_config(tmp_path / "c.yaml", config)), "--out", str(tmp_path / "run"), *extra)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    assert words in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
