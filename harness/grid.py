@@ -9,6 +9,26 @@ config (:meth:`RunConfig.run_id`), so they do not depend on YAML key order, on t
 axes, or on where the grid file lives.
 
 Every problem is a one-line :class:`ConfigError` naming the file, the field and the fix.
+
+Layout (every field but ``name`` optional)::
+
+    name: smoke                      # runs/<name>/, MLflow experiment <name>
+    description: one line
+    base_config: ../configs/smoke.yaml   # a run config, relative to this file
+    base: {pretrain.epochs: 2}       # overrides: nested sections or dotted keys
+    axes:
+      model.mask_ratio: [0.5, 0.75]  # a config field and its values
+      teacher:                       # a label and named variants (dotted overrides)
+        b16: {teacher.model: ViT-B-16-quickgelu, teacher.pretrained: openai}
+    seeds: 3                         # 0..2, or a list [0, 5]
+    include: [{mask_ratio: 0.75}]    # keep only cells matching a rule (axis name or short name)
+    exclude: [{teacher: b16, mask_ratio: [0.5]}]   # then drop cells matching a rule
+    paper_setting: false             # the report adds the paper's reference numbers
+    resources: {nodes: 1, gpus_per_node: 8, tasks_per_node: null, cpus_per_task: 10, mem_gb: 480,
+                time_min: 1440, partition: null, account: null, qos: null, constraint: null,
+                array_parallelism: 4, setup: [], slurm_extra: {}}
+    tracking: {uri: null, experiment: null}
+    estimate: {sustained_tflops: 40, train_images: null}
 """
 
 from __future__ import annotations

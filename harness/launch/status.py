@@ -68,7 +68,7 @@ def _close_parent_run(gdir: Path, record: GridRecord, cell_views: list[CellView]
 
     failed = any(v.state.state == "failed" for v in cell_views)
     try:
-        with tracking.bounded_http():
+        with tracking.bounded_http(retries=0, timeout_s=5):  # status must answer quickly
             tracking.finish_run(record.tracking_uri, record.parent_run_id, "failed" if failed else "done")
     except Exception:  # noqa: BLE001 - the store may be down; status must still answer
         return
