@@ -69,9 +69,10 @@ def run_command(
 ) -> None:
     """Pretrain one cell, then evaluate its encoder; resumes an interrupted run in the same folder."""
     from harness.config import load_config, parse_assignments
+
+    cfg = load_config(config, parse_assignments(set_ or []))  # config errors before heavy imports
     from harness.run import preflight, run
 
-    cfg = load_config(config, parse_assignments(set_ or []))
     preflight(cfg)
     run_dir = out or Path("runs") / (config.stem if config else "default") / cfg.run_id()
     typer.echo(f"run {cfg.run_id()} -> {run_dir}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,9 @@ def _tracking_uri(req: AblateRequest, grid: Grid, executor: str, echo: Echo) -> 
         uri = info.url
     uri = uri or tracking.default_tracking_uri()
     tracking.check_store(uri)
+    if executor == "slurm" and tracking.sqlite_path(uri) is not None:
+        echo("warning: the jobs will all write to this SQLite file; on a cluster's shared filesystem that "
+             "locks or corrupts: leave --tracking-uri unset to log through an MLflow server")
     return uri
 
 
