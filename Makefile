@@ -16,11 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job (until `bench.py ablate` lands): demo data, demo teacher, then one smoke cell.
+# The main job: the smoke grid (ablations/smoke.yaml) with the local executor (which waits for every
+# cell); the demo data and teacher are made on first use; writes reports/smoke/report.md.
 demo: setup
-	$(PY) bench.py data demo
-	$(PY) bench.py teacher demo
-	$(PY) bench.py run configs/smoke.yaml
+	$(PY) bench.py ablate
 
 # Everything the tests need: the loopback Slurm cluster, headless Chromium, then pytest.
 test: setup slurm chromium

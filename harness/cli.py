@@ -213,7 +213,7 @@ def data_demo(
 def teacher_demo(
     data: Annotated[Path, typer.Option(help="Demo dataset (made if missing).")] = Path("data/demo"),
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("data/demo-teacher/milan-clip-tiny.pt"),
-    epochs: int = 30,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
     force: Annotated[bool, typer.Option(help="Retrain even if the checkpoint exists.")] = False,
 ) -> None:
     """Train a tiny open_clip model on the demo captions; report its zero-shot accuracy."""
@@ -224,7 +224,7 @@ def teacher_demo(
     if report is None:
         make_demo_dataset(data)
         typer.echo(f"training the demo teacher on {data} ...")
-        report = train_demo_teacher(data, out, epochs=epochs)
+        report = train_demo_teacher(data, out, epochs=epochs, echo=typer.echo)
     typer.echo(f"{report.checkpoint}: {report.model}, {report.epochs} epochs, zero-shot top-1 "
                f"{report.zero_shot_top1:.1f}% on val (chance {report.chance_top1:.1f}%), "
                f"trained in {report.seconds:.0f} s")

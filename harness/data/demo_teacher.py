@@ -15,6 +15,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,10 +88,19 @@ def zero_shot_top1(model, tokenizer, loader: DataLoader, classes: list[str], dev
     return 100.0 * correct / total
 
 
-def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-tiny", epochs: int = 30,
-                       batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
-                       device: torch.device = torch.device("cpu")) -> DemoTeacherReport:
-    """Train a CLIP model on the demo captions; writes ``out`` and ``out`` + ``.json``."""
+# Zero-shot accuracy measured on the v2 demo data: 22.3% after 15 epochs, 24.8% after 20,
+# 25.0% after 25 (chance 10%); 20 is where more epochs stop paying for their CPU minutes.
+DEFAULT_EPOCHS = 20
+
+
+def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-tiny",
+                       epochs: int = DEFAULT_EPOCHS, batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
+                       device: torch.device = torch.device("cpu"),
+                       echo: Callable[[str], None] = lambda line: None) -> DemoTeacherReport:
+    """Train a CLIP model on the demo captions; writes ``out`` and ``out`` + ``.json``.
+
+    ``echo`` receives one progress line per epoch.
+    """
     start = time.perf_counter()
     torch.manual_seed(seed)
     name = resolve_model_name(model)
@@ -98,7 +108,9 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
     tokenizer = open_clip.get_tokenizer(name)
     size = clip.visual.image_size[0]
     transform = eval_transform(size, crop_pct=1.0)  # no flips or crops: captions name positions
-    train = CaptionedImages(data_root, "train", transform)
+    # Decode the PNGs once: the tiny images fit in memory and decoding dominated each epoch.
+    images, captions = zip(*CaptionedImages(data_root, "train", transform))
+    train = _InMemoryPairs(torch.stack(images), list(captions))
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
@@ -108,7 +120,8 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
     loss_fn = ClipLoss()
     rng = random.Random(seed)
     clip.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        epoch_loss = 0.0
         for images, captions in loader:
             texts = [caption_variant(c, rng) for c in captions]
             image_features, text_features, logit_scale = clip(images.to(device), tokenizer(texts).to(device))
@@ -117,6 +130,9 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
             loss.backward()
             optimizer.step()
             scheduler.step()
+            epoch_loss += loss.item()
+        echo(f"teacher epoch {epoch}/{epochs}: contrastive loss {epoch_loss / len(loader):.3f} "
+             f"({time.perf_counter() - start:.0f} s)")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(clip.state_dict(), out)
 
@@ -127,6 +143,19 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
                                chance_top1=100.0 / len(val.classes), seconds=time.perf_counter() - start)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(asdict(report), indent=2, default=str))
     return report
+
+
+class _InMemoryPairs(torch.utils.data.Dataset):
+    """Decoded (image, caption) pairs held in memory."""
+
+    def __init__(self, images: torch.Tensor, captions: list[str]) -> None:
+        self.images, self.captions = images, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.images[index], self.captions[index]
 
 
 def read_report(checkpoint: Path) -> DemoTeacherReport | None:

@@ -70,7 +70,7 @@ def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]
         from harness.data.demo_teacher import train_demo_teacher
 
         echo(f"training the demo CLIP teacher into {DEMO_TEACHER} (first run only; a few minutes on a CPU) ...")
-        report = train_demo_teacher(DEMO_DATA, DEMO_TEACHER)
+        report = train_demo_teacher(DEMO_DATA, DEMO_TEACHER, echo=echo)
         echo(f"demo teacher: zero-shot top-1 {report.zero_shot_top1:.1f}% (chance {report.chance_top1:.1f}%), "
              f"{report.seconds:.0f} s")
 
