@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ablate_local import assets, tiny_base  # noqa: F401 - assets is a fixture
+from conftest import micro_config
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -34,8 +34,8 @@ def write_grid(path: Path, **fields) -> Path:
     return path
 
 
-def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, assets: tuple[Path, Path]) -> None:  # noqa: F811
-    grid = write_grid(cwd / "g.yaml", base=tiny_base(*assets),
+def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, demo_assets: tuple[Path, Path]) -> None:
+    grid = write_grid(cwd / "g.yaml", base=micro_config(*demo_assets),
                       axes={"model.target": ["pixel", "clip"], "model.mask_ratio": [0.5, 0.75]})
     code, out = invoke("ablate", str(grid), "--dry-run", "--executor", "local", "--seeds", "2",
                        "--axis", "model.decoder=standard,prompting")
@@ -105,8 +105,8 @@ def test_preflight_failure_submits_nothing(cwd: Path) -> None:
     assert not list((cwd / "runs" / "g").glob("*/launch.json")) and not (cwd / "mlflow.db").exists()
 
 
-def test_unreachable_tracking_store_submits_nothing(cwd: Path, assets: tuple[Path, Path]) -> None:  # noqa: F811
-    grid = write_grid(cwd / "g.yaml", base=tiny_base(*assets))
+def test_unreachable_tracking_store_submits_nothing(cwd: Path, demo_assets: tuple[Path, Path]) -> None:
+    grid = write_grid(cwd / "g.yaml", base=micro_config(*demo_assets))
     code, out = invoke("ablate", str(grid), "--executor", "local", "--tracking-uri", "http://127.0.0.1:9")
     assert code == 2 and "MLflow server http://127.0.0.1:9 is not reachable" in out, out
     assert not list((cwd / "runs" / "g").glob("*/launch.json"))
@@ -120,8 +120,8 @@ def test_status_of_a_grid_never_submitted_and_of_nothing(cwd: Path) -> None:
     assert code == 2 and "no grid has been submitted under runs" in out
 
 
-def test_debug_executor_runs_in_process(cwd: Path, assets: tuple[Path, Path]) -> None:  # noqa: F811
-    base = tiny_base(*assets)
+def test_debug_executor_runs_in_process(cwd: Path, demo_assets: tuple[Path, Path]) -> None:
+    base = micro_config(*demo_assets)
     base["model"] |= {"target": "pixel", "masking": "random"}
     base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
     grid = write_grid(cwd / "g.yaml", base=base)

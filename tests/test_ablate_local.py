@@ -15,41 +15,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import micro_config
 from harness.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(demo data root, micro teacher checkpoint), made once per session (cached on disk so
-    that several test modules share them)."""
-    from harness.data.demo import make_demo_dataset
-    from harness.data.demo_teacher import train_demo_teacher
-
-    root = tmp_path_factory.getbasetemp() / "milan-tiny-assets"
-    data, teacher = root / "data", root / "teacher" / "milan-clip-micro.pt"
-    make_demo_dataset(data, train_per_class=30, val_per_class=10)  # reuses an identical tree
-    if not teacher.is_file():
-        train_demo_teacher(data, teacher, model="milan-clip-micro", epochs=1)
-    return data, teacher
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny_assets(tmp_path_factory)
-
-
-def tiny_base(data: Path, teacher: Path) -> dict:
-    """A run config that pretrains a few steps and evaluates in seconds."""
-    return {
-        "model": {"size": "vit_micro_patch4", "img_size": 32},
-        "teacher": {"model": "milan-clip-micro", "pretrained": str(teacher)},
-        "data": {"root": str(data)},
-        "pretrain": {"epochs": 1, "warmup_epochs": 0.1, "batch_size": 32, "base_lr": 4.0e-3},
-        "eval": {"protocols": ["linear", "knn"], "feature_batch_size": 100,
-                 "linear": {"epochs": 5, "warmup_epochs": 1, "batch_size": 64, "base_lr": 0.1, "optimizer": "sgd"}},
-        "runtime": {"num_workers": 0, "log_every": 2, "checkpoint_every": 4},
-    }
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -58,13 +27,13 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
-        assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        demo_assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No GRID: ablations/smoke.yaml (here a 2-cell stand-in in a fresh folder), the local
     executor, waiting, the default SQLite store in the cwd, and reports/smoke/report.md."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "ablations").mkdir()
-    grid = {"name": "smoke", "base": tiny_base(*assets), "axes": {"model.target": ["pixel", "clip"]},
+    grid = {"name": "smoke", "base": micro_config(*demo_assets), "axes": {"model.target": ["pixel", "clip"]},
             "resources": {"cpus_per_task": 1, "time_min": 10}}
     (tmp_path / "ablations" / "smoke.yaml").write_text(yaml.safe_dump(grid))
 
@@ -109,11 +78,11 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     assert (failed / "results.json").is_file()
 
 
-def test_local_failure_is_reported_with_reason_and_log(assets: tuple[Path, Path], tmp_path: Path,
+def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A cell that crashes ends failed (exit code 1) with its reason and the tail of its log."""
     monkeypatch.chdir(tmp_path)
-    grid = {"name": "broken", "base": {**tiny_base(*assets), "eval": {"protocols": []}},
+    grid = {"name": "broken", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
             "axes": {"pretrain.batch_size": [1000]}, "resources": {"time_min": 10}}
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(grid))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ablate_local import tiny_assets, tiny_base
+from conftest import micro_config
 
 from harness.launch import slurm
 from harness.launch.state import CellView, collect
@@ -41,11 +41,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from harness.tracking import stop_server
 
     stop_server(path / "runs" / ".mlflow-server")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny_assets(tmp_path_factory)
 
 
 def bench(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -90,10 +85,10 @@ def mlflow_loss_steps(uri: str, run_id: str) -> list[int]:
     return sorted(m.step for m in client(uri).get_metric_history(run_id, "train/loss"))
 
 
-def test_smoke_grid_on_slurm(workdir: Path, assets: tuple[Path, Path]) -> None:
+def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
     """The 2x2x2 smoke grid (shrunk to micro cells) as one job array: all 8 cells finish with
     their evaluation metrics, in the run folders and in their MLflow runs."""
-    data, teacher = assets
+    data, teacher = demo_assets
     overrides = {"model.size": "vit_micro_patch4", "teacher.model": "milan-clip-micro",
                  "teacher.pretrained": teacher, "data.root": data, "pretrain.batch_size": 32,
                  "eval.linear.epochs": 5, "eval.feature_batch_size": 100, "runtime.num_workers": 0}
@@ -127,12 +122,12 @@ def test_smoke_grid_on_slurm(workdir: Path, assets: tuple[Path, Path]) -> None:
     assert again.returncode == 0 and "8 cells (8 done); 0 to submit" in again.stdout, again.stdout
 
 
-def test_requeued_cell_resumes_from_its_checkpoint(workdir: Path, assets: tuple[Path, Path]) -> None:
+def test_requeued_cell_resumes_from_its_checkpoint(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
     """`scontrol requeue` kills a running cell; Slurm restarts it (same job id) and it continues
     from its last checkpoint: the final step count is right and neither metrics.jsonl nor the
     MLflow run has a gap or a repeated step."""
-    data, teacher = assets
-    base = tiny_base(data, teacher)
+    data, teacher = demo_assets
+    base = micro_config(data, teacher)
     base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
     base["pretrain"] |= {"epochs": 25, "batch_size": 16}
     base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
@@ -184,11 +179,11 @@ def test_requeued_cell_resumes_from_its_checkpoint(workdir: Path, assets: tuple[
     assert get_status(record["tracking_uri"], record["mlflow_run_id"])[0] == "done"
 
 
-def test_two_task_cell_on_cpu(workdir: Path, assets: tuple[Path, Path]) -> None:
+def test_two_task_cell_on_cpu(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
     """A cell with 2 tasks (torch.distributed over gloo on CPU) completes with world size 2:
     half the steps per epoch, one log per task, and only rank 0 logs metrics."""
-    data, teacher = assets
-    base = tiny_base(data, teacher)
+    data, teacher = demo_assets
+    base = micro_config(data, teacher)
     base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
     base["pretrain"] |= {"batch_size": 16}
     base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
