@@ -213,7 +213,7 @@ def data_demo(
 def teacher_demo(
     data: Annotated[Path, typer.Option(help="Demo dataset (made if missing).")] = Path("data/demo"),
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("data/demo-teacher/milan-clip-tiny.pt"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     force: Annotated[bool, typer.Option(help="Retrain even if the checkpoint exists.")] = False,
 ) -> None:
     """Train a tiny open_clip model on the demo captions; report its zero-shot accuracy."""

@@ -73,3 +73,16 @@ def micro_config(data_root: Path, teacher_checkpoint: Path, /, **sections: dict)
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return config
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The session's loopback `mlflow server` over a SQLite store; stopping it is checked too."""
+    from harness.tracking import ensure_server, sqlite_uri, stop_server
+    from harness.tracking.server import pid_alive
+
+    base = tmp_path_factory.getbasetemp() / "mlflow-server"
+    info = ensure_server(sqlite_uri(base / "mlflow.db"), base / "artifacts", base / "state", host="127.0.0.1")
+    yield info
+    stop_server(base / "state")
+    assert not pid_alive(info.pid)

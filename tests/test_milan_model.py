@@ -13,6 +13,7 @@ from harness.milan.checkpoint import load_encoder_into_timm, read_state_dict
 from harness.milan.losses import clip_loss, patchify, pixel_loss, unpatchify
 from harness.milan.masking import (binary_mask, num_visible, random_ids_shuffle,
                                    semantic_ids_shuffle, split_ids)
+from harness.milan.presets import PRESETS
 
 SIZE, IMG = "vit_micro_patch4", 32  # 8x8 grid, 64 patches
 
@@ -293,6 +294,20 @@ def test_explicit_ids_shuffle_reproduces_the_mask(teacher):
 
 
 # --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", sorted(PRESETS))
+def test_every_preset_builds_with_its_shape(size):
+    """Each preset (on the meta device: no memory) has the encoder and decoder it names."""
+    shape = PRESETS[size]
+    img = 224 if shape.patch_size > 4 else 32
+    with torch.device("meta"):
+        student = build_student(size, img_size=img, decoder="prompting", pred_dim=16, mask_ratio=0.75)
+    assert student.patch_embed.patch_size == (shape.patch_size,) * 2
+    assert student.cls_token.shape[-1] == shape.embed_dim and len(student.blocks) == shape.depth
+    assert student.blocks[0].attn.num_heads == shape.num_heads
+    assert student.decoder_embed.out_features == shape.decoder_embed_dim
+    assert len(student.decoder_blocks) == shape.decoder_depth
+
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(img_size=30), "not divisible by the patch size"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +20,6 @@ from harness.tracking import (
     cell_tags,
     client,
     create_cell_run,
-    ensure_server,
     finish_run,
     log_summary_metrics,
     mark_run,
@@ -29,7 +27,6 @@ from harness.tracking import (
     run_name,
     sqlite_uri,
     start_parent_run,
-    stop_server,
 )
 from harness.tracking.server import free_port
 
@@ -97,15 +94,6 @@ def make_grid(uri: str) -> dict[str, str]:
 def grid_store(tmp_path_factory) -> tuple[str, dict[str, str]]:
     uri = sqlite_uri(tmp_path_factory.mktemp("ingest") / "mlflow.db")
     return uri, make_grid(uri)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """The session's loopback `mlflow server` (shared with the other tracking test modules)."""
-    base = tmp_path_factory.getbasetemp() / "mlflow-server"
-    info = ensure_server(sqlite_uri(base / "mlflow.db"), base / "artifacts", base / "state", host="127.0.0.1")
-    yield info
-    stop_server(base / "state")
 
 
 def row(runs: pd.DataFrame, target: str, masking: str, seed: int) -> pd.Series:

@@ -37,7 +37,7 @@ from harness.tracking import (
     stop_server,
     system_metrics,
 )
-from harness.tracking.server import free_port, pid_alive, read_state
+from harness.tracking.server import free_port, read_state
 from harness.train.metrics_log import JsonlLogger, read_jsonl
 
 AXES = [
@@ -54,17 +54,6 @@ def store(tmp_path_factory) -> str:
     uri = sqlite_uri(tmp_path_factory.mktemp("sqlite-store") / "mlflow.db")
     prepare_store(uri, "unit")
     return uri
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """One `mlflow server` on loopback for the session (test modules share it through its
-    state folder: ensure_server reuses a healthy server)."""
-    base = tmp_path_factory.getbasetemp() / "mlflow-server"
-    info = ensure_server(sqlite_uri(base / "mlflow.db"), base / "artifacts", base / "state", host="127.0.0.1")
-    yield info
-    stop_server(base / "state")
-    assert not pid_alive(info.pid)
 
 
 def new_cell(uri: str, experiment: str = "unit", *, target: str = "clip", ratio: float = 0.75,

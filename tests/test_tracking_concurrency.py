@@ -14,13 +14,11 @@ from harness.tracking import (
     cell_tags,
     client,
     create_cell_run,
-    ensure_server,
     mark_run,
     prepare_store,
     run_name,
     sqlite_uri,
     start_parent_run,
-    stop_server,
 )
 
 N_PROCESSES = 8
@@ -61,15 +59,6 @@ def pool():
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(N_PROCESSES, initializer=_init, initargs=(ctx.Barrier(N_PROCESSES),)) as workers:
         yield workers
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """The session's loopback `mlflow server` (shared with the other tracking test modules)."""
-    base = tmp_path_factory.getbasetemp() / "mlflow-server"
-    info = ensure_server(sqlite_uri(base / "mlflow.db"), base / "artifacts", base / "state", host="127.0.0.1")
-    yield info
-    stop_server(base / "state")
 
 
 def make_runs(uri: str, experiment: str) -> list[str]:

@@ -16,15 +16,15 @@ Records are pydantic models written atomically as JSON.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness.filelock import exclusive_lock
 
 LAUNCH_FILE = "launch.json"
 GRID_FILE = "grid.json"
@@ -111,13 +111,6 @@ def link_logs(cell_dir: Path, log_dir: Path) -> None:
         link.symlink_to(os.path.relpath(log_dir, cell_dir))
 
 
-@contextlib.contextmanager
-def grid_lock(directory: Path) -> Iterator[None]:
+def grid_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     """Serialise ablate invocations on one grid folder (they read and rewrite its records)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return exclusive_lock(directory / ".lock")

@@ -19,7 +19,6 @@ Facts that shaped this (MLflow 3.17):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -28,10 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.filelock import exclusive_lock
 from harness.tracking.schema import TrackingError
 from harness.tracking.store import check_store, init_schema, sqlite_path
 
@@ -187,15 +186,8 @@ def read_state(state_dir: str | os.PathLike) -> ServerInfo | None:
         return None
 
 
-@contextlib.contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with (state_dir / "mlflow-server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _locked(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    return exclusive_lock(state_dir / "mlflow-server.lock")
 
 
 def ensure_server(store_uri: str, artifact_root: str | os.PathLike, state_dir: str | os.PathLike,
