@@ -65,7 +65,7 @@ def print_metrics(metrics: dict[str, float]) -> None:
 def run_command(
     config: Annotated[Path | None, typer.Argument(help="Run config YAML (defaults apply to missing fields).")] = None,
     set_: SetOption = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder [default: runs/<config name>/<run id>].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>/<run id>).")] = None,
 ) -> None:
     """Pretrain one cell, then evaluate its encoder; resumes an interrupted run in the same folder."""
     from harness.config import load_config, parse_assignments
@@ -259,11 +259,11 @@ def speed_command(
     target: Annotated[list[str] | None, typer.Option(help="pixel / clip (repeatable; default both).")] = None,
     decoder: Annotated[list[str] | None, typer.Option(help="standard / prompting (default both).")] = None,
     masking: Annotated[list[str] | None, typer.Option(help="random / semantic (default both).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="open_clip teacher (random init) [default: by patch size].")] = None,
+    teacher: Annotated[str | None, typer.Option(help="open_clip teacher, random init (default: one with the student's patch size).")] = None,
     steps: Annotated[int, typer.Option(help="Timed steps per combination.")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 1,
     compile: Annotated[bool, typer.Option(help="torch.compile the student.")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads [default: all cores].")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all cores).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
 ) -> None:
     """Measure full training steps (teacher + student fwd/bwd + AdamW) per MILAN combination."""

@@ -44,6 +44,7 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     report = tmp_path / "reports" / "smoke" / "report.md"
     assert report.is_file() and f"{Path('reports/smoke/report.md')}: 2 cells, 2 runs (2 done)" in out
     assert "target=clip" in report.read_text()
+    assert re.search(r"grid smoke took \d+\.\d s\n", out)  # the assets were made already: no set-up part
     assert (tmp_path / "mlflow.db").is_file()
     cells = sorted((tmp_path / "runs" / "smoke").glob("target-*"))
     assert len(cells) == 2

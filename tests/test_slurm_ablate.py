@@ -95,7 +95,7 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
     proc = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", "--wait", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "submitted 8 cells as Slurm job array" in proc.stdout
+    assert "submitted 8 cells as Slurm job array" in proc.stdout and "grid smoke took" in proc.stdout
     assert "[8 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
 
     views = collect(cell_dirs(workdir, "smoke"))
@@ -138,7 +138,7 @@ def test_requeued_cell_resumes_from_its_checkpoint(workdir: Path, demo_assets: t
     start = time.monotonic()
     proc = bench(workdir, "ablate", str(path), "--executor", "slurm")  # returns at once
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "follow with: python bench.py status requeue" in proc.stdout
+    assert "follow with: python bench.py status requeue" in proc.stdout and "ablate took" in proc.stdout
     assert time.monotonic() - start < 60
     [cell] = cell_dirs(workdir, "requeue")
     job_id = json.loads((cell / "launch.json").read_text())["submissions"][-1]["job_id"]

@@ -71,6 +71,7 @@ class AblateOutcome:
 def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     from harness.launch.executors import resolve_executor
 
+    start = time.perf_counter()
     grid = load_grid(find_grid_file(req.grid or DEFAULT_GRID), sets=req.sets, axes=req.axes, seeds=req.seeds)
     executor = "local" if req.grid is None and req.executor == "auto" else resolve_executor(req.executor)
     gdir = grid_dir(req.runs_dir, grid.name).absolute()
@@ -85,6 +86,7 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     outcome.submitted = batch.cells
     if executor == "slurm" and not req.wait:
         _how_to_follow(grid, gdir, req.runs_dir, echo)
+        echo(f"ablate took {_elapsed(start, batch)}")
         return outcome
     progress = _Progress(gdir, grid.cells, echo)
     if batch.cells and executor == "local":
@@ -95,7 +97,16 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     _finish(gdir, batch.record, outcome.views, echo)
     if write_report(grid, batch.record, req.reports_dir / grid.name, req.runs_dir, echo):
         outcome.report = req.reports_dir / grid.name / "report.md"
+    echo(f"grid {grid.name} took {_elapsed(start, batch)}")
     return outcome
+
+
+def _elapsed(start: float, batch: _Batch) -> str:
+    """Seconds since ``start``, the demo set-up (data, teacher) counted apart."""
+    total = time.perf_counter() - start
+    if batch.setup_seconds < 0.5:
+        return f"{total:.1f} s"
+    return f"{total - batch.setup_seconds:.1f} s, plus {batch.setup_seconds:.0f} s making the demo data and teacher"
 
 
 @dataclass
@@ -105,6 +116,7 @@ class _Batch:
     record: GridRecord
     cells: list[Cell]
     launches: list[LaunchRecord]
+    setup_seconds: float = 0.0  # making the demo data / teacher on first use
 
 
 def _prepare(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Echo) -> _Batch:
@@ -115,8 +127,9 @@ def _prepare(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Ec
     todo = [i for i, v in enumerate(now) if plan(v.state, req.force) in ("submit", "restart")]
     echo(f"grid {grid.name}: {len(grid.cells)} cells ({views.counts([v.state for v in now])}); "
          f"{len(todo)} to {'restart' if req.force else 'submit'} with the {executor} executor")
+    setup_seconds = 0.0
     if todo:
-        ensure_demo_assets((grid.cells[i].config for i in todo), echo)
+        setup_seconds = ensure_demo_assets((grid.cells[i].config for i in todo), echo)
         preflight_grid(grid, executor, cache_dir=req.runs_dir)
     previous = read_record(gdir / GRID_FILE, GridRecord)
     # nothing to submit: keep the store of the last submission (no server start for nothing)
@@ -136,7 +149,7 @@ def _prepare(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Ec
         record = _start_tracking(record, grid, uri, executor)
         launches = _launch_records(gdir, cells, uri, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
-    return _Batch(record, cells, launches)
+    return _Batch(record, cells, launches, setup_seconds)
 
 
 # --- steps ---------------------------------------------------------------------------------------

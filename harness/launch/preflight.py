@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -55,9 +56,10 @@ def _fingerprint(cfg: RunConfig, commit: str | None) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]) -> None:
+def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]) -> float:
     """Make the demo dataset / demo teacher if a config points at their default paths and
-    they are missing (the teacher takes minutes on a CPU: say so)."""
+    they are missing (the teacher takes minutes on a CPU: say so); returns the seconds spent."""
+    start = time.perf_counter()
     configs = list(configs)
     needs_data = any(Path(c.data.root) == DEMO_DATA for c in configs)
     needs_teacher = any(c.teacher.pretrained and Path(c.teacher.pretrained) == DEMO_TEACHER for c in configs)
@@ -73,6 +75,7 @@ def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]
         report = train_demo_teacher(DEMO_DATA, DEMO_TEACHER, echo=echo)
         echo(f"demo teacher: zero-shot top-1 {report.zero_shot_top1:.1f}% (chance {report.chance_top1:.1f}%), "
              f"{report.seconds:.0f} s")
+    return time.perf_counter() - start
 
 
 def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
