@@ -296,7 +296,9 @@ def serve_ui(store_uri: str, *, port: int = 5000, host: str = "127.0.0.1",
     def interrupt(signum, frame):  # SIGTERM ends the UI like Ctrl-C: the server goes too
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT explicitly too: a process started in the background of a non-interactive shell
+    # inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         deadline = time.monotonic() + timeout_s
         while not healthy(url):
@@ -312,6 +314,7 @@ def serve_ui(store_uri: str, *, port: int = 5000, host: str = "127.0.0.1",
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if proc.poll() is None:
             _terminate_group(proc.pid)
