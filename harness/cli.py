@@ -30,7 +30,6 @@ app.add_typer(teacher_app, name="teacher")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", metavar="KEY=VALUE",
     help="Override a config field by its dotted name, e.g. --set model.mask_ratio=0.9 (repeatable).")]

@@ -293,8 +293,6 @@ def test_explicit_ids_shuffle_reproduces_the_mask(teacher):
     torch.testing.assert_close(first.loss, again.loss)
 
 
-# --- bad input ------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("size", sorted(PRESETS))
 def test_every_preset_builds_with_its_shape(size):
     """Each preset (on the meta device: no memory) has the encoder and decoder it names."""
@@ -308,6 +306,8 @@ def test_every_preset_builds_with_its_shape(size):
     assert student.decoder_embed.out_features == shape.decoder_embed_dim
     assert len(student.decoder_blocks) == shape.decoder_depth
 
+
+# --- bad input ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(img_size=30), "not divisible by the patch size"),

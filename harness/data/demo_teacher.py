@@ -108,9 +108,8 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
     tokenizer = open_clip.get_tokenizer(name)
     size = clip.visual.image_size[0]
     transform = eval_transform(size, crop_pct=1.0)  # no flips or crops: captions name positions
-    # Decode the PNGs once: the tiny images fit in memory and decoding dominated each epoch.
-    images, captions = zip(*CaptionedImages(data_root, "train", transform))
-    train = _InMemoryPairs(torch.stack(images), list(captions))
+    # Decode the PNGs once (a list of pairs is a dataset): the tiny images fit in memory.
+    train = list(CaptionedImages(data_root, "train", transform))
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
@@ -143,19 +142,6 @@ def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-t
                                chance_top1=100.0 / len(val.classes), seconds=time.perf_counter() - start)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(asdict(report), indent=2, default=str))
     return report
-
-
-class _InMemoryPairs(torch.utils.data.Dataset):
-    """Decoded (image, caption) pairs held in memory."""
-
-    def __init__(self, images: torch.Tensor, captions: list[str]) -> None:
-        self.images, self.captions = images, captions
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.images[index], self.captions[index]
 
 
 def read_report(checkpoint: Path) -> DemoTeacherReport | None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
