@@ -33,7 +33,6 @@ Layout (every field but ``name`` optional)::
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -52,12 +51,14 @@ from harness.config import (
     parse_config,
     set_dotted,
 )
-from harness.errors import ConfigError
-from harness.tracking.schema import cell_name, encode_param, short_axis
+from harness.errors import ConfigError, did_you_mean
+from harness.tracking.schema import encode_param
 
 # Baselines of MILAN's three switches (the MAE side of each); other axes use their first value.
 MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "standard",
                                    "model.masking": "random"}
+# The headline metric is the first of these a grid's cells measure (the report's default).
+HEADLINE_METRICS = ("linear_top1", "finetune_top1", "knn_top1", "final_loss")
 # Shipped grids live here; `bench.py ablate NAME` also finds ablations/NAME.yaml.
 ABLATIONS_DIR = Path("ablations")
 
@@ -150,6 +151,18 @@ class GridFile(_Frozen):
         return seeds
 
 
+def short_axis(name: str) -> str:
+    """``model.target`` -> ``target`` (the last dotted part)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def cell_name(axis_values: Mapping[str, Any]) -> str:
+    """A cell's name from its axis values, ``"target=clip decoder=prompting"`` ("baseline" without axes)."""
+    if not axis_values:
+        return "baseline"
+    return " ".join(f"{short_axis(k)}={encode_param(v)}" for k, v in axis_values.items())
+
+
 @dataclass(frozen=True)
 class Axis:
     """One axis: ``name`` is a config field or a variant label; ``values`` in grid order.
@@ -190,6 +203,11 @@ class Cell:
         return cell_name(self.axis_values)
 
     @property
+    def run_name(self) -> str:
+        """The MLflow run's name: ``target=clip decoder=prompting seed=0``."""
+        return f"{self.name} seed={self.seed}"
+
+    @property
     def folder(self) -> str:
         """Folder name under the grid's run folder: readable, unique, stable."""
         slug = re.sub(r"[^A-Za-z0-9.=_-]+", "-", self.name.replace(" ", "_")).replace("=", "-")
@@ -221,6 +239,11 @@ class Grid:
     @property
     def experiment(self) -> str:
         return self.spec.tracking.experiment or self.spec.name
+
+    @property
+    def headline_metric(self) -> str:
+        protocols = {p for cell in self.cells for p in cell.config.eval.protocols}
+        return next(m for m in HEADLINE_METRICS if m.removesuffix("_top1") in protocols or m == "final_loss")
 
     def axes_spec(self) -> list[dict[str, Any]]:
         """``[{"name", "values", "baseline"}, ...]``: the tracking layer's ``grid.axes`` tag."""
@@ -279,8 +302,7 @@ def build_grid(data: Mapping[str, Any], path: Path | None = None, *,
         if first["type"] == "extra_forbidden":
             field = ".".join(map(str, first["loc"]))
             known = [f for f in GridFile.model_fields] + [f"resources.{f}" for f in Resources.model_fields]
-            close = difflib.get_close_matches(field, known, n=1)
-            hint = f": did you mean {close[0]}?" if close else f": grid fields are {', '.join(GridFile.model_fields)}"
+            hint = f": {did_you_mean(field, known) or 'grid fields are ' + ', '.join(GridFile.model_fields)}"
             raise ConfigError(f"{where}: unknown grid field {field!r}{hint}") from None
         raise ConfigError(f"{where}: {describe_validation_error(err)}") from None
     base = _base_config(spec, path, where, sets or {})
@@ -360,8 +382,7 @@ def _check_axis_field(key: str, where: str) -> None:
     if key == "seed":
         raise ConfigError(f"{where}: vary seeds with `seeds:` (or --seeds), not as an axis")
     if key not in FIELD_NAMES:
-        close = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
-        hint = f"did you mean {close[0]}?" if close else "use a dotted config field such as model.mask_ratio"
+        hint = did_you_mean(key, FIELD_NAMES) or "use a dotted config field such as model.mask_ratio"
         raise ConfigError(f"{where}: unknown config field {key!r}: {hint}")
 
 

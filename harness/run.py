@@ -1,18 +1,9 @@
 """One run: pretrain a cell, then evaluate its encoder. Resumable at every stage.
 
-A run folder holds:
-  config.yaml       the resolved configuration
-  status.json       state (running | done | failed), failure reason, step, host, timestamps
-  metrics.jsonl     per-step training metrics
-  checkpoints/      latest.pt, written atomically
-  results.json      pretraining summary + evaluation metrics, written once both are done
-Running the same config in the same folder again continues where it stopped; a finished run
-returns its stored results.
+The run folder's layout is :mod:`harness.run_folder`. Running the same config in the same folder
+again continues where it stopped; a finished run returns its stored results.
 """
 
-import json
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +11,7 @@ from typing import Any
 
 import torch
 
+from harness.cell_state import CellState
 from harness.config import RunConfig
 from harness.data.datasets import DatasetError, check_image_folder, eval_transform, image_folder, make_loader
 from harness.errors import ConfigError
@@ -28,6 +20,9 @@ from harness.milan import build_student, needs_teacher
 from harness.milan.checkpoint import build_timm_vit, load_encoder_into_timm
 from harness.milan.presets import PRESETS
 from harness.milan.teacher import check_pretrained, resolve_model_name
+from harness.files import write_json_atomic
+from harness.run_folder import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, read_results, write_status
+from harness.train.checkpoint import load_latest
 from harness.train.distributed import DistEnv, barrier, init_distributed, shutdown
 from harness.train.metrics_log import JsonlLogger, RunLogger
 from harness.train.pretrain import TrainingFailed, pretrain, resolve_device
@@ -35,7 +30,7 @@ from harness.train.pretrain import TrainingFailed, pretrain, resolve_device
 
 @dataclass(frozen=True)
 class RunResult:
-    state: str  # "done" | "failed"
+    state: CellState  # DONE or FAILED
     metrics: dict[str, float]
     run_dir: Path
     failure_reason: str | None = None
@@ -116,53 +111,30 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device) -> dict[str, flo
 
 # --- the run -----------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def set_status(run_dir: Path, state: str, *, new_attempt: bool = False, **fields: Any) -> None:
-    """Update status.json; ``new_attempt`` marks a (re)start of the run, counted in ``attempts``."""
-    status = read_json(run_dir / "status.json") or {}
-    status.update(state=state, updated=time.time(), host=socket.gethostname(), **fields)
-    if new_attempt:
-        status.setdefault("started", time.time())
-        status["attempts"] = status.get("attempts", 0) + 1
-        status.pop("reason", None)
-    write_json_atomic(run_dir / "status.json", status)
-
-
-def run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None = None) -> RunResult:
-    """Pretrain then evaluate ``cfg`` in ``run_dir``; continues an interrupted run."""
+def run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None = None,
+        job_fields: dict[str, Any] | None = None) -> RunResult:
+    """Pretrain then evaluate ``cfg`` in ``run_dir``; continues an interrupted run. ``job_fields``
+    (the job id, its restarts) go into ``status.json`` with the attempt."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.runtime.device)
     env = init_distributed(device)
     try:
-        return _run(cfg, run_dir, logger, device, env)
+        return _run(cfg, run_dir, logger, device, env, job_fields or {})
     finally:
         shutdown(env)
 
 
 def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.device,
-         env: DistEnv) -> RunResult:
-    results_path = run_dir / "results.json"
-    if (done := read_json(results_path)) is not None:
-        return RunResult("done", done["metrics"], run_dir)
+         env: DistEnv, job_fields: dict[str, Any]) -> RunResult:
+    if (done := read_results(run_dir)) is not None:
+        return RunResult(CellState.DONE, done["metrics"], run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        set_status(run_dir, "running", new_attempt=True, stage="pretrain", run_id=cfg.run_id(),
-                   cell_id=cfg.cell_id())
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+        write_status(run_dir, CellState.RUNNING, new_attempt=True, stage="pretrain", run_id=cfg.run_id(),
+                     cell_id=cfg.cell_id(), **job_fields)
     barrier(env)
-    logger = logger or JsonlLogger(run_dir / "metrics.jsonl")
+    logger = logger or JsonlLogger(run_dir / METRICS_FILE)
     try:
         result = pretrain(cfg, run_dir, logger, device, env)
         metrics: dict[str, float] = {
@@ -170,19 +142,19 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
             "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
             "device_hours": result.train_seconds * env.world_size / 3600}
         if env.is_main and cfg.eval.protocols:
-            set_status(run_dir, "running", stage="evaluate")
+            write_status(run_dir, CellState.RUNNING, stage="evaluate", step=result.steps)
             vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
-            load_encoder_into_timm(vit, torch.load(result.checkpoint, map_location="cpu", weights_only=False)["model"])
+            load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
             metrics |= evaluate_encoder(vit, cfg, device)
             logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
             logger.flush()
         barrier(env)
     except TrainingFailed as err:
         if env.is_main:
-            set_status(run_dir, "failed", reason=str(err))
-        return RunResult("failed", {}, run_dir, failure_reason=str(err))
+            write_status(run_dir, CellState.FAILED, reason=str(err))
+        return RunResult(CellState.FAILED, {}, run_dir, failure_reason=str(err))
     if env.is_main:
-        write_json_atomic(results_path, {"metrics": metrics, "run_id": cfg.run_id(), "cell_id": cfg.cell_id(),
+        write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "run_id": cfg.run_id(), "cell_id": cfg.cell_id(),
                                          "steps": result.steps, "checkpoint": str(result.checkpoint)})
-        set_status(run_dir, "done", step=result.steps, finished=time.time())
-    return RunResult("done", metrics, run_dir)
+        write_status(run_dir, CellState.DONE, stage="done", step=result.steps, finished=time.time())
+    return RunResult(CellState.DONE, metrics, run_dir)

@@ -1,9 +1,11 @@
-"""``bench.py ablate``: a grid -> preflight -> tracking runs -> jobs -> (optionally) wait -> report.
+"""``bench.py ablate``: a grid -> preflight -> tracking runs -> jobs -> (optionally) wait.
 
-Idempotent: a cell whose folder says done is skipped, a queued or running one is left alone,
-a failed or missing one is (re)submitted and continues from its checkpoint in its own folder
-and its own MLflow run; ``force`` cancels and restarts everything in fresh folders.
-Slurm submissions return at once unless asked to wait; local runs always wait.
+Idempotent: a done cell is skipped, a cell with any live job is left alone, any other is
+(re)submitted and continues from its checkpoint in its own folder and its own MLflow run;
+``force`` cancels and restarts the chosen cells in fresh folders. Invocations of one grid are
+serialised by the grid's lock, so two at the same moment submit each cell once. Slurm
+submissions return at once unless asked to wait; local runs always wait. The CLI writes the
+report afterwards (the report is a later stage than launching).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cell_state import CellState
 from harness.errors import UserError
 from harness.grid import Cell, Grid, find_grid_file, load_grid
 from harness.launch import views
@@ -26,6 +29,7 @@ from harness.launch.records import (
     SUBMITIT_DIR,
     GridRecord,
     LaunchRecord,
+    close_parent_if_settled,
     grid_dir,
     grid_lock,
     link_logs,
@@ -34,9 +38,11 @@ from harness.launch.records import (
     write_record,
 )
 from harness.launch.state import QUEUED_PREFIX, CellView, collect, plan
+from harness.tracking.store import ARTIFACTS_DIR, DB_NAME, Store
 
 Echo = Callable[[str], None]
 DEFAULT_GRID = "smoke"
+SERVER_DIR = ".mlflow-server"  # under the runs folder: the Slurm grids' MLflow server records itself here
 POLL_S = {"slurm": 5.0, "local": 2.0}
 
 
@@ -52,7 +58,7 @@ class AblateRequest:
     force: bool = False
     tracking_uri: str | None = None
     runs_dir: Path = Path("runs")
-    reports_dir: Path = Path("reports")
+    cells: tuple[str, ...] = ()  # only the cells whose folder or name contains one of these
 
 
 @dataclass
@@ -61,11 +67,15 @@ class AblateOutcome:
     executor: str
     submitted: list[Cell] = field(default_factory=list)
     views: list[CellView] = field(default_factory=list)  # final states when waited for
-    report: Path | None = None
+    record: GridRecord | None = None  # what this invocation recorded (its store and experiment)
+
+    @property
+    def waited(self) -> bool:
+        return bool(self.views)
 
     @property
     def ok(self) -> bool:
-        return all(v.state.state != "failed" for v in self.views)
+        return all(v.state != CellState.FAILED for v in self.views)
 
 
 def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
@@ -75,30 +85,41 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     grid = load_grid(find_grid_file(req.grid or DEFAULT_GRID), sets=req.sets, axes=req.axes, seeds=req.seeds)
     executor = "local" if req.grid is None and req.executor == "auto" else resolve_executor(req.executor)
     gdir = grid_dir(req.runs_dir, grid.name).absolute()
+    chosen = _chosen(grid, req.cells)
     outcome = AblateOutcome(grid, executor)
     if req.dry_run:
-        _dry_run(grid, gdir, executor, req, echo)
+        _dry_run(grid, gdir, executor, chosen, req, echo)
         return outcome
     with grid_lock(gdir):  # another ablate of this grid waits here, then finds these cells active
-        batch = _prepare(grid, gdir, executor, req, echo)
+        batch = _prepare(grid, gdir, executor, chosen, req, echo)
         if batch.cells and executor == "slurm":
             _submit_slurm(grid, gdir, batch, echo)
-    outcome.submitted = batch.cells
+    outcome.submitted, outcome.record = batch.cells, batch.record
     if executor == "slurm" and not req.wait:
         _how_to_follow(grid, gdir, req.runs_dir, echo)
         echo(f"ablate took {_elapsed(start, batch)}")
         return outcome
-    progress = _Progress(gdir, grid.cells, echo)
+    progress = _Progress(gdir, [grid.cells[i] for i in chosen], echo)
     if batch.cells and executor == "local":
         _run_local(grid, gdir, batch, progress, echo)
     elif batch.cells and executor == "debug":
         _run_debug(gdir, batch)
     outcome.views = wait_for_cells(progress, POLL_S.get(executor, 2.0))
     _finish(gdir, batch.record, outcome.views, echo)
-    if write_report(grid, batch.record, req.reports_dir / grid.name, req.runs_dir, echo):
-        outcome.report = req.reports_dir / grid.name / "report.md"
     echo(f"grid {grid.name} took {_elapsed(start, batch)}")
     return outcome
+
+
+def _chosen(grid: Grid, selectors: Sequence[str]) -> list[int]:
+    """Indices of the cells ``--cell`` selects (all without it); an unmatched selector is an error."""
+    if not selectors:
+        return list(range(len(grid.cells)))
+    chosen = [i for i, c in enumerate(grid.cells) if any(s in c.folder or s in c.run_name for s in selectors)]
+    unmatched = [s for s in selectors if not any(s in c.folder or s in c.run_name for c in grid.cells)]
+    if unmatched:
+        raise UserError(f"--cell {unmatched[0]!r} matches no cell of grid {grid.name}: give part of a cell's "
+                        f"folder or name, e.g. {grid.cells[0].folder!r} (see `bench.py ablate {grid.name} --dry-run`)")
+    return chosen
 
 
 def _elapsed(start: float, batch: _Batch) -> str:
@@ -119,47 +140,51 @@ class _Batch:
     setup_seconds: float = 0.0  # making the demo data / teacher on first use
 
 
-def _prepare(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Echo) -> _Batch:
-    """Plan, preflight, tracking runs and launch records: everything before submission."""
+def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: AblateRequest,
+             echo: Echo) -> _Batch:
+    """Plan, preflight, the store, tracking runs and launch records: everything before submission.
+    Also what keeps the records whole: a dead server restarted, finished cells' MLflow backlog sent,
+    the previous invocation's parent run ended when its cells have."""
     from harness.launch.preflight import ensure_demo_assets, preflight_grid
 
-    now = collect([gdir / c.folder for c in grid.cells])
-    todo = [i for i, v in enumerate(now) if plan(v.state, req.force) in ("submit", "restart")]
-    echo(f"grid {grid.name}: {len(grid.cells)} cells ({views.counts([v.state for v in now])}); "
+    now = collect([gdir / grid.cells[i].folder for i in chosen])
+    todo = [i for i, v in zip(chosen, now) if plan(v, req.force) in ("submit", "restart")]
+    echo(f"grid {grid.name}: {len(chosen)} cells ({views.counts(now)}); "
          f"{len(todo)} to {'restart' if req.force else 'submit'} with the {executor} executor")
     setup_seconds = 0.0
     if todo:
         setup_seconds = ensure_demo_assets((grid.cells[i].config for i in todo), echo)
         preflight_grid(grid, executor, cache_dir=req.runs_dir)
     previous = read_record(gdir / GRID_FILE, GridRecord)
-    # nothing to submit: keep the store of the last submission (no server start for nothing)
-    uri = _tracking_uri(req, grid, executor, echo) if todo or previous is None else previous.tracking_uri
+    store = _store(req, grid, executor, echo) if todo or previous is None or previous.store is None else \
+        _keep_store(previous.store, echo)
+    _backfill(now, store, echo)
+    if previous is not None and previous.store == store:
+        close_parent_if_settled(gdir)
     record = GridRecord(grid=grid.name, experiment=grid.experiment, grid_file=str(grid.path) if grid.path else None,
-                        executor=executor, tracking_uri=uri, submitted_at=time.time(),
-                        folders=[c.folder for c in grid.cells], axes=grid.axes_spec(),
-                        paper_setting=grid.spec.paper_setting)
-    if previous and previous.tracking_uri == uri:
+                        executor=executor, store=store, submitted_at=time.time(),
+                        folders=[c.folder for c in grid.cells])
+    if previous is not None and previous.store == store:
         record = record.model_copy(update={"experiment_id": previous.experiment_id,
-                                           "parent_run_id": previous.parent_run_id,
-                                           "parent_finished": previous.parent_finished})
+                                           "parent_run_id": previous.parent_run_id})
     cells, launches = [grid.cells[i] for i in todo], []
     if todo:
         if req.force:
-            _clear([now[i] for i in todo], echo)
-        record = _start_tracking(record, grid, uri, executor)
-        launches = _launch_records(gdir, cells, uri, record, executor, reuse=not req.force)
+            _clear([now[chosen.index(i)] for i in todo], echo)
+        record = _start_tracking(record, grid, executor)
+        launches = _launch_records(gdir, cells, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
     return _Batch(record, cells, launches, setup_seconds)
 
 
 # --- steps ---------------------------------------------------------------------------------------
 
-def _dry_run(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Echo) -> None:
+def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: AblateRequest, echo: Echo) -> None:
     from harness.launch.estimate import gpu_hours
     from harness.launch.preflight import DEMO_DATA, DEMO_TEACHER, preflight_grid
 
     views_now = collect([gdir / c.folder for c in grid.cells])
-    actions = [plan(v.state, req.force) for v in views_now]
+    actions = [plan(v, req.force) if i in chosen else "leave (not chosen)" for i, v in enumerate(views_now)]
     echo(f"grid {grid.name} ({grid.path}): {grid.spec.description.strip()}" if grid.spec.description
          else f"grid {grid.name} ({grid.path})")
     echo(f"executor {executor}; runs in {gdir}; nothing is submitted (dry run)")
@@ -173,76 +198,106 @@ def _dry_run(grid: Grid, gdir: Path, executor: str, req: AblateRequest, echo: Ec
     echo("preflight: ok")
 
 
-def _tracking_uri(req: AblateRequest, grid: Grid, executor: str, echo: Echo) -> str:
-    """--tracking-uri, else the grid's, else SQLite in the cwd (local) or an MLflow server on
-    this host over a SQLite store under the runs folder (Slurm jobs log over HTTP)."""
-    import harness.tracking as tracking
+def _store(req: AblateRequest, grid: Grid, executor: str, echo: Echo) -> Store:
+    """--tracking-uri, else the grid's, else SQLite in the cwd (local), or, for Slurm jobs, a
+    SQLite store under the runs folder served over HTTP by an MLflow server on this host."""
+    from harness.tracking.store import check_store, default_tracking_uri, sqlite_path, sqlite_uri
 
     uri = req.tracking_uri or grid.spec.tracking.uri
     if uri is None and executor == "slurm":
         runs = req.runs_dir.absolute()
-        store = tracking.sqlite_uri(runs / "mlflow.db")
-        echo("MLflow server for the jobs: starting or reusing one (the first start takes a while) ...")
-        info = tracking.ensure_server(store, runs / "mlflow-artifacts", runs / ".mlflow-server")
-        echo(f"MLflow server {info.url} ({'reused' if info.reused else 'started'}, pid {info.pid}, store {store})")
-        uri = info.url
-    uri = uri or tracking.default_tracking_uri()
-    tracking.check_store(uri)
-    if executor == "slurm" and tracking.sqlite_path(uri) is not None:
+        return _keep_store(Store(backend=sqlite_uri(runs / DB_NAME), server_dir=str(runs / SERVER_DIR)), echo)
+    store = Store(backend=uri or default_tracking_uri())
+    check_store(store.backend)
+    if executor == "slurm" and sqlite_path(store.backend) is not None:
         echo("warning: the jobs will all write to this SQLite file; on a cluster's shared filesystem that "
              "locks or corrupts: leave --tracking-uri unset to log through an MLflow server")
-    return uri
+    return store
 
 
-def _start_tracking(record: GridRecord, grid: Grid, uri: str, executor: str) -> GridRecord:
+def _keep_store(store: Store, echo: Echo) -> Store:
+    """The store the grid already uses; a served store gets its server (re)started when it is down."""
+    from harness.tracking.store import check_store
+
+    if store.server_dir is None:
+        check_store(store.backend)
+        return store
+    from harness.tracking.server import ensure_server
+
+    echo("MLflow server for the jobs: reusing or starting one (a start takes a while) ...")
+    info = ensure_server(store.backend, Path(store.server_dir).parent / ARTIFACTS_DIR, store.server_dir)
+    echo(f"MLflow server {info.url} ({'reused' if info.reused else 'started'}, process group {info.pgid}, "
+         f"store {store.backend})")
+    return store
+
+
+def _backfill(cell_views: Sequence[CellView], store: Store, echo: Echo) -> None:
+    """Send MLflow what settled cells logged while it was unreachable (live jobs send their own)."""
+    from harness.tracking.store import bounded_http
+    from harness.tracking.sync import sync_run
+
+    behind = [v for v in cell_views if v.backlog and not v.job_alive and v.record and v.record.mlflow_run_id
+              and v.record.store == store]
+    if not behind:
+        return
+    uri = store.writer_uri() or store.backend
+    with bounded_http():
+        for v in behind:
+            sync_run(v.folder, uri, v.record.mlflow_run_id)
+    echo(f"sent MLflow what {len(behind)} finished cell(s) logged while it was unreachable")
+
+
+def _start_tracking(record: GridRecord, grid: Grid, executor: str) -> GridRecord:
     """Store schema + experiment once, before any job; one parent run per invocation."""
-    import harness.tracking as tracking
+    from harness.tracking.runs import start_parent_run
     from harness.tracking.schema import git_commit_of
+    from harness.tracking.store import prepare_store
 
-    experiment_id = tracking.prepare_store(uri, grid.experiment)
-    parent = tracking.start_parent_run(uri, experiment_id, grid=grid.name, axes=grid.axes_spec(),
-                                       paper_setting=grid.spec.paper_setting,
-                                       tags={"executor": executor, "git_commit": git_commit_of() or "unknown",
-                                             "grid_file": str(grid.path)})
+    uri = record.store.writer_uri()
+    experiment_id = prepare_store(uri, grid.experiment)
+    parent = start_parent_run(uri, experiment_id, grid=grid.name, axes=grid.axes_spec(),
+                              paper_setting=grid.spec.paper_setting,
+                              tags={"executor": executor, "git_commit": git_commit_of() or "unknown",
+                                    "grid_file": str(grid.path)})
     return record.model_copy(update={"experiment_id": experiment_id, "parent_run_id": parent})
 
 
-def _launch_records(gdir: Path, cells: Sequence[Cell], uri: str, grid_record: GridRecord, executor: str,
+def _launch_records(gdir: Path, cells: Sequence[Cell], grid_record: GridRecord, executor: str,
                     reuse: bool) -> list[LaunchRecord]:
     """Each cell's launch record with its MLflow run: the one it already has in this store (a
-    resubmitted cell continues its own run), else a new child run of this invocation."""
-    import harness.tracking as tracking
-    from harness.tracking.schema import git_commit_of
+    resubmitted cell continues its own run, never a second one), else a new child run."""
+    from harness.tracking import schema as S
+    from harness.tracking.runs import create_cell_runs, set_state
 
+    store, uri = grid_record.store, grid_record.store.writer_uri()
     olds = [read_record(gdir / c.folder / LAUNCH_FILE, LaunchRecord) if reuse else None for c in cells]
 
     def reused(old: LaunchRecord | None) -> str | None:
-        if old is None or old.tracking_uri != uri or not old.mlflow_run_id:
+        if old is None or old.store is None or old.store.backend != store.backend or not old.mlflow_run_id:
             return None
         try:
-            tracking.mark_run(uri, old.mlflow_run_id, "pending")
-            tracking.set_run_tags(uri, old.mlflow_run_id, {"executor": executor})
+            set_state(uri, old.mlflow_run_id, CellState.PENDING, tags={S.EXECUTOR: executor})
         except Exception:  # noqa: BLE001 - the run is gone from the store: make a new one
             return None
         return old.mlflow_run_id
 
     run_ids = _per_cell(reused, olds, uri)
     new = [i for i, run_id in enumerate(run_ids) if run_id is None]
-    commit = git_commit_of() or "unknown"  # once, not a git call per cell
+    commit = S.git_commit_of() or "unknown"  # once, not a git call per cell
 
     def spec(cell: Cell) -> dict[str, Any]:
-        tags = tracking.cell_tags(cell.config, grid=cell.grid, axis_values=cell.axis_values, executor=executor,
-                                  run_dir=gdir / cell.folder, git_commit=commit)
-        return {"run_name": tracking.run_name(cell.axis_values, cell.seed), "params": cell.config.flat(), "tags": tags}
+        tags = S.cell_tags(cell.config, grid=cell.grid, cell=cell.name, axis_values=cell.axis_values,
+                           executor=executor, run_dir=gdir / cell.folder, git_commit=commit)
+        return {"run_name": cell.run_name, "params": cell.config.flat(), "tags": tags}
 
-    created = tracking.create_cell_runs(uri, grid_record.experiment_id, parent_run_id=grid_record.parent_run_id,
-                                        cells=[spec(cells[i]) for i in new])
+    created = create_cell_runs(uri, grid_record.experiment_id, parent_run_id=grid_record.parent_run_id,
+                               cells=[spec(cells[i]) for i in new])
     for i, run_id in zip(new, created):
         run_ids[i] = run_id
     records = []
     for cell, old, run_id in zip(cells, olds, run_ids):
         record = LaunchRecord(grid=cell.grid, name=cell.name, run_id=cell.run_id, cell_id=cell.cell_id,
-                              seed=cell.seed, axes=cell.axis_values, tracking_uri=uri, mlflow_run_id=run_id,
+                              seed=cell.seed, axes=cell.axis_values, store=store, mlflow_run_id=run_id,
                               submissions=old.submissions if old else [])
         write_record(gdir / cell.folder / LAUNCH_FILE, record)
         records.append(record)
@@ -252,7 +307,7 @@ def _launch_records(gdir: Path, cells: Sequence[Cell], uri: str, grid_record: Gr
 def _per_cell(fn: Callable[[Any], Any], items: Sequence[Any], uri: str) -> list[Any]:
     """One MLflow call (or a few) per cell: concurrent over HTTP, where each call mostly waits
     on the server; one after another on SQLite, which takes one writer at a time."""
-    from harness.tracking import is_http
+    from harness.tracking.store import is_http
 
     if not is_http(uri) or len(items) < 2:
         return [fn(item) for item in items]
@@ -264,7 +319,8 @@ def _job(cell: Cell, gdir: Path, launch: LaunchRecord, threads: int) -> Any:
     from harness.launch.job import CellJob
 
     return CellJob(config=cell.config.to_dict(), run_dir=str(gdir / cell.folder), workdir=os.getcwd(),
-                   tracking_uri=launch.tracking_uri, mlflow_run_id=launch.mlflow_run_id, threads=threads)
+                   store=launch.store.model_dump() if launch.store else None,
+                   mlflow_run_id=launch.mlflow_run_id, threads=threads)
 
 
 def _record_submission(gdir: Path, cell: Cell, launch: LaunchRecord, job_id: str, executor: str,
@@ -281,10 +337,10 @@ def _record_submission(gdir: Path, cell: Cell, launch: LaunchRecord, job_id: str
 
 
 def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
-    import harness.tracking as tracking
     from harness.launch.executors import slurm_executor, submit_array
+    from harness.tracking.runs import set_run_tags
 
-    uri, threads = batch.record.tracking_uri, grid.resources.cpus_per_task
+    uri, threads = batch.record.store.writer_uri(), grid.resources.cpus_per_task
     executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}")
     jobs = submit_array(executor, [_job(c, gdir, l, threads) for c, l in zip(batch.cells, batch.launches)])
     for cell, launch, job in zip(batch.cells, batch.launches, jobs):
@@ -293,7 +349,7 @@ def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
     def tag(pair: tuple[LaunchRecord, Any]) -> None:
         launch, job = pair
         array_id, _, task = job.job_id.partition("_")
-        tracking.set_run_tags(uri, launch.mlflow_run_id, {"slurm.job_id": job.job_id,
+        set_run_tags(uri, launch.mlflow_run_id, {"slurm.job_id": job.job_id,
                                                           "slurm.array_job_id": array_id,
                                                           "slurm.array_task_id": task})
     _per_cell(tag, list(zip(batch.launches, jobs)), uri)
@@ -333,12 +389,12 @@ def _clear(cell_views: Sequence[CellView], echo: Echo) -> None:
     """--force: cancel the cells' active jobs, then remove their folders (fresh runs)."""
     from harness.launch import slurm
 
-    active = [v for v in cell_views if v.state.active]
+    active = [v for v in cell_views if v.job_alive]
     local = [v for v in active if v.record and v.record.last and v.record.last.executor != "slurm"]
     if local:
         raise UserError(f"{len(local)} cell(s) run locally under another ablate (e.g. {local[0].folder}): "
                         "stop it before --force")
-    ids = [v.state.job_id for v in active if v.state.job_id]
+    ids = [s.job_id for v in active for s in v.record.submissions if s.executor == "slurm"]
     if ids:
         echo(f"--force: cancelling {len(ids)} active job(s)")
         slurm.cancel(ids)
@@ -376,10 +432,10 @@ class _Progress:
     def update(self) -> list[CellView]:
         self.views = collect(self.dirs)
         for view in self.views:
-            if self.seen.get(view.folder) != view.state.state:
-                self.seen[view.folder] = view.state.state
+            if self.seen.get(view.folder) != view.state:
+                self.seen[view.folder] = view.state
                 self.echo(views.transition(view))
-        now = views.counts([v.state for v in self.views])
+        now = views.counts(self.views)
         if now != self.last_counts:
             self.last_counts = now
             self.echo(f"         [{now}]")
@@ -388,40 +444,15 @@ class _Progress:
 
 def wait_for_cells(progress: _Progress, poll_s: float) -> list[CellView]:
     """Poll folders and the scheduler until every cell is over and its job gone."""
-    while not all(v.state.settled for v in progress.update()):
+    while not all(v.settled for v in progress.update()):
         time.sleep(poll_s)
     return progress.views
 
 
 def _finish(gdir: Path, record: GridRecord, final: Sequence[CellView], echo: Echo) -> None:
-    """Show the failures and end the invocation's MLflow parent run."""
-    failed = [v for v in final if v.state.state == "failed"]
-    if failed:
-        echo(views.failure_details(failed))
-    if record.parent_run_id and record.tracking_uri and not record.parent_finished:
-        import harness.tracking as tracking
-
-        tracking.finish_run(record.tracking_uri, record.parent_run_id, "failed" if failed else "done")
-        write_record(gdir / GRID_FILE, record.model_copy(update={"parent_finished": True}))
-
-
-def headline_metric(grid: Grid) -> str:
-    """The report's headline metric: the first evaluation protocol the cells run."""
-    protocols = {p for cell in grid.cells for p in cell.config.eval.protocols}
-    return next((f"{p}_top1" for p in ("linear", "finetune", "knn") if p in protocols), "final_loss")
-
-
-def write_report(grid: Grid, record: GridRecord, out_dir: Path, runs_dir: Path, echo: Echo) -> bool:
-    """The grid's report from its MLflow runs, through ``bench.py report`` (which also logs it
-    to the invocation's parent run). A report that cannot be built does not fail the ablate."""
-    if not record.tracking_uri:
-        return False
-    from harness.tracking.commands import report_command
-
-    try:
-        report_command(grid=record.experiment, tracking_uri=record.tracking_uri, metric=headline_metric(grid),
-                       format_="md,csv,tex,html", out=out_dir, log_to_mlflow=True, runs_dir=runs_dir)
-    except UserError as err:
-        echo(f"report: not written ({err})")
-        return False
-    return True
+    """Show the failures; end the invocation's MLflow parent run (when its jobs have not)."""
+    if details := views.failure_details([v for v in final if v.state == CellState.FAILED]):
+        echo(details)
+    if record.store is not None:
+        _backfill(collect([v.folder for v in final]), record.store, echo)
+        close_parent_if_settled(gdir)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from harness.config import RunConfig
 from harness.errors import UserError
+from harness.files import read_json, write_json_atomic
 from harness.grid import Grid
 
 # Where `bench.py data demo` / `bench.py teacher demo` write by default (and configs/smoke.yaml reads).
@@ -102,17 +103,11 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
             raise type(err)(f"cell {name}: {err}") from None
         passed.append(key)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(passed[-CACHE_SIZE:]))
-        os.replace(tmp, cache_path)
+        write_json_atomic(cache_path, passed[-CACHE_SIZE:])
 
 
 def _read_cache(path: Path | None) -> list[str]:
-    try:
-        data = json.loads(path.read_text()) if path else []
-    except (OSError, ValueError):
-        return []
+    data = read_json(path) if path else None
     return [k for k in data if isinstance(k, str)] if isinstance(data, list) else []
 
 

@@ -1,12 +1,11 @@
-"""What ``ablate`` writes beside the runs, so that status never needs the scheduler's history.
+"""What ``ablate`` writes beside the runs, so that ``status`` never needs the scheduler's history.
 
 Layout under the runs folder (default ``runs/``)::
 
-    runs/<grid>/grid.json            the latest ablate: grid file, tracking store, parent run,
-                                     executor, the cells it covers (folders)
-    runs/<grid>/<cell folder>/       the run folder harness.run writes (status.json, ...)
+    runs/<grid>/grid.json            the latest ablate: grid file, store, parent run, executor,
+                                     the cells it covers (folders)
+    runs/<grid>/<cell folder>/       the run folder (harness.run_folder) plus
         launch.json                  the cell: ids, axis values, MLflow run, every submission
-                                     (job id, executor, host, log folder)
         logs -> ../.submitit/<job>   the latest submission's submitit/Slurm logs
     runs/<grid>/.submitit/<job id>/  submitit's pickles and logs (one folder per job)
 
@@ -16,15 +15,22 @@ Records are pydantic models written atomically as JSON.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any, TypeVar
 
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.filelock import exclusive_lock
+from harness.cell_state import CellState
+from harness.files import write_atomic
+from harness.run_folder import read_status
+from harness.tracking.store import Store
+
+log = logging.getLogger(__name__)
 
 LAUNCH_FILE = "launch.json"
 GRID_FILE = "grid.json"
@@ -51,7 +57,7 @@ class LaunchRecord(_Record):
     cell_id: str
     seed: int
     axes: dict[str, Any]
-    tracking_uri: str | None = None
+    store: Store | None = None
     mlflow_run_id: str | None = None
     submissions: list[Submission] = []
 
@@ -65,24 +71,18 @@ class GridRecord(_Record):
     experiment: str  # the MLflow experiment holding the grid's runs
     grid_file: str | None
     executor: str
-    tracking_uri: str | None
+    store: Store | None
     experiment_id: str | None = None
     parent_run_id: str | None = None
-    parent_finished: bool = False  # the parent run was ended (all cells over)
     submitted_at: float
     folders: list[str]  # the cells of this ablate invocation, grid order
-    axes: list[dict[str, Any]] = []  # [{"name", "values", "baseline"}]
-    paper_setting: bool = False
 
 
 R = TypeVar("R", bound=_Record)
 
 
 def write_record(path: Path, record: _Record) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(record.model_dump_json(indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, record.model_dump_json(indent=2))
 
 
 def read_record(path: Path, kind: type[R]) -> R | None:
@@ -111,6 +111,33 @@ def link_logs(cell_dir: Path, log_dir: Path) -> None:
         link.symlink_to(os.path.relpath(log_dir, cell_dir))
 
 
-def grid_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
-    """Serialise ablate invocations on one grid folder (they read and rewrite its records)."""
-    return exclusive_lock(directory / ".lock")
+def grid_lock(directory: Path) -> FileLock:
+    """Serialises the commands that rewrite a grid's records (two ``ablate`` of one grid, a job
+    ending the parent run)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileLock(directory / ".lock")
+
+
+def close_parent_if_settled(gdir: Path) -> bool:
+    """End the latest ``ablate``'s parent run once every cell it covers has ended (FAILED, with
+    the count, when any failed). Called by whoever settles a cell; True when the run was ended.
+    A store that cannot be reached leaves it for the next caller."""
+    record = read_record(gdir / GRID_FILE, GridRecord)
+    if record is None or record.store is None or not record.parent_run_id:
+        return False
+    states = [CellState.parse(read_status(gdir / folder).get("state")) for folder in record.folders]
+    if not all(s is not None and s.terminal for s in states):
+        return False
+    from harness.tracking.runs import run_state, set_state
+
+    failed = sum(s == CellState.FAILED for s in states)
+    uri = record.store.writer_uri() or record.store.backend
+    try:
+        with grid_lock(gdir):
+            if not run_state(uri, record.parent_run_id).terminal:
+                set_state(uri, record.parent_run_id, CellState.FAILED if failed else CellState.DONE,
+                          f"{failed} of {len(states)} cells failed" if failed else None)
+    except Exception as err:  # noqa: BLE001 - the store is down: the next ablate ends it
+        log.warning("could not end the parent run %s: %s", record.parent_run_id, err)
+        return False
+    return True

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.grid import Grid
-from harness.launch.state import STATES, CellState, CellView, log_files, tail
+from harness.cell_state import CellState
+from harness.grid import HEADLINE_METRICS, Grid
+from harness.launch.state import CellView, log_files, tail
 
-# Result shown for a finished cell, first one present.
-HEADLINE_METRICS = ("linear_top1", "finetune_top1", "knn_top1", "final_loss")
 
 
 def headline(folder: Path) -> str:
@@ -27,10 +26,13 @@ def headline(folder: Path) -> str:
     return f"{key}={metrics[key]:.4g}" if key else ""
 
 
-def counts(states: Sequence[CellState]) -> str:
-    """``3 done, 2 running, 3 pending`` in a fixed order."""
-    tally = Counter(s.state for s in states)
-    return ", ".join(f"{tally[name]} {name}" for name in STATES if tally[name])
+def counts(views: Sequence[CellView]) -> str:
+    """``3 done, 2 running, 3 pending`` in a fixed order, and how many wait to sync to MLflow."""
+    tally = Counter(v.state for v in views)
+    text = ", ".join(f"{tally[state]} {state}" for state in CellState if tally[state])
+    if waiting := sum(bool(v.backlog) for v in views):
+        text += f"; {waiting} waiting to sync to MLflow"
+    return text
 
 
 def _hours(value: float | str | None) -> str:
@@ -43,7 +45,7 @@ def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float 
                actions: Sequence[str]) -> str:
     """The dry-run table: one row per cell x seed."""
     resources = grid.resources.summary()
-    rows = [[i, c.name, c.seed, c.run_id, resources, _hours(hours.get(c.run_id)), v.state.state, action]
+    rows = [[i, c.name, c.seed, c.run_id, resources, _hours(hours.get(c.run_id)), v.state, action]
             for i, (c, v, action) in enumerate(zip(grid.cells, views, actions))]
     table = tabulate(rows, headers=["#", "cell", "seed", "run id", "resources", "GPU-h", "status", "ablate would"],
                      tablefmt="simple")
@@ -62,14 +64,22 @@ def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float 
     return f"{table}\n{len(grid.cells)} cells; {total}"
 
 
+def _progress(v: CellView) -> str:
+    if v.state == CellState.DONE or not v.stage:
+        return ""
+    return f"{v.stage} {v.step}" if v.step is not None else v.stage
+
+
 def status_table(views: Sequence[CellView]) -> str:
     rows = []
     for v in views:
-        r, s = v.record, v.state
-        detail = headline(v.folder) if s.state == "done" else (s.reason or "")
-        rows.append([r.name if r else v.folder.name, r.seed if r else "", s.state, s.attempts or "",
-                     s.job_id or "", detail[:100]])
-    return tabulate(rows, headers=["cell", "seed", "state", "attempts", "job", "result / reason"],
+        r = v.record
+        detail = headline(v.folder) if v.state == CellState.DONE else (v.reason or "")
+        if v.backlog:
+            detail = f"{detail}; waiting to sync: {v.backlog}" if detail else f"waiting to sync: {v.backlog}"
+        rows.append([r.name if r else v.folder.name, r.seed if r else "", v.state, _progress(v), v.attempts or "",
+                     v.job_id or "", detail[:120]])
+    return tabulate(rows, headers=["cell", "seed", "state", "stage", "attempts", "job", "result / reason"],
                     tablefmt="simple")
 
 
@@ -77,11 +87,11 @@ def failure_details(views: Sequence[CellView], lines: int = 8) -> str:
     """For each failed cell: its reason, log paths and the last lines of its logs."""
     out: list[str] = []
     for v in views:
-        if v.state.state != "failed":
+        if v.state != CellState.FAILED:
             continue
         name = v.record.name if v.record else v.folder.name
         seed = f" seed={v.record.seed}" if v.record else ""
-        out.append(f"\nFAILED {name}{seed}: {v.state.reason or 'no reason recorded'}")
+        out.append(f"\nFAILED {name}{seed}: {v.reason or 'no reason recorded'}")
         out.append(f"  run folder: {v.folder}")
         for path in log_files(v.record.last if v.record else None):
             out.append(f"  log {path}:")
@@ -91,8 +101,8 @@ def failure_details(views: Sequence[CellView], lines: int = 8) -> str:
 
 def transition(view: CellView) -> str:
     """One progress line for a cell that changed state."""
-    r, s = view.record, view.state
+    r = view.record
     name = f"{r.name} seed={r.seed}" if r else view.folder.name
-    extra = headline(view.folder) if s.state == "done" else (s.reason or "")
-    job = f" [{s.job_id}]" if s.job_id and not s.job_id.startswith("queued") else ""
-    return f"{time.strftime('%H:%M:%S')} {s.state:<9} {name}{job}{'  ' + extra if extra else ''}"
+    extra = headline(view.folder) if view.state == CellState.DONE else (view.reason or "")
+    job = f" [{view.job_id}]" if view.job_id and not view.job_id.startswith("queued") else ""
+    return f"{time.strftime('%H:%M:%S')} {view.state.value:<9} {name}{job}{'  ' + extra if extra else ''}"

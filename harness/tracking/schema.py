@@ -41,21 +41,19 @@ Layout
   ``slurm.job_id``, ``slurm.array_job_id``, ``slurm.array_task_id``, ``slurm.restart_count``
                             set by the job itself (:func:`job_tags`)
   ``run_dir``               the run folder (config.yaml, metrics.jsonl, checkpoints/)
-  ``status``                ``pending`` | ``running`` | ``done`` | ``failed`` | ``preempted`` |
-                            ``requeued``
+  ``status``                a :class:`~harness.cell_state.CellState` value
   ``failure_reason``        one line, empty when there is none
-  ``checkpoint``            path of the final checkpoint (also ``checkpoint_path.txt``)
+  ``checkpoint``            path of the final checkpoint
   ========================  ==================================================================
 
   Metrics: ``train/loss`` and ``train/lr`` per step, ``train/images_per_s`` and
   ``train/peak_memory_mb`` at the last step, then the run's summary metrics (``final_loss``,
   ``images_per_s``, ``peak_memory_mb``, ``train_seconds``, ``device_hours``, ``linear_top1``,
   ``knn_top1``, ``finetune_top1``, ...) and ``system/*`` (MLflow system metrics).
-  Artifacts: ``config.yaml``, ``figures/loss_curve.png``, ``checkpoint_path.txt`` (and
-  ``checkpoints/`` only when asked).
+  Artifacts: ``config.yaml`` and ``metrics.jsonl``.
 
-The MLflow run status follows the ``status`` tag: pending/running/preempted/requeued are
-RUNNING, done is FINISHED, failed is FAILED.
+The run folder is the truth and the MLflow run its mirror (:mod:`harness.tracking.sync`); the
+MLflow run status follows the ``status`` tag through :data:`harness.cell_state.MLFLOW_STATUS`.
 """
 
 from __future__ import annotations
@@ -103,24 +101,6 @@ PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under i
 
 LOSS_KEY = "train/loss"
 LR_KEY = "train/lr"
-
-# status tag -> MLflow run status
-STATUSES: dict[str, str] = {
-    "pending": "RUNNING",
-    "running": "RUNNING",
-    "preempted": "RUNNING",
-    "requeued": "RUNNING",
-    "done": "FINISHED",
-    "failed": "FAILED",
-}
-# MLflow run status -> status, for runs without a status tag
-FROM_MLFLOW_STATUS: dict[str, str] = {
-    "RUNNING": "running",
-    "SCHEDULED": "pending",
-    "FINISHED": "done",
-    "FAILED": "failed",
-    "KILLED": "failed",
-}
 
 # Report metric column -> MLflow metric keys, first present wins.
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
@@ -179,23 +159,6 @@ def decode_param(text: str | None) -> Any:
         return text
 
 
-def short_axis(name: str) -> str:
-    """``model.target`` -> ``target`` (the last dotted part)."""
-    return name.rsplit(".", 1)[-1]
-
-
-def cell_name(axis_values: Mapping[str, Any]) -> str:
-    """Run-name part naming a cell by its axis values: ``"target=clip decoder=prompting"``."""
-    if not axis_values:
-        return "baseline"
-    return " ".join(f"{short_axis(k)}={encode_param(v)}" for k, v in axis_values.items())
-
-
-def run_name(axis_values: Mapping[str, Any], seed: int) -> str:
-    """Child run name: ``"target=clip decoder=prompting seed=0"``."""
-    return f"{cell_name(axis_values)} seed={seed}"
-
-
 def axes_json(axes: Sequence[Mapping[str, Any]]) -> str:
     """Validate and encode the ``grid.axes`` tag: ``[{"name", "values", "baseline"}, ...]``."""
     spec = []
@@ -241,20 +204,20 @@ def one_line(reason: str | None) -> str:
 
 # --- tag builders ----------------------------------------------------------------------------
 
-def cell_tags(cfg: Any, *, grid: str, axis_values: Mapping[str, Any], executor: str,
+def cell_tags(cfg: Any, *, grid: str, cell: str, axis_values: Mapping[str, Any], executor: str,
               git_commit: str | None = None, run_dir: str | os.PathLike | None = None,
               host: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Tags of a cell's child run (pass to ``create_cell_run(tags=...)``).
 
-    ``cfg`` is the cell's resolved :class:`~harness.config.RunConfig`; ``axis_values`` maps
-    each axis name (grid order) to this cell's value.
+    ``cfg`` is the cell's resolved :class:`~harness.config.RunConfig`; ``cell`` its name (the
+    grid's :attr:`~harness.grid.Cell.name`); ``axis_values`` maps each axis (grid order) to its value.
     """
     tags: dict[str, Any] = {
         GRID: grid,
         CELL_ID: cfg.cell_id(),
         CONFIG_RUN_ID: cfg.run_id(),
         SEED: cfg.seed,
-        CELL: cell_name(axis_values),
+        CELL: cell,
         EXECUTOR: executor,
         HOST: host or socket.getfqdn(),
         GIT_COMMIT: git_commit or git_commit_of() or "unknown",
@@ -264,18 +227,6 @@ def cell_tags(cfg: Any, *, grid: str, axis_values: Mapping[str, Any], executor: 
         tags[RUN_DIR] = os.fspath(run_dir)
     tags |= dict(extra or {})
     return {k: tag_text(v) for k, v in tags.items()}
-
-
-def job_tags() -> dict[str, str]:
-    """Tags a job sets on its run when it starts: host and Slurm ids (from the environment)."""
-    env = os.environ
-    tags = {HOST: socket.getfqdn()}
-    for tag, var in ((SLURM_JOB_ID, "SLURM_JOB_ID"), (SLURM_ARRAY_JOB_ID, "SLURM_ARRAY_JOB_ID"),
-                     (SLURM_ARRAY_TASK_ID, "SLURM_ARRAY_TASK_ID"),
-                     (SLURM_RESTART_COUNT, "SLURM_RESTART_COUNT")):
-        if env.get(var):
-            tags[tag] = env[var]
-    return tags
 
 
 def git_commit_of(path: str | os.PathLike | None = None) -> str | None:

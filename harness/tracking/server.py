@@ -1,25 +1,26 @@
 """A detached ``mlflow server`` for jobs on a cluster, and the foreground UI of ``bench.py ui``.
 
-Jobs on Slurm log over HTTP to one server on the submitting host instead of opening the
-SQLite file from many nodes (SQLite on a network filesystem corrupts). :func:`ensure_server`
-starts that server in its own session, so it outlives the ``ablate`` command, and records it
-in ``<state_dir>/mlflow-server.json``; the next ``ablate`` reuses it while it is healthy.
+Jobs on Slurm log over HTTP to one server on the submitting host instead of opening the SQLite
+file from many nodes (SQLite on a network filesystem corrupts). :func:`ensure_server` starts it
+as the leader of its own process group (it outlives ``ablate``; ``mlflow server`` runs uvicorn
+as a child, so the server is the whole group) and records it in ``<state_dir>/mlflow-server.json``.
+The next ``ablate`` reuses it while the group lives and answers, and restarts it otherwise, on the
+same port when that is free (running jobs then reconnect without noticing). There is never a
+second server over one store: the state folder's lock serialises starts, and a group whose
+leader died but whose children still serve is stopped before a new one starts.
 
 Facts that shaped this (MLflow 3.17):
 
-* Start-up takes 10-45 s on a busy 2-core machine (uvicorn workers import MLflow), hence
-  the generous default wait.
+* Start-up takes 10-45 s on a busy 2-core machine (uvicorn workers import MLflow).
 * The server checks the Host header of API calls (not of ``/health``) against
-  ``--allowed-hosts`` (default: localhost and private IPs). The advertised host name is added,
-  else nodes reaching it by name get HTTP 400.
-* The server's job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``) is not needed and is
-  turned off: one process less.
+  ``--allowed-hosts``; the advertised host name is added, else nodes reaching it by name get
+  HTTP 400.
+* The server's job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``) is not needed: turned off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -27,14 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.filelock import exclusive_lock
-from harness.tracking.schema import TrackingError
-from harness.tracking.store import check_store, init_schema, sqlite_path
+from filelock import FileLock
 
-STATE_FILE = "mlflow-server.json"
+from harness.files import read_json, write_json_atomic
+from harness.tracking.schema import TrackingError
+from harness.tracking.store import STATE_FILE, check_store, init_schema, server_answers, sqlite_path
+
 LOG_FILE = "mlflow-server.log"
 START_TIMEOUT_S = 180.0
 
@@ -42,17 +45,14 @@ START_TIMEOUT_S = 180.0
 @dataclass(frozen=True)
 class ServerInfo:
     url: str  # what clients (and compute nodes) use as tracking URI
-    pid: int
+    pgid: int  # the server's process group (its leader's pid)
     port: int
     host: str  # the interface it binds
     store_uri: str
-    artifact_root: str
     log_path: str
     started_at: float
-    reused: bool = False  # True when an already running server was returned
+    reused: bool = False
 
-
-# --- helpers ---------------------------------------------------------------------------------
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -71,13 +71,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def advertised_host(bind_host: str) -> str:
-    """A name for this host that compute nodes can use.
-
-    ``MILAN_BENCH_TRACKING_HOST`` wins; a loopback bind is ``127.0.0.1``; an explicit bind
-    address is itself; otherwise the fully qualified name, else the short host name, when it
-    resolves to a non-loopback address; else ``127.0.0.1`` (this host has no name others could
-    use: a single-machine cluster; set MILAN_BENCH_TRACKING_HOST otherwise).
-    """
+    """A name for this host that compute nodes can use: ``MILAN_BENCH_TRACKING_HOST``; a loopback
+    or explicit bind address itself; else this host's name when it resolves to a non-loopback
+    address; else 127.0.0.1 (a single-machine cluster)."""
     if env := os.environ.get("MILAN_BENCH_TRACKING_HOST", "").strip():
         return env
     if bind_host in ("127.0.0.1", "localhost", "::1"):
@@ -85,16 +81,13 @@ def advertised_host(bind_host: str) -> str:
     if bind_host not in ("0.0.0.0", "", "::"):
         return bind_host
     for name in (socket.getfqdn(), socket.gethostname()):
-        try:
-            address = socket.gethostbyname(name)
-        except OSError:
-            continue
-        if name and name != "localhost" and not address.startswith("127."):
-            return name
+        with contextlib.suppress(OSError):
+            if name and name != "localhost" and not socket.gethostbyname(name).startswith("127."):
+                return name
     return "127.0.0.1"
 
 
-def _allowed_hosts(advertised: str, port: int) -> str:
+def _allowed_hosts(advertised: str) -> str:
     names = {"localhost", "127.0.0.1", advertised, socket.gethostname(), socket.getfqdn()}
     with contextlib.suppress(OSError):
         names.add(socket.gethostbyname(socket.gethostname()))
@@ -103,218 +96,149 @@ def _allowed_hosts(advertised: str, port: int) -> str:
     return ",".join(hosts + private)
 
 
-def healthy(url: str, timeout_s: float = 2.0) -> bool:
-    import requests
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group lives (zombies do not count)."""
+    import psutil
 
-    try:
-        return requests.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child counts as gone
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            return False
-    return True
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+    return False
 
 
-def _is_mlflow(pid: int) -> bool:
-    """Whether ``pid`` still runs an MLflow server (not a process that reused its id)."""
-    try:
-        return b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc: trust the pid
+def stop_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM the whole process group, SIGKILL whatever is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pgid, os.WNOHANG)  # reap the leader when it is our child
+            if not group_alive(pgid):
+                return
+            time.sleep(0.1)
 
 
 def _log_tail(path: Path, lines: int = 3) -> str:
     with contextlib.suppress(OSError):
         text = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        errors = [line for line in text if "Error" in line or "error" in line]
+        errors = [line for line in text if "rror" in line]
         return " | ".join((errors or text)[-lines:])[:400]
     return ""
 
 
-def server_command(store_uri: str, artifact_root: Path, host: str, port: int, workers: int) -> list[str]:
+def _start(store_uri: str, artifact_root: Path, host: str, port: int, workers: int, log_path: Path,
+           cwd: Path | None = None) -> subprocess.Popen:
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     launcher = [str(mlflow_exe)] if mlflow_exe.exists() else [sys.executable, "-m", "mlflow"]
-    return [*launcher, "server", "--backend-store-uri", store_uri,
-            "--artifacts-destination", str(artifact_root), "--host", host, "--port", str(port),
-            "--workers", str(workers)]
-
-
-def _server_env(advertised: str, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    command = [*launcher, "server", "--backend-store-uri", store_uri, "--artifacts-destination",
+               str(artifact_root), "--host", host, "--port", str(port), "--workers", str(workers)]
+    advertised = advertised_host(host)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_SERVER_ALLOWED_HOSTS": _allowed_hosts(advertised)}
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no route out from cluster hosts
-    env["MLFLOW_SERVER_ALLOWED_HOSTS"] = _allowed_hosts(advertised, port)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+    if sqlite_path(store_uri) is not None:
+        init_schema(store_uri)  # the workers must not race on a fresh schema
+    else:
+        check_store(store_uri)
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, cwd=cwd)
 
 
-def _wait_healthy(proc_pid: int, url: str, log_path: Path, timeout_s: float,
-                  poll: subprocess.Popen | None = None) -> None:
+def _wait_healthy(url: str, exited: Callable[[], int | None], log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if healthy(url, timeout_s=2):
-            return
-        exited = poll.poll() if poll is not None else (None if pid_alive(proc_pid) else -1)
-        if exited is not None:
-            raise TrackingError(f"mlflow server exited (code {exited}) during start-up: see {log_path}"
-                                + (f" ({tail})" if (tail := _log_tail(log_path)) else ""))
+    while not server_answers(url):
+        if (code := exited()) is not None:
+            tail = _log_tail(log_path)
+            raise TrackingError(f"mlflow server exited (code {code}) during start-up: see {log_path}"
+                                + (f" ({tail})" if tail else ""))
+        if time.monotonic() > deadline:
+            raise TrackingError(f"mlflow server did not answer at {url} within {timeout_s:.0f} s: see {log_path}")
         time.sleep(0.5)
-    raise TrackingError(f"mlflow server did not become healthy at {url} within {timeout_s:.0f} s: "
-                        f"see {log_path}")
 
-
-# --- the detached server ---------------------------------------------------------------------
 
 def read_state(state_dir: str | os.PathLike) -> ServerInfo | None:
-    path = Path(state_dir) / STATE_FILE
+    data = read_json(Path(state_dir) / STATE_FILE)
     try:
-        data = json.loads(path.read_text())
         return ServerInfo(**{k: v for k, v in data.items() if k in ServerInfo.__dataclass_fields__})
-    except (OSError, json.JSONDecodeError, TypeError):
+    except (TypeError, AttributeError):
         return None
 
 
-def _locked(state_dir: Path) -> contextlib.AbstractContextManager[None]:
-    return exclusive_lock(state_dir / "mlflow-server.lock")
-
-
 def ensure_server(store_uri: str, artifact_root: str | os.PathLike, state_dir: str | os.PathLike,
-                  host: str = "0.0.0.0", port: int | None = None, *, workers: int = 2,
-                  timeout_s: float = START_TIMEOUT_S) -> ServerInfo:
-    """A healthy ``mlflow server`` over ``store_uri``: the one recorded in ``state_dir`` when it
-    still runs on that store, else a new one started detached (own session: it outlives this
-    process) on ``port`` (a free one when None). Waits until it answers (``timeout_s``);
-    raises :class:`TrackingError` naming the server log otherwise. Its ``url`` uses a host
-    name the compute nodes can reach (see :func:`advertised_host`).
-    """
+                  host: str = "0.0.0.0", *, workers: int = 2, timeout_s: float = START_TIMEOUT_S) -> ServerInfo:
+    """A healthy ``mlflow server`` over ``store_uri``: the recorded one while its group lives and
+    answers, else a new one, on the recorded port when free. Raises :class:`TrackingError`
+    naming the server log when it does not come up within ``timeout_s``."""
     state_dir = Path(state_dir).absolute()
-    artifact_root = Path(artifact_root).absolute()
-    with _locked(state_dir):
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(state_dir / "mlflow-server.lock"):
         current = read_state(state_dir)
-        if current is not None and pid_alive(current.pid) and _is_mlflow(current.pid):
+        if current is not None and group_alive(current.pgid):
             if current.store_uri != store_uri:
-                raise TrackingError(
-                    f"an mlflow server for another store ({current.store_uri}) runs at {current.url} "
-                    f"(pid {current.pid}): stop it (harness.tracking.stop_server) or use another state dir")
-            if not healthy(current.url):  # maybe still starting
-                _wait_healthy(current.pid, current.url, Path(current.log_path), timeout_s)
-            return ServerInfo(**{**asdict(current), "reused": True})
-        (state_dir / STATE_FILE).unlink(missing_ok=True)
-
-        port = port or free_port(host)
-        if port_in_use(port, host):
-            raise TrackingError(f"port {port} is in use: pick another port or leave it unset")
-        if sqlite_path(store_uri) is not None:
-            init_schema(store_uri)  # the workers must not race on a fresh schema
-        else:
-            check_store(store_uri)
-        artifact_root.mkdir(parents=True, exist_ok=True)
-        advertised = advertised_host(host)
-        url = f"http://{advertised}:{port}"
+                raise TrackingError(f"an mlflow server for another store ({current.store_uri}) runs at "
+                                    f"{current.url} (process group {current.pgid}): stop it or use another runs folder")
+            try:  # maybe still starting
+                _wait_healthy(current.url, lambda: None if group_alive(current.pgid) else -1,
+                              Path(current.log_path), timeout_s)
+                return ServerInfo(**{**asdict(current), "reused": True})
+            except TrackingError:
+                stop_group(current.pgid)  # alive but not serving: replace it
+        port = current.port if current is not None and not port_in_use(current.port, host) else free_port(host)
         log_path = state_dir / LOG_FILE
-        with log_path.open("ab") as log_file:
-            proc = subprocess.Popen(server_command(store_uri, artifact_root, host, port, workers),
-                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    env=_server_env(advertised, port), start_new_session=True,
-                                    cwd=state_dir)
-        info = ServerInfo(url=url, pid=proc.pid, port=port, host=host, store_uri=store_uri,
-                          artifact_root=str(artifact_root), log_path=str(log_path),
-                          started_at=time.time())
-        (state_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=2))
+        proc = _start(store_uri, Path(artifact_root).absolute(), host, port, workers, log_path, cwd=state_dir)
+        info = ServerInfo(url=f"http://{advertised_host(host)}:{port}", pgid=proc.pid, port=port, host=host,
+                          store_uri=store_uri, log_path=str(log_path), started_at=time.time())
+        write_json_atomic(state_dir / STATE_FILE, asdict(info))
         try:
-            _wait_healthy(proc.pid, url, log_path, timeout_s, poll=proc)
+            _wait_healthy(info.url, proc.poll, log_path, timeout_s)
         except TrackingError:
-            _terminate_group(proc.pid)
+            stop_group(proc.pid)
             (state_dir / STATE_FILE).unlink(missing_ok=True)
             raise
         return info
 
 
-def _terminate_group(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM the server's process group (it leads its own session), SIGKILL after grace."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
-            if not pid_alive(pid):
-                return
-            time.sleep(0.1)
-
-
 def stop_server(state_dir: str | os.PathLike) -> bool:
-    """Stop the server recorded in ``state_dir``; False when none was running."""
+    """Stop the server recorded in ``state_dir`` (its whole group); False when none was running."""
     state_dir = Path(state_dir)
-    with _locked(state_dir):
+    with FileLock(state_dir / "mlflow-server.lock"):
         info = read_state(state_dir)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
-        if info is None or not pid_alive(info.pid) or not _is_mlflow(info.pid):
+        if info is None or not group_alive(info.pgid):
             return False
-        _terminate_group(info.pid)
+        stop_group(info.pgid)
         return True
 
 
-# --- bench.py ui ------------------------------------------------------------------------------
-
-def serve_ui(store_uri: str, *, port: int = 5000, host: str = "127.0.0.1",
-             artifact_root: str | os.PathLike | None = None, timeout_s: float = START_TIMEOUT_S,
-             on_ready=None) -> int:
-    """Run the MLflow UI for ``store_uri`` in the foreground until Ctrl-C (or until the
-    server exits); ``on_ready(url, log_path)`` is called once it answers. Returns the
-    server's exit code (0 after Ctrl-C or SIGTERM)."""
-    from harness.tracking.store import default_artifact_root
-
-    if port_in_use(port, host):
-        raise TrackingError(f"port {port} on {host} is in use: pick another with --port")
-    if sqlite_path(store_uri) is not None:
-        init_schema(store_uri)
-    else:
-        check_store(store_uri)
-    root = Path(artifact_root) if artifact_root else (default_artifact_root(store_uri) or Path("mlflow-artifacts"))
-    root.mkdir(parents=True, exist_ok=True)
-    url = f"http://{'127.0.0.1' if host in ('127.0.0.1', 'localhost') else advertised_host(host)}:{port}"
+def serve_ui(store_uri: str, artifact_root: Path, *, port: int, on_ready: Callable[[str, Path], None],
+             timeout_s: float = START_TIMEOUT_S) -> int:
+    """Run the MLflow UI for ``store_uri`` on 127.0.0.1 in the foreground until Ctrl-C or SIGTERM
+    (or until the server exits); ``on_ready(url, log_path)`` once it answers. Returns its exit code."""
+    if port_in_use(port):
+        raise TrackingError(f"port {port} on 127.0.0.1 is in use: pick another with --port")
+    url = f"http://127.0.0.1:{port}"
     log_path = Path(tempfile.gettempdir()) / f"milan-bench-ui-{port}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(server_command(store_uri, root.absolute(), host, port, workers=1),
-                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=_server_env(advertised_host(host), port), start_new_session=True)
+    log_path.unlink(missing_ok=True)
+    proc = _start(store_uri, artifact_root, "127.0.0.1", port, 1, log_path)
 
-    def interrupt(signum, frame):  # SIGTERM ends the UI like Ctrl-C: the server goes too
+    def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     # SIGINT explicitly too: a process started in the background of a non-interactive shell
     # inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        deadline = time.monotonic() + timeout_s
-        while not healthy(url):
-            if proc.poll() is not None:
-                raise TrackingError(f"mlflow server exited (code {proc.returncode}) during start-up: "
-                                    f"see {log_path}" + (f" ({tail})" if (tail := _log_tail(log_path)) else ""))
-            if time.monotonic() > deadline:
-                raise TrackingError(f"the MLflow UI did not answer at {url} within {timeout_s:.0f} s")
-            time.sleep(0.5)
-        if on_ready is not None:
-            on_ready(url, log_path)
+        _wait_healthy(url, proc.poll, log_path, timeout_s)
+        on_ready(url, log_path)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if proc.poll() is None:
-            _terminate_group(proc.pid)
+        stop_group(proc.pid)

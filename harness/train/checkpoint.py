@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.errors import UserError
+
 LATEST = "latest.pt"
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint that does not load; the message names the file and how to start the cell over."""
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -46,7 +52,13 @@ def load_latest(folder: Path) -> dict[str, Any] | None:
     path = folder / LATEST
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn copy, a full disk, a file from elsewhere
+        raise CorruptCheckpoint(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
+            "rerun this cell from scratch (`bench.py ablate GRID --force --cell CELL`, or delete the "
+            "file to restart the run)") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -6,6 +6,7 @@ restored RNG) but not logged again: ``last_step`` tells the loop where the log e
 """
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,8 @@ class RunLogger(Protocol):
 
 
 class JsonlLogger:
-    """Appends ``{"step": s, "key": value, ...}`` lines to ``metrics.jsonl`` in the run folder."""
+    """Appends ``{"step": s, "time": unix seconds, "key": value, ...}`` lines to ``metrics.jsonl``
+    in the run folder (the time lets MLflow receive the same point however often it is sent)."""
 
     def __init__(self, path: Path, flush_every: int = 1) -> None:
         self.path = path
@@ -28,7 +30,8 @@ class JsonlLogger:
         self._pending: list[str] = []
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._pending.append(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}))
+        self._pending.append(json.dumps({"step": step, "time": round(time.time(), 3),
+                                         **{k: float(v) for k, v in metrics.items()}}))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -58,22 +61,3 @@ def read_jsonl(path: Path) -> list[dict]:
             continue
     return records
 
-
-class FanOutLogger:
-    """Sends every call to several loggers (e.g. the JSON-lines log and MLflow)."""
-
-    def __init__(self, *loggers: RunLogger) -> None:
-        self.loggers = loggers
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step)
-
-    def flush(self) -> None:
-        for logger in self.loggers:
-            logger.flush()
-
-    def last_step(self, key: str) -> int | None:
-        # The run's history ends where the most complete destination ends.
-        steps = [s for s in (lg.last_step(key) for lg in self.loggers) if s is not None]
-        return max(steps, default=None)

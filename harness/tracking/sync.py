@@ -1,0 +1,201 @@
+"""Mirroring a run folder into its MLflow run: the folder is the truth, MLflow a copy of it.
+
+:func:`sync_run` brings the run up to date with the folder and is safe to repeat and to interrupt:
+
+* metrics: the lines of ``metrics.jsonl`` past the offset recorded in ``mlflow-sync.json`` go out
+  in ``log_batch`` requests (1,000 metrics each) and the offset moves after each request, so every
+  step reaches MLflow exactly once, however often the sync is interrupted and restarted;
+* state: ``status.json`` (state, reason, stage, step, attempts, host, job) as tags and the MLflow
+  run status (:data:`harness.cell_state.MLFLOW_STATUS`);
+* once the run is done: its summary metrics (``results.json``), ``config.yaml`` and
+  ``metrics.jsonl`` as artifacts, and the checkpoint's path.
+
+A job runs a :class:`Mirror`: a background thread that syncs every few seconds, so training never
+waits on the tracking server and never stops because it is down; the steps wait in the folder and
+go out when the server is back, or at the end. What is still waiting is :func:`backlog` (``status``
+shows it); ``ablate`` syncs the cells whose jobs ended with a backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness.cell_state import CellState
+from harness.files import read_json, write_json_atomic
+from harness.run_folder import CONFIG_FILE, METRICS_FILE, read_results, read_status
+from harness.tracking import schema as S
+
+log = logging.getLogger(__name__)
+
+SYNC_FILE = "mlflow-sync.json"
+BATCH_METRICS = 1000  # MLflow's limit per log_batch
+NOT_METRICS = ("step", "time")  # keys of a metrics.jsonl line that are not metrics
+# status.json field -> tag of the cell run
+STATUS_TAGS = {"stage": "stage", "step": "step", "attempts": "attempts", "host": S.HOST, "job": S.SLURM_JOB_ID,
+               "restarts": S.SLURM_RESTART_COUNT}
+
+
+def _read_sync(run_dir: Path) -> dict[str, Any]:
+    data = read_json(run_dir / SYNC_FILE)
+    return data if isinstance(data, dict) else {}
+
+
+def _state_key(status: dict[str, Any]) -> list[Any]:
+    return [status.get(k) for k in ("state", "reason", *STATUS_TAGS)]
+
+
+def backlog(run_dir: Path) -> str:
+    """What the MLflow run lacks of the folder, in words ("" when it is in step)."""
+    run_dir = Path(run_dir)
+    sync, status = _read_sync(run_dir), read_status(run_dir)
+    waiting = []
+    try:
+        unsent = (run_dir / METRICS_FILE).stat().st_size - sync.get("offset", 0)
+    except OSError:
+        unsent = 0
+    if unsent > 0:
+        waiting.append(f"{unsent:,} bytes of metrics")
+    if status and sync.get("state") != _state_key(status):
+        waiting.append(f"state {status.get('state')}")
+    if status.get("state") == CellState.DONE and not sync.get("final"):
+        waiting.append("results")
+    return ", ".join(waiting)
+
+
+def _metric_lines(path: Path, offset: int) -> list[tuple[int, dict[str, Any]]]:
+    """(offset after the line, record) for each complete line past ``offset``; a line torn by a
+    kill (not JSON) is skipped, a line still being written (no newline yet) is left for later."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return []
+    out, position = [], offset
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        position += len(raw)
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        out.append((position, record if isinstance(record, dict) else {}))
+    return out
+
+
+def _send_metrics(mlflow_client: Any, run_id: str, run_dir: Path, sync: dict[str, Any]) -> None:
+    from mlflow.entities import Metric
+
+    fallback_ms = int((run_dir / METRICS_FILE).stat().st_mtime * 1000) if (run_dir / METRICS_FILE).exists() else 0
+    batch: list[Metric] = []
+    end = sync.get("offset", 0)
+
+    def send() -> None:
+        if batch:
+            mlflow_client.log_batch(run_id, metrics=batch)
+            batch.clear()
+        sync["offset"] = end
+        write_json_atomic(run_dir / SYNC_FILE, sync)
+
+    for position, record in _metric_lines(run_dir / METRICS_FILE, sync.get("offset", 0)):
+        step = int(record.get("step") or 0)
+        stamp = int(float(record["time"]) * 1000) if "time" in record else fallback_ms
+        metrics = [Metric(k, float(v), stamp, step) for k, v in record.items()
+                   if k not in NOT_METRICS and isinstance(v, (int, float))]
+        if len(batch) + len(metrics) > BATCH_METRICS:
+            send()
+        batch.extend(metrics)
+        end = position
+    if end != sync.get("offset", 0) or batch:
+        send()
+
+
+def sync_run(run_dir: Path, uri: str, run_id: str) -> None:
+    """Bring MLflow run ``run_id`` at ``uri`` up to date with ``run_dir`` (raises when the store
+    cannot be reached; what was sent before the error stays sent and recorded)."""
+    from harness.tracking.runs import set_run_tags, set_state
+    from harness.tracking.store import client
+
+    run_dir = Path(run_dir)
+    mlflow_client = client(uri)
+    sync = _read_sync(run_dir)
+    _send_metrics(mlflow_client, run_id, run_dir, sync)
+    status = read_status(run_dir)
+    state = CellState.parse(status.get("state"))
+    if state is not None and sync.get("state") != _state_key(status):
+        tags = {tag: status[field] for field, tag in STATUS_TAGS.items() if status.get(field) is not None}
+        set_state(uri, run_id, state, status.get("reason"), tags=tags)
+        sync["state"] = _state_key(status)
+        write_json_atomic(run_dir / SYNC_FILE, sync)
+    if state == CellState.DONE and not sync.get("final") and (results := read_results(run_dir)) is not None:
+        from mlflow.entities import Metric
+
+        stamp = int((run_dir / "results.json").stat().st_mtime * 1000)
+        step = int(results.get("steps", 0))
+        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step)
+                                                 for k, v in results["metrics"].items() if v is not None])
+        for name in (CONFIG_FILE, METRICS_FILE):
+            if (run_dir / name).is_file():
+                mlflow_client.log_artifact(run_id, os.fspath(run_dir / name))
+        if results.get("checkpoint"):
+            set_run_tags(uri, run_id, {S.CHECKPOINT: str(Path(results["checkpoint"]).absolute())})
+        sync["final"] = True
+        write_json_atomic(run_dir / SYNC_FILE, sync)
+
+
+class Mirror:
+    """Syncs a run folder into its MLflow run from a background thread while a job runs.
+
+    ``uri`` is asked anew before every sync (a restarted server may have moved). A failed sync
+    is logged once per outage and retried; :meth:`close` makes a last attempt and says whether
+    the run is in step."""
+
+    def __init__(self, run_dir: Path, uri: Callable[[], str | None], run_id: str, interval_s: float = 10.0) -> None:
+        self.run_dir, self.uri, self.run_id, self.interval_s = Path(run_dir), uri, run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-mirror", daemon=True)
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def __enter__(self) -> Mirror:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sync(self) -> bool:
+        with self._lock:
+            uri = self.uri()
+            try:
+                if uri is None:
+                    raise ConnectionError("no tracking server is recorded for this store yet")
+                sync_run(self.run_dir, uri, self.run_id)
+            except Exception as err:  # noqa: BLE001 - the store is infrastructure: the run goes on
+                if not self._failing:
+                    log.warning("MLflow is unreachable (%s); the run goes on and its metrics wait in %s",
+                                str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__,
+                                self.run_dir / METRICS_FILE)
+                self._failing = True
+                return False
+            if self._failing:
+                log.info("MLflow is back: run %s is in step again", self.run_id)
+            self._failing = False
+            return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sync()
+
+    def close(self) -> bool:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.sync()
