@@ -18,17 +18,63 @@ import contextlib
 import functools
 import os
 import re
-import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import BaseModel, ConfigDict
+
+from harness.files import read_json
 from harness.tracking.schema import TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlflow-artifacts"
+
+
+STATE_FILE = "mlflow-server.json"  # what harness.tracking.server records about a running server
+
+
+class Store(BaseModel):
+    """Where a grid's runs live: the ``backend`` store itself (``sqlite:///...``, a database URI,
+    or a server URL the user gave) and, when ``ablate`` serves it to Slurm jobs, the folder where
+    that server records its address. A restarted server on any port is found again through it."""
+
+    model_config = ConfigDict(frozen=True)
+    backend: str
+    server_dir: str | None = None
+
+    def server_url(self) -> str | None:
+        """The address of the server recorded for this store (it may be down)."""
+        state = read_json(Path(self.server_dir) / STATE_FILE) if self.server_dir else None
+        if isinstance(state, dict) and state.get("store_uri") == self.backend:
+            return state.get("url")
+        return None
+
+    def writer_uri(self) -> str | None:
+        """What a job logs to: the server when the store is served, else the store itself
+        (None: served, but no server recorded; try again later)."""
+        return self.server_url() if self.server_dir else self.backend
+
+    def reader_uri(self) -> str:
+        """What a reader uses: the server when it answers, else the store itself."""
+        url = self.server_url()
+        if url and server_answers(url):
+            return url
+        return self.backend
+
+    def describe(self) -> str:
+        return display_uri(self.backend) + (f" (served from {self.server_dir})" if self.server_dir else "")
+
+
+def server_answers(url: str, timeout_s: float = 2.0) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def default_tracking_uri() -> str:
@@ -127,14 +173,6 @@ def _check_sqlite(path: Path, must_exist: bool) -> None:
     with path.open("rb") as f:
         if f.read(16) != b"SQLite format 3\x00":
             raise TrackingError(f"{path} is not a SQLite database: give the path of an MLflow store")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as db:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.Error as err:
-        raise TrackingError(f"cannot read SQLite store {path} ({err}): check the file") from None
-    if tables and "experiments" not in tables:
-        raise TrackingError(f"{path} is a SQLite database but not an MLflow store (no experiments "
-                            "table): pass the MLflow store's path")
     if not must_exist and not os.access(path, os.W_OK):
         raise TrackingError(f"SQLite store {path} is read-only: fix its permissions")
 
