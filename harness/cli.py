@@ -238,13 +238,81 @@ def teacher_list() -> None:
     typer.echo("\n".join(vit_model_names()))
 
 
-# --- tracking and reports (harness/tracking/commands.py) --------------------------------------
+# --- tracking and reports -----------------------------------------------------------------------
 
-from harness.tracking.commands import report_bench_command, report_command, ui_command  # noqa: E402
+TrackingUriOption = Annotated[str | None, typer.Option(
+    "--tracking-uri", metavar="URI",
+    help="MLflow store: sqlite:///path/mlflow.db or http://host:port "
+         "(default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).")]
 
-app.command("report")(user_errors(report_command))
-app.command("ui")(user_errors(ui_command))
-app.command("report-bench")(user_errors(report_bench_command))
+
+@app.command("report")
+@user_errors
+def report_command(
+    grid: Annotated[str, typer.Argument(
+        help="Grid name, grid YAML (e.g. ablations/smoke.yaml) or MLflow experiment name/id.")] = "smoke",
+    tracking_uri: TrackingUriOption = None,
+    metric: Annotated[str, typer.Option(help="Headline metric of the tables and figures.")] = "linear_top1",
+    format_: Annotated[str, typer.Option(
+        "--format", help="Table formats, comma-separated: md,csv,tex,html.")] = "md,csv,tex,html",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/<grid>/).")] = None,
+    log_to_mlflow: Annotated[bool, typer.Option(
+        "--log/--no-log", help="Also log report.md, tables and figures to the grid's newest parent run.")] = True,
+    runs_dir: Annotated[Path, typer.Option(
+        help="Where `bench.py ablate` recorded the grid's store (<runs>/<grid>/grid.json).")] = Path("runs"),
+) -> None:
+    """Tables, figures and report.md for a grid's runs in MLflow (failed cells included)."""
+    from harness.report.grid_report import write_grid_report
+    from harness.report.tables import parse_formats
+
+    write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=parse_formats(format_),
+                      out=out, log_to_mlflow=log_to_mlflow, runs_dir=runs_dir, echo=typer.echo,
+                      warn=lambda line: typer.secho(line, err=True))
+
+
+@app.command("ui")
+@user_errors
+def ui_command(
+    tracking_uri: TrackingUriOption = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the store; runs until Ctrl-C."""
+    from harness.tracking.locate import experiment_links
+    from harness.tracking.server import port_in_use, serve_ui
+    from harness.tracking.store import check_store, default_tracking_uri, display_uri, is_http
+
+    uri = tracking_uri or default_tracking_uri()
+    if is_http(uri):
+        typer.echo(f"{display_uri(uri)} is an MLflow server: its UI is at that address already")
+        return
+    if port_in_use(port, "127.0.0.1"):
+        raise UserError(f"port {port} on 127.0.0.1 is in use: pick another with --port")
+    check_store(uri)
+    typer.echo(f"starting the MLflow UI for {display_uri(uri)} ...", err=True)
+
+    def ready(url: str, log_path: Path) -> None:
+        typer.echo(f"MLflow UI: {url}  (server log: {log_path}; Ctrl-C to stop)")
+        for name, link in experiment_links(uri, url):
+            typer.echo(f"  {name}: {link}")
+        sys.stdout.flush()
+
+    code = serve_ui(uri, port=port, host="127.0.0.1", on_ready=ready)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("report-bench")
+@user_errors
+def report_bench_command(
+    runs: Annotated[int, typer.Option(help="Number of synthetic finished runs.")] = 1000,
+    steps: Annotated[int, typer.Option(help="Loss points per run.")] = 100,
+    store: Annotated[Path | None, typer.Option(
+        help="SQLite file to fill (reused when it already holds the grid; default: a temp file).")] = None,
+) -> None:
+    """Time a report over synthetic runs read from a real SQLite MLflow store (prints seconds)."""
+    from harness.report.mlflow_bench import report_lines, run_benchmark
+
+    typer.echo(report_lines(run_benchmark(runs, steps, store)))
 
 
 # --- speed -------------------------------------------------------------------------------------

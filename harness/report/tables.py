@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
+from harness.errors import UserError
+
 DONE = "done"
 # Order in which statuses are listed in summaries: finished first, then the ones that
 # need attention, then the ones that will resolve by themselves.
@@ -38,6 +40,16 @@ MILAN_CELL: dict[str, str] = {
 }
 
 TABLE_FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"md, CSV,.tex"`` -> ("md", "csv", "tex"): a --format value as table formats, in order."""
+    formats = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in TABLE_FORMATS]
+    if unknown or not formats:
+        raise UserError(f"unknown table format {', '.join(unknown) or repr(text)}: choose from "
+                        f"{','.join(TABLE_FORMATS)} (comma-separated)")
+    return formats
 
 
 class ReportError(ValueError):

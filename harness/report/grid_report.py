@@ -1,0 +1,93 @@
+"""A grid's report from its MLflow runs: what ``bench.py report`` and the end of ``bench.py ablate`` do.
+
+Find the store, read the runs, write tables, figures and report.md, and log them to the grid's
+newest parent run. Only the standard library at module level: the CLI imports this lazily.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from harness.errors import UserError
+
+Echo = Callable[[str], None]
+
+REPORTS_DIR = Path("reports")
+
+
+def grid_name(grid: str) -> str:
+    """A grid argument as an experiment name: a grid YAML path gives its experiment
+    (``tracking.experiment``, else ``name:``, else the file's stem); anything else is taken as
+    the grid or experiment name (or id) itself."""
+    path = Path(grid)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"grid file {grid} does not exist: give a grid YAML or a grid name")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{grid} is not valid YAML ({str(err).splitlines()[0]})") from None
+        data = data if isinstance(data, dict) else {}
+        tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
+        name = tracking.get("experiment") or data.get("name")
+        return str(name) if name else path.stem
+    return grid
+
+
+def write_grid_report(
+    grid: str,
+    *,
+    tracking_uri: str | None,
+    metric: str,
+    formats: Iterable[str],
+    out: Path | None,
+    log_to_mlflow: bool,
+    runs_dir: Path,
+    echo: Echo = print,
+    warn: Echo | None = None,
+) -> None:
+    """Tables, figures and report.md for the runs of ``grid`` (a name, grid YAML or experiment)
+    under ``out`` (default ``reports/<grid>/``); one summary line goes to ``echo``, notes and
+    warnings to ``warn`` (default ``echo``). Bad input raises a one-line UserError."""
+    from harness.report.build import build_report
+    from harness.report.ingest import load_runs
+    from harness.report.tables import ReportError
+    from harness.tracking.locate import resolve_store
+    from harness.tracking.store import bounded_http, display_uri
+
+    warn = warn or echo
+    start = time.perf_counter()
+    name = grid_name(grid)
+    formats = tuple(formats)
+    with bounded_http():
+        uri, experiment, note = resolve_store(name, tracking_uri, runs_dir)
+        if note:
+            warn(f"note: {note}")
+        runs, curves = load_runs(uri, experiment)
+        if runs.empty:
+            raise UserError(f"grid {name!r} has no cell runs in {display_uri(uri)} yet: run "
+                            f"`bench.py ablate` first")
+        out_dir = out or REPORTS_DIR / runs.attrs.get("grid", name)
+        try:
+            result = build_report(runs, curves, out_dir, metric=metric, formats=formats)
+        except ReportError as err:
+            raise UserError(str(err)) from None
+        counts = runs["status"].value_counts()
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        echo(f"{result.report}: {runs['cell_id'].nunique()} cells, {len(runs)} runs ({summary}); "
+             f"{len(result.tables)} tables, {len(result.figures)} figures "
+             f"in {time.perf_counter() - start:.1f} s")
+        parent = runs.attrs.get("parent_run_id")
+        if log_to_mlflow and parent:
+            from harness.tracking.runs import log_files
+
+            try:
+                log_files(uri, parent, result.files, out_dir, artifact_path="report")
+                echo(f"logged to MLflow run {parent} (artifacts report/)")
+            except Exception as err:  # noqa: BLE001 - the report itself is written
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                warn(f"warning: could not log the report to MLflow run {parent}: {first[:200]}")
