@@ -161,6 +161,10 @@ def ablate_command(
         help="MLflow tracking URI (default: the grid's, else ./mlflow.db locally, or an MLflow server "
              "on this host for Slurm jobs).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the grids' run folders go.")] = Path("runs"),
+    cell: Annotated[list[str] | None, typer.Option(
+        "--cell", metavar="TEXT",
+        help="Only the cells whose folder or name contains TEXT (repeatable), e.g. with --force to "
+             "rerun one cell from scratch.")] = None,
 ) -> None:
     """Run an ablation grid: one job per cell x seed; finished cells are skipped, failed ones resumed."""
     from harness.config import parse_assignments
@@ -168,8 +172,17 @@ def ablate_command(
 
     request = AblateRequest(grid=grid, sets=parse_assignments(set_ or []), axes=_parse_axes(axis or []),
                             seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
-                            tracking_uri=tracking_uri, runs_dir=runs_dir)
+                            tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()))
     outcome = ablate(request, echo=typer.echo)
+    if outcome.waited and outcome.record is not None and outcome.record.store is not None:
+        from harness.report.grid_report import write_grid_report
+
+        try:  # a report that cannot be built does not fail the grid
+            write_grid_report(outcome.record.experiment, tracking_uri=outcome.record.store.reader_uri(),
+                              metric=outcome.grid.headline_metric, formats=("md", "csv", "tex", "html"),
+                              out=None, log_to_mlflow=True, runs_dir=runs_dir, echo=typer.echo)
+        except UserError as err:
+            typer.echo(f"report: not written ({err})")
     if not outcome.ok:
         raise typer.Exit(1)
 
@@ -343,7 +356,7 @@ def speed_command(
 
     from harness.errors import ConfigError
     from harness.milan.presets import PRESETS
-    from harness.speed import COMBINATIONS, as_dicts, default_teacher_for, run_speed
+    from harness.benchmarks.speed import COMBINATIONS, as_dicts, default_teacher_for, run_speed
     from harness.train.pretrain import resolve_device
 
     if size not in PRESETS:
