@@ -69,7 +69,6 @@ class LinearProbeConfig(_Frozen):
     batch_size: int = Field(16384, gt=0)
     base_lr: float = Field(0.05, gt=0)  # lr = base_lr * batch / 256
     optimizer: Literal["lars", "sgd"] = "lars"
-    cache_features: bool = True  # train the head on features extracted once
 
 
 class KnnConfig(_Frozen):

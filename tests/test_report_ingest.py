@@ -320,9 +320,11 @@ def test_parallel_figures_match_serial_ones(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "ProcessPoolExecutor", CountingPool)
     runs, curves = synthetic_runs(96, 20)
-    serial = build.build_report(runs, curves, tmp_path / "serial", workers=1, formats=("md",))
+    monkeypatch.setenv("MILAN_BENCH_REPORT_WORKERS", "1")
+    serial = build.build_report(runs, curves, tmp_path / "serial", formats=("md",))
     assert pools == []
-    parallel = build.build_report(runs, curves, tmp_path / "parallel", workers=2, formats=("md",))
+    monkeypatch.setenv("MILAN_BENCH_REPORT_WORKERS", "2")
+    parallel = build.build_report(runs, curves, tmp_path / "parallel", formats=("md",))
     assert pools == [(2,)]
     names = [p.relative_to(tmp_path / "serial") for p in serial.figures]
     assert names == [p.relative_to(tmp_path / "parallel") for p in parallel.figures] and len(names) == 4

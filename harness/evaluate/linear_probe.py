@@ -14,7 +14,7 @@ from timm.utils import AverageMeter, accuracy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from harness.evaluate.features import cls_features, extract_features
+from harness.evaluate.features import extract_features
 
 
 def linear_probe(
@@ -29,7 +29,6 @@ def linear_probe(
     warmup_epochs: float,
     weight_decay: float = 0.0,
     optimizer: Literal["lars", "sgd"] = "lars",
-    cache_features: bool = True,
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -39,57 +38,24 @@ def linear_probe(
     trunc_normal std 0.01, bias 0); lr = base_lr * batch_size / 256 with a per-iteration linear
     warm-up and half-cycle cosine to 0; LARS with momentum 0.9 (SGD with momentum 0.9 as an option).
 
-    With `cache_features` the encoder runs once over each loader (which should then use
-    deterministic eval transforms) and the head trains on the cached features, `batch_size` at a
-    time. Without it the encoder runs on every batch of `train_loader` (augmented views), whose
-    batch size must then equal `batch_size`. Validation always uses features extracted once, since
-    the encoder is frozen and the eval transform deterministic.
-
+    The encoder runs once over each loader (which should use deterministic eval transforms) and
+    the head trains on those features, `batch_size` at a time: see :func:`linear_probe_on_features`.
     The encoder is moved to `device` and never updated; its train/eval mode is restored. `seed`
-    fixes the head's initialisation and the order of cached batches (a loader shuffles by itself).
+    fixes the head's initialisation and the order of the feature batches.
     Returns "linear_top1", "linear_top5" (at least 5 classes), percentages, and
     "linear_train_seconds": wall time of fitting the head, including the train-feature pass.
     """
-    if optimizer not in ("lars", "sgd"):
-        raise ValueError(f"optimizer must be 'lars' or 'sgd', not {optimizer!r}")
-    if not cache_features and train_loader.batch_size != batch_size:
-        raise ValueError(
-            f"train_loader yields batches of {train_loader.batch_size}, "
-            f"but batch_size={batch_size} sets the learning rate"
-        )
-    if cache_features:
-        start = time.perf_counter()
-        features, labels = extract_features(encoder, train_loader, device)
-        extract_seconds = time.perf_counter() - start
-        metrics = linear_probe_on_features(
-            features, labels, *extract_features(encoder, val_loader, device),
-            num_classes=num_classes, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
-            warmup_epochs=warmup_epochs, weight_decay=weight_decay, optimizer=optimizer,
-            device=device, seed=seed,
-        )
-        # count the train-feature pass, so cached and uncached runs are comparable
-        metrics["linear_train_seconds"] += extract_seconds
-        return metrics
-    generator = torch.Generator().manual_seed(seed)
-    head = _probe_head(encoder.embed_dim, num_classes, generator).to(device)
     start = time.perf_counter()
-    _train_head(
-        head,
-        _encoded_batches(encoder, train_loader, device),
-        epochs,
-        len(train_loader),
-        warmup_epochs,
-        _head_optimizer(head, optimizer, base_lr * batch_size / 256, weight_decay),
+    features, labels = extract_features(encoder, train_loader, device)
+    extract_seconds = time.perf_counter() - start
+    metrics = linear_probe_on_features(
+        features, labels, *extract_features(encoder, val_loader, device),
+        num_classes=num_classes, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
+        warmup_epochs=warmup_epochs, weight_decay=weight_decay, optimizer=optimizer,
+        device=device, seed=seed,
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - start
-    metrics = _evaluate_head(
-        head, *extract_features(encoder, val_loader, device), batch_size, device
-    )
-    if num_classes < 5:
-        del metrics["linear_top5"]
-    return {**metrics, "linear_train_seconds": train_seconds}
+    metrics["linear_train_seconds"] += extract_seconds
+    return metrics
 
 
 def linear_probe_on_features(
@@ -170,27 +136,6 @@ def _cached_batches(
             (features[batch], labels[batch])
             for batch in order[: num_batches * batch_size].split(batch_size)
         )
-
-
-def _encoded_batches(
-    encoder: VisionTransformer, loader: DataLoader, device: torch.device
-) -> Iterator[Iterator[tuple[Tensor, Tensor]]]:
-    """Per epoch, the loader's batches encoded on the fly by the frozen encoder in eval mode."""
-
-    def epoch() -> Iterator[tuple[Tensor, Tensor]]:
-        was_training = encoder.training
-        encoder.to(device).eval()
-        try:
-            for images, labels in loader:
-                # no_grad, not inference_mode: the head's autograd graph saves these features.
-                with torch.no_grad():
-                    features = cls_features(encoder, images, device)
-                yield features, labels.to(device, torch.long, non_blocking=True)
-        finally:
-            encoder.train(was_training)
-
-    while True:
-        yield epoch()
 
 
 def _train_head(

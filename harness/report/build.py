@@ -71,15 +71,13 @@ def build_report(
     *,
     metric: str = "linear_top1",
     formats: Iterable[str] = TABLE_FORMATS,
-    figures: bool = True,
-    workers: int | None = None,
 ) -> ReportResult:
     """Write tables, figures and report.md for `runs` (and loss `curves`) under out_dir.
 
-    Figures are drawn in up to `workers` forked processes while the tables are written
-    (default: one per CPU, at most one per figure; `MILAN_BENCH_REPORT_WORKERS=1` or
-    `workers=1` draws them here, one after the other). Drawing is CPU-bound Python, so this
-    is what brings a 1,000-run report under its time goal on two cores.
+    Figures are drawn in forked processes while the tables are written (one per CPU, at most
+    one per figure; `MILAN_BENCH_REPORT_WORKERS=1` draws them here, one after the other).
+    Drawing is CPU-bound Python, so this is what brings a 1,000-run report under its time
+    goal on two cores.
 
     Raises ReportError when `metric` is not a column with at least one value.
     """
@@ -90,11 +88,8 @@ def build_report(
     reference = reference_table(runs)
     if reference is not None:
         tables["reference"] = reference
-    jobs = (
-        _figure_jobs(runs, curves, metric, tables["main_effects"], out_dir / "figures")
-        if figures else {}
-    )
-    with _FigureRenderer(jobs, workers) as renderer:
+    jobs = _figure_jobs(runs, curves, metric, tables["main_effects"], out_dir / "figures")
+    with _FigureRenderer(jobs) as renderer:
         table_paths = write_tables(tables, out_dir / "tables", formats)
         figure_paths = renderer.results()
     report = out_dir / "report.md"
@@ -128,18 +123,6 @@ def _figure_jobs(
     return jobs
 
 
-def _write_figures(
-    runs: pd.DataFrame,
-    curves: pd.DataFrame | None,
-    metric: str,
-    effects: pd.DataFrame,
-    fig_dir: Path,
-) -> dict[str, Path]:
-    """Each figure whose data exists, drawn here, keyed by the report section."""
-    return {key: fn(*args) for key, (fn, args) in
-            _figure_jobs(runs, curves, metric, effects, fig_dir).items()}
-
-
 # Figures by drawing time on a 1,000-run grid: cost ~2.0 s, cells ~1.7 s, curves ~1.0 s,
 # main effects ~0.5 s (CPU seconds, 2-core machine).
 SUBMIT_ORDER = ("cost", "cells", "curves", "main_effects")
@@ -160,9 +143,9 @@ class _FigureRenderer:
     where fork is unavailable or while other threads run, in this process when `results()`
     is called. A failure of the worker pool (not of a figure) falls back to drawing here."""
 
-    def __init__(self, jobs: Mapping[str, FigureJob], workers: int | None) -> None:
+    def __init__(self, jobs: Mapping[str, FigureJob]) -> None:
         self.jobs = dict(jobs)
-        self.workers = min(len(self.jobs), workers or _default_workers())
+        self.workers = min(len(self.jobs), _default_workers())
         self.pool = None
         self.futures: dict[str, Future] = {}
 

@@ -252,22 +252,12 @@ def milan_cell_mask(runs: pd.DataFrame) -> pd.Series:
     return runs[list(wanted)].eq(pd.Series(wanted, dtype=object)).all(axis=1)
 
 
-def reference_table(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame | None:
-    """Spec reference numbers beside the measured MILAN cell; None outside the paper setting.
-
-    `metric` restricts the table to one reference metric; by default both fine-tune and
-    linear-probe top-1 are listed.
-    """
+def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """Published fine-tune and linear-probe top-1 beside the measured MILAN cell; None outside
+    the paper setting."""
     if not runs.attrs.get("paper_setting", False):
         return None
     reference = pd.DataFrame(REFERENCE_TOP1)
-    if metric is not None:
-        if metric not in reference.index:
-            raise ReportError(
-                f"no reference numbers for metric {metric!r}; "
-                f"reference metrics: {', '.join(reference.index)}"
-            )
-        reference = reference.loc[[metric]]
     milan = runs[milan_cell_mask(runs) & (runs["status"] == DONE)]
     measured = (
         milan.reindex(columns=reference.index)

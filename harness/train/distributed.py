@@ -44,15 +44,6 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def broadcast_flag(env: DistEnv, value: bool) -> bool:
-    """Rank 0's boolean, on every rank (e.g. 'stop: the loss went non-finite')."""
-    if not env.enabled:
-        return value
-    flag = torch.tensor([int(value)])
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
 def shutdown(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
