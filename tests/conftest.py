@@ -78,11 +78,11 @@ def micro_config(data_root: Path, teacher_checkpoint: Path, /, **sections: dict)
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """The session's loopback `mlflow server` over a SQLite store; stopping it is checked too."""
-    from harness.tracking import ensure_server, sqlite_uri, stop_server
-    from harness.tracking.server import pid_alive
+    from harness.tracking.server import ensure_server, group_alive, stop_server
+    from harness.tracking.store import sqlite_uri
 
     base = tmp_path_factory.getbasetemp() / "mlflow-server"
     info = ensure_server(sqlite_uri(base / "mlflow.db"), base / "artifacts", base / "state", host="127.0.0.1")
     yield info
     stop_server(base / "state")
-    assert not pid_alive(info.pid)
+    assert not group_alive(info.pgid)

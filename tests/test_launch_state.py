@@ -15,7 +15,8 @@ from harness.launch import views
 from harness.launch.executors import local_slots
 from harness.launch.records import LAUNCH_FILE, GridRecord, LaunchRecord, Submission, read_record, write_record
 from harness.launch.slurm import SlurmJobState
-from harness.launch.state import CellState, collect, derive_state, local_job_state, plan, tail
+from harness.cell_state import CellState
+from harness.launch.state import CellView, collect, derive, local_job_state, plan, tail
 
 
 def sub(job_id: str = "12_3", executor: str = "slurm") -> Submission:
@@ -27,55 +28,76 @@ def job(state: str, reason: str = "", restarts: int = 0) -> SlurmJobState:
 
 
 RUNNING = {"state": "running", "attempts": 1}
+REQUEUED = {"state": "requeued", "attempts": 1, "reason": "stopped by the scheduler (SIGTERM)"}
 FAILED = {"state": "failed", "attempts": 1, "reason": "loss became nan at step 3: lower pretrain.base_lr"}
 
 
 @pytest.mark.parametrize(("status", "finished", "submission", "slurm", "expected", "reason"), [
-    (None, False, None, None, "missing", None),
-    (None, True, None, None, "done", None),  # results.json wins
+    ({}, False, None, None, "missing", None),
+    ({}, True, None, None, "done", None),  # results.json wins
     ({"state": "done"}, False, sub(), job("COMPLETING"), "done", None),
-    (None, False, sub(), job("PENDING", "Priority"), "pending", "Priority"),
+    ({}, False, sub(), job("PENDING", "Priority"), "pending", "Priority"),
     (FAILED, False, sub(), job("PENDING", "Resources"), "pending", "Resources"),  # resubmitted
     (RUNNING, False, sub(), job("PENDING", "BeginTime", restarts=1), "requeued", "BeginTime"),
+    (REQUEUED, False, sub(), job("PENDING", "BeginTime", restarts=1), "requeued", "BeginTime"),
     (RUNNING, False, sub(), job("REQUEUED"), "requeued", None),
-    (RUNNING, False, sub(), job("PREEMPTED"), "preempted", None),
     (RUNNING, False, sub(), job("SUSPENDED"), "preempted", None),
-    (None, False, sub(), job("RUNNING"), "running", None),  # started, status not written yet
+    ({}, False, sub(), job("RUNNING"), "running", None),  # started, status not written yet
     (RUNNING, False, sub(), job("RUNNING"), "running", None),
-    ({"state": "requeued", "reason": "preempted"}, False, sub(), job("COMPLETING"), "requeued", "preempted"),
+    (REQUEUED, False, sub(), job("COMPLETING"), "requeued", "stopped by the scheduler"),
+    (REQUEUED, False, sub(), job("RUNNING", restarts=1), "requeued", "stopped by the scheduler"),  # restarting
     (FAILED, False, sub(), job("COMPLETING"), "failed", FAILED["reason"]),
     (FAILED, False, sub(), None, "failed", FAILED["reason"]),
+    (REQUEUED, False, sub("4242", "local"), None, "requeued", "stopped by the scheduler (SIGTERM); not restarted"),
+    (REQUEUED, False, sub(), job("CANCELLED"), "failed", "job 12_3 ended CANCELLED before the run finished"),
     (RUNNING, False, sub(), job("CANCELLED"), "failed", "job 12_3 ended CANCELLED before the run finished: see its log"),
-    (RUNNING, False, sub(), job("TIMEOUT"), "failed", "job 12_3 ended TIMEOUT before the run finished: see its log"),
+    (RUNNING, False, sub(), job("PREEMPTED"), "failed", "job 12_3 ended PREEMPTED"),  # not requeued by Slurm
     (RUNNING, False, sub(), job("OUT_OF_MEMORY"), "failed", "job 12_3 ended OUT_OF_MEMORY"),
-    (None, False, sub(), job("FAILED", "NonZeroExitCode"), "failed", "job 12_3 ended FAILED (NonZeroExitCode)"),
+    (RUNNING, False, sub(), job("NODE_FAIL"), "failed", "job 12_3 ended NODE_FAIL"),
+    ({}, False, sub(), job("FAILED", "NonZeroExitCode"), "failed", "job 12_3 ended FAILED (NonZeroExitCode)"),
     (RUNNING, False, sub(), None, "failed", "job 12_3 is gone and its run never wrote a final status"),
     (RUNNING, False, sub("4242", "local"), None, "failed", "job 4242 is gone"),
 ])
-def test_derive_state(status, finished, submission, slurm, expected, reason) -> None:
-    state = derive_state(status, finished, submission, slurm)
-    assert state.state == expected
+def test_derive(status, finished, submission, slurm, expected, reason) -> None:
+    subs = [submission] if submission else []
+    state, why, job_id, alive = derive(status, finished, subs, {"12_3": slurm, "4242": None})
+    assert state == CellState(expected)
+    assert alive == (slurm is not None and not slurm.finished)
     if reason is None:
-        assert state.reason is None
+        assert why is None
     else:
-        assert state.reason is not None and state.reason.startswith(reason)
+        assert why is not None and why.startswith(reason), why
 
 
-def test_derive_state_counts() -> None:
-    state = derive_state({"state": "running", "attempts": 2, "step": 40}, False, sub(), job("RUNNING", restarts=1))
-    assert (state.attempts, state.restarts, state.job_id, state.step, state.active) == (2, 1, "12_3", 40, True)
-    finishing = derive_state({"state": "done"}, True, sub(), job("RUNNING"))  # still logging
-    assert (finishing.state, finishing.settled) == ("done", False)
-    assert derive_state({"state": "done"}, True, sub(), job("COMPLETED")).settled
+def test_every_submission_is_asked_about_not_only_the_newest() -> None:
+    """A requeued job that is alive again keeps its cell, though a newer duplicate died: the cell is
+    the live job's, and ablate leaves it alone."""
+    old, duplicate = sub("12_3"), sub("13_0")
+    jobs = {"12_3": job("RUNNING", restarts=1), "13_0": SlurmJobState("13_0", "FAILED", "NonZeroExitCode")}
+    state, _, job_id, alive = derive(RUNNING, False, [old, duplicate], jobs)
+    assert (state, job_id, alive) == (CellState.RUNNING, "12_3", True)
+    view = CellView(Path("x"), None, state, job_id=job_id, job_alive=alive)
+    assert plan(view, force=False) == "leave"
+    done = CellView(Path("x"), None, CellState.DONE, job_alive=True)  # still syncing to MLflow
+    assert (plan(done, force=False), done.settled) == ("skip", False)
 
 
-@pytest.mark.parametrize(("state", "force", "action"), [
-    ("missing", False, "submit"), ("failed", False, "submit"), ("done", False, "skip"),
-    ("pending", False, "leave"), ("running", False, "leave"), ("requeued", False, "leave"),
-    ("preempted", False, "leave"), ("done", True, "restart"), ("running", True, "restart"),
+@pytest.mark.parametrize(("state", "alive", "force", "action"), [
+    ("missing", False, False, "submit"), ("failed", False, False, "submit"), ("done", False, False, "skip"),
+    ("requeued", False, False, "submit"), ("pending", True, False, "leave"), ("running", True, False, "leave"),
+    ("requeued", True, False, "leave"), ("preempted", True, False, "leave"), ("failed", True, False, "leave"),
+    ("done", False, True, "restart"), ("running", True, True, "restart"),
 ])
-def test_plan(state: str, force: bool, action: str) -> None:
-    assert plan(CellState(state), force) == action
+def test_plan(state: str, alive: bool, force: bool, action: str) -> None:
+    assert plan(CellView(Path("x"), None, CellState(state), job_alive=alive), force) == action
+
+
+def test_cell_state_maps_to_mlflow() -> None:
+    assert {s: s.mlflow_status for s in CellState} == {
+        CellState.MISSING: "RUNNING", CellState.PENDING: "RUNNING", CellState.RUNNING: "RUNNING",
+        CellState.REQUEUED: "RUNNING", CellState.PREEMPTED: "RUNNING", CellState.DONE: "FINISHED",
+        CellState.FAILED: "FAILED"}
+    assert CellState.from_mlflow("KILLED") == CellState.FAILED and CellState.parse("bogus") is None
 
 
 def test_local_slots_never_oversubscribe() -> None:
@@ -142,15 +164,15 @@ def test_idempotence_decisions_from_folders(tmp_path: Path) -> None:
         tmp_path / "missing",
     ]
     found = collect(dirs)
-    assert [v.state.state for v in found] == ["done", "failed", "failed", "missing"]
-    assert [plan(v.state, force=False) for v in found] == ["skip", "submit", "submit", "submit"]
-    assert [plan(v.state, force=True) for v in found] == ["restart"] * 4
+    assert [v.state.value for v in found] == ["done", "failed", "failed", "missing"]
+    assert [plan(v, force=False) for v in found] == ["skip", "submit", "submit", "submit"]
+    assert [plan(v, force=True) for v in found] == ["restart"] * 4
     table = views.status_table(found)
     assert "linear_top1=42" in table and "loss became nan" in table
     details = views.failure_details(found)
     assert "FAILED vanished seed=0: job 999999990_0 is gone" in details
     assert "| RuntimeError: CUDA out of memory" in details
-    assert views.counts([v.state for v in found]) == "1 missing, 1 done, 2 failed"
+    assert views.counts(found) == "1 missing, 1 done, 2 failed"
 
 
 def test_tail_reads_the_end_of_large_files(tmp_path: Path) -> None:

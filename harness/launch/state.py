@@ -22,7 +22,8 @@ from harness.launch.records import LAUNCH_FILE, LaunchRecord, Submission, read_r
 from harness.launch.slurm import SlurmError, SlurmJobState
 from harness.run_folder import RESULTS_FILE, read_status
 
-_QUEUED = {"PENDING", "CONFIGURING", "RESV_DEL_HOLD", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+_REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+_QUEUED = {"PENDING", "CONFIGURING", "RESV_DEL_HOLD", *_REQUEUED}
 _STOPPED = {"PREEMPTED", "SUSPENDED", "STOPPED"}
 QUEUED_PREFIX = "queued:"  # a local cell waiting for a slot in the ablate process "queued:<pid>"
 
@@ -68,7 +69,8 @@ def derive(status: Mapping[str, Any], finished: bool, submissions: Sequence[Subm
     job = jobs.get(latest.job_id)
     if live:
         if job.state in _QUEUED:
-            stopped = job.restarts > 0 or run_state in (CellState.REQUEUED, CellState.PREEMPTED)
+            stopped = job.state in _REQUEUED or job.restarts > 0 or run_state in (CellState.REQUEUED,
+                                                                                  CellState.PREEMPTED)
             return (CellState.REQUEUED if stopped else CellState.PENDING), job.reason or reason, job_id, True
         if job.state in _STOPPED:
             return CellState.PREEMPTED, job.reason or None, job_id, True
