@@ -8,7 +8,6 @@ reports) works on these objects or their flattened dict.
 not what it computes, so they are left out of the ids: changing them never re-runs a cell.
 """
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, did_you_mean
 
 
 class _Frozen(BaseModel):
@@ -178,8 +177,7 @@ FIELD_NAMES: frozenset[str] = frozenset(flatten(RunConfig().model_dump(mode="jso
 def check_field(key: str) -> None:
     """Raise a ConfigError with a suggestion unless ``key`` is a dotted config field."""
     if key not in FIELD_NAMES:
-        close = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
-        hint = f"did you mean {close[0]}?" if close else "see `bench.py run --help` for the config layout"
+        hint = did_you_mean(key, FIELD_NAMES) or "see `bench.py run --help` for the config layout"
         raise ConfigError(f"unknown config key {key!r}: {hint}")
 
 
@@ -225,9 +223,8 @@ def describe_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     field = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, sorted(FIELD_NAMES), n=1)
-        hint = f": did you mean {close[0]}?" if close else ""
-        return f"unknown config key {field!r}{hint}"
+        hint = did_you_mean(field, FIELD_NAMES)
+        return f"unknown config key {field!r}{': ' + hint if hint else ''}"
     message = first["msg"].removeprefix("Value error, ")
     got = f" (got {first['input']!r})" if first["type"] != "value_error" else ""
     more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""

@@ -6,7 +6,6 @@ open_clip does, then the last block's cls-query attention computed by hand (one 
 cheap), then the block itself on its fast path, ``ln_post`` and ``proj`` on every token.
 """
 
-import difflib
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -19,7 +18,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, did_you_mean
 
 # Architectures shipped with the harness (tiny towers for the demo data and the tests).
 CONFIG_DIR = Path(__file__).with_name("clip_configs")
@@ -147,9 +146,9 @@ def resolve_model_name(model: str) -> str:
         return path.stem
     valid = vit_model_names()
     if model not in valid:
-        close = difflib.get_close_matches(model, valid, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConfigError(f"unknown teacher model {model!r}: {hint}valid ViT CLIP models: {', '.join(valid)}")
+        hint = did_you_mean(model, valid, n=3)
+        raise ConfigError(f"unknown teacher model {model!r}: {hint + ' ' if hint else ''}"
+                          f"valid ViT CLIP models: {', '.join(valid)}")
     return model
 
 
