@@ -22,8 +22,9 @@ DONE = "done"
 # need attention, then the ones that will resolve by themselves.
 STATUS_ORDER: tuple[str, ...] = ("done", "failed", "preempted", "running", "pending")
 
-# Reference top-1 accuracies (%) for MILAN ViT-B/16, 400 epochs, ImageNet-1K, copied from
-# the "Reference numbers" table of /work/shared/docs/milan-spec.md (NaN: not reported).
+# Reference top-1 accuracies (%) for MILAN ViT-B/16, 400 epochs, ImageNet-1K (NaN: not
+# reported): the MILAN paper's abstract (Hou et al., arXiv 2208.06049) and OpenMMLab's runs of
+# the authors' code and of its own port, as collected in docs/milan-spec ("Reference numbers").
 REFERENCE_TOP1: dict[str, dict[str, float]] = {
     "paper abstract": {"finetune_top1": 85.4, "linear_top1": np.nan},
     "authors' code (OpenMMLab repro)": {"finetune_top1": 85.2, "linear_top1": 78.9},
