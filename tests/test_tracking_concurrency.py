@@ -1,6 +1,6 @@
-"""Nothing is lost under concurrency: 8 processes log at once to their own child runs of
-one prepared store, over HTTP (as jobs on a cluster do) and straight into SQLite (local
-jobs); afterwards every step of every run is there exactly once."""
+"""Nothing is lost under concurrency: 8 processes mirror their run folders at once into their own
+child runs of one prepared store, over HTTP (as jobs on a cluster do) and straight into SQLite
+(local jobs); afterwards every step of every run is there exactly once."""
 
 from __future__ import annotations
 
@@ -9,17 +9,11 @@ import time
 
 import pytest
 
+from harness.cell_state import CellState
 from harness.config import RunConfig
-from harness.tracking import (
-    cell_tags,
-    client,
-    create_cell_run,
-    mark_run,
-    prepare_store,
-    run_name,
-    sqlite_uri,
-    start_parent_run,
-)
+from harness.tracking.runs import create_cell_runs, start_parent_run
+from harness.tracking.schema import cell_tags
+from harness.tracking.store import client, prepare_store, sqlite_uri
 
 N_PROCESSES = 8
 STEPS = 200
@@ -34,24 +28,31 @@ def _init(barrier) -> None:
     _barrier = barrier
     import mlflow.tracking  # noqa: F401
 
-    import harness.tracking.logger  # noqa: F401
+    import harness.tracking.sync  # noqa: F401
 
 
-def _log_run(task: tuple[str, str]) -> tuple[str, int | None, float, float]:
-    from harness.tracking import MlflowRunLogger
+def _log_run(task: tuple[str, str, str]) -> tuple[str, int | None, float, float]:
+    from pathlib import Path
 
-    uri, run_id = task
-    logger = MlflowRunLogger(uri, run_id, flush_interval_s=None)
-    logger.last_step("train/loss")  # opens the store (engine / HTTP session) before the start
+    from harness.run_folder import write_status
+    from harness.tracking.store import client
+    from harness.tracking.sync import backlog, sync_run
+    from harness.train.metrics_log import JsonlLogger
+
+    uri, run_id, folder = task
+    logger = JsonlLogger(Path(folder) / "metrics.jsonl")
+    client(uri).get_run(run_id)  # opens the store (engine / HTTP session) before the start
     _barrier.wait(timeout=120)
     start = time.time()
     for step in range(1, STEPS + 1):
         logger.log_metrics({"train/loss": 1.0 / step, "train/lr": step * 1e-5}, step=step)
         if step % FLUSH_EVERY == 0:
             logger.flush()
-    logger.flush()
-    mark_run(uri, run_id, "done")
-    return run_id, logger.last_step("train/loss"), start, time.time()
+            sync_run(Path(folder), uri, run_id)
+    (Path(folder) / "results.json").write_text('{"metrics": {"final_loss": 0.005}, "steps": %d}' % STEPS)
+    write_status(Path(folder), CellState.DONE)
+    sync_run(Path(folder), uri, run_id)
+    return run_id, STEPS if not backlog(Path(folder)) else None, start, time.time()
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +66,10 @@ def make_runs(uri: str, experiment: str) -> list[str]:
     exp_id = prepare_store(uri, experiment)
     parent = start_parent_run(uri, exp_id, grid=experiment, tags={}, axes=[
         {"name": "seed", "values": list(range(N_PROCESSES)), "baseline": 0}])
-    ids = []
-    for seed in range(N_PROCESSES):
-        cfg = RunConfig(seed=seed)
-        ids.append(create_cell_run(uri, exp_id, parent_run_id=parent, run_name=run_name({}, seed),
-                                   params=cfg.flat(),
-                                   tags=cell_tags(cfg, grid=experiment, axis_values={}, executor="test")))
-    return ids
+    cells = [{"run_name": f"baseline seed={seed}", "params": RunConfig(seed=seed).flat(),
+              "tags": cell_tags(RunConfig(seed=seed), grid=experiment, cell="baseline", axis_values={},
+                                executor="test")} for seed in range(N_PROCESSES)]
+    return create_cell_runs(uri, exp_id, parent_run_id=parent, cells=cells)
 
 
 def check_every_step_once(uri: str, run_ids: list[str], results) -> None:
@@ -93,7 +91,10 @@ def check_every_step_once(uri: str, run_ids: list[str], results) -> None:
 def test_eight_processes_lose_nothing(backend, pool, mlflow_server, tmp_path):
     uri = mlflow_server.url if backend == "http" else sqlite_uri(tmp_path / "mlflow.db")
     run_ids = make_runs(uri, f"concurrency-{backend}")
-    results = pool.map(_log_run, [(uri, run_id) for run_id in run_ids], chunksize=1)
+    folders = [tmp_path / f"cell{i}" for i in range(N_PROCESSES)]
+    for folder in folders:
+        folder.mkdir()
+    results = pool.map(_log_run, [(uri, run_id, str(f)) for run_id, f in zip(run_ids, folders)], chunksize=1)
     check_every_step_once(uri, run_ids, results)
     wall = max(r[3] for r in results) - min(r[2] for r in results)  # first start to last end
     writes = N_PROCESSES * STEPS * 2
