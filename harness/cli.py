@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from harness.errors import UserError
+from harness.files import ensure_writable_dir
 
 app = typer.Typer(
     name="milan-bench",
@@ -76,6 +77,7 @@ def run_command(
 
     preflight(cfg)
     run_dir = out or Path("runs") / (config.stem if config else "default") / cfg.run_id()
+    ensure_writable_dir(run_dir, "--out" if out else "run folder")
     typer.echo(f"run {cfg.run_id()} -> {run_dir}")
     configure_logging()
     start = time.perf_counter()
@@ -168,6 +170,11 @@ def ablate_command(
 ) -> None:
     """Run an ablation grid: one job per cell x seed; finished cells are skipped, failed ones resumed."""
     from harness.config import parse_assignments
+    from harness.report.grid_report import REPORTS_DIR
+
+    ensure_writable_dir(runs_dir, "--runs-dir")
+    if not dry_run:
+        ensure_writable_dir(REPORTS_DIR, "reports folder")
     from harness.launch.ablate import AblateRequest, ablate
 
     request = AblateRequest(grid=grid, sets=parse_assignments(set_ or []), axes=_parse_axes(axis or []),
@@ -212,6 +219,7 @@ def data_demo(
     val_per_class: int = 60,
 ) -> None:
     """Generate the deterministic demo dataset (train/ and val/, ten shape classes, captions)."""
+    ensure_writable_dir(root, "demo dataset folder")
     from harness.data.demo import make_demo_dataset
 
     start = time.perf_counter()
@@ -275,10 +283,12 @@ def report_command(
         help="Where `bench.py ablate` recorded the grid's store (<runs>/<grid>/grid.json).")] = Path("runs"),
 ) -> None:
     """Tables, figures and report.md for a grid's runs in MLflow (failed cells included)."""
-    from harness.report.grid_report import write_grid_report
+    from harness.report.grid_report import REPORTS_DIR, write_grid_report
     from harness.report.tables import parse_formats
 
-    write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=parse_formats(format_),
+    formats = parse_formats(format_)
+    ensure_writable_dir(out or REPORTS_DIR, "--out" if out else "reports folder")
+    write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=formats,
                       out=out, log_to_mlflow=log_to_mlflow, runs_dir=runs_dir, echo=typer.echo,
                       warn=lambda line: typer.secho(line, err=True))
 
@@ -290,12 +300,15 @@ def ui_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for the store; runs until Ctrl-C."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: give one in 1..65535 (e.g. 5000)")
     from harness.tracking.locate import experiment_links
     from harness.tracking.server import port_in_use, serve_ui
     from harness.tracking.store import check_store, default_tracking_uri, display_uri, is_http
 
     uri = tracking_uri or default_tracking_uri()
     if is_http(uri):
+        check_store(uri)  # a server that does not answer is an error, not a UI to point at
         typer.echo(f"{display_uri(uri)} is an MLflow server: its UI is at that address already")
         return
     if port_in_use(port, "127.0.0.1"):
@@ -349,6 +362,10 @@ def speed_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
 ) -> None:
     """Measure full training steps (teacher + student fwd/bwd + AdamW) per MILAN combination."""
+    for option, value, least in (("--img-size", img_size, 1), ("--batch", batch, 1), ("--steps", steps, 1),
+                                 ("--warmup", warmup, 0), ("--threads", threads, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{option} {value} is too small: give an integer >= {least}")
     import json
 
     import pandas as pd

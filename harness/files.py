@@ -2,6 +2,7 @@
 
 The one place that writes a file through a temporary sibling and a rename; every record,
 status and cache file of the harness goes through here (checkpoints add an fsync of their own).
+Also the one check that an output folder is writable before a command starts its work.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from harness.errors import UserError
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -37,3 +40,23 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder this process can write into, created if missing; else a one-line
+    UserError naming ``what`` (e.g. "--out") and the fix. Commands call it before any work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise NotADirectoryError
+        # a real file: the one test that permission bits, ACLs and read-only mounts all answer
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = (f"{blocker} is a file" if blocker is not None
+                  else err.strerror.lower() if err.strerror else type(err).__name__)
+        raise UserError(f"{what} {path} is not a writable folder ({reason}): pick a folder you can "
+                        f"write to") from None
+    return path

@@ -24,6 +24,7 @@ from harness.data.datasets import (
     pretrain_transform,
 )
 from harness.data.demo import CLASSES, make_demo_dataset
+from harness.errors import UserError
 
 SMALL = {"train_per_class": 6, "val_per_class": 3}
 
@@ -89,7 +90,7 @@ def test_second_call_reuses_and_other_arguments_regenerate(tmp_path: Path) -> No
 
 def test_refuses_to_overwrite_a_folder_that_is_not_a_demo_dataset(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a demo dataset"):
+    with pytest.raises(UserError, match="not a demo dataset"):
         make_demo_dataset(tmp_path, **SMALL)
     assert (tmp_path / "mine.txt").exists()
 

@@ -191,8 +191,29 @@ def test_browser_finds_the_cells_runs_on_the_experiment_page(ui, tmp_path):
 
 
 def test_ui_for_a_server_uri_points_at_the_server():
-    result = CliRunner().invoke(app, ["ui", "--tracking-uri", "http://127.0.0.1:5999"])
-    assert result.exit_code == 0
+    # a stub that answers the one API call check_store makes, as an MLflow server would
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Experiments(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b'{"experiments": []}'
+            self.send_response(200 if self.path.startswith("/api/2.0/mlflow/experiments/search") else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Experiments) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            result = CliRunner().invoke(app, ["ui", "--tracking-uri", url])
+        finally:
+            server.shutdown()
+    assert result.exit_code == 0, result.output
     assert "is an MLflow server: its UI is at that address already" in result.output
 
 

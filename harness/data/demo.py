@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from harness.errors import UserError
+
 GENERATOR_VERSION = 2
 SPLITS = ("train", "val")
 SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-downsampled: cheap antialiasing
@@ -167,17 +169,21 @@ def make_demo_dataset(
     The tree is written to a temporary sibling and renamed into place, so ``root`` is either
     absent or complete: an interrupted run never leaves a half-written dataset that a later call
     would mistake for a finished one. ``root`` may be missing, empty, or a previous demo dataset
-    (which is replaced); anything else raises ``FileExistsError`` rather than deleting user files.
+    (which is replaced); anything else is a UserError rather than deleting user files.
     """
     root = Path(root)
     if image_size < 8 or train_per_class < 1 or val_per_class < 1 or seed < 0:
-        raise ValueError("need image_size >= 8, at least one image per class in each split, and seed >= 0")
+        raise UserError(f"demo dataset: need image size >= 8 (got {image_size}), at least one image per "
+                        f"class in each split (got {train_per_class} train, {val_per_class} val) and "
+                        f"seed >= 0 (got {seed}): change those options")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file, not a folder: give a new or empty folder for the demo dataset")
     spec = _Spec(image_size, train_per_class, val_per_class, seed)
     existing = _read_meta(root)
     if existing == spec.meta():
         return spec.info(root)
     if root.exists() and any(root.iterdir()) and existing is None:
-        raise FileExistsError(f"{root} is not empty and is not a demo dataset: pick a new or empty directory")
+        raise UserError(f"{root} is not empty and is not a demo dataset: pick a new or empty directory")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:

@@ -83,11 +83,19 @@ def write_grid_report(
              f"in {time.perf_counter() - start:.1f} s")
         parent = runs.attrs.get("parent_run_id")
         if log_to_mlflow and parent:
-            from harness.tracking.runs import log_files
-
             try:
-                log_files(uri, parent, result.files, out_dir, artifact_path="report")
+                _log_report(uri, parent, result.files, out_dir)
                 echo(f"logged to MLflow run {parent} (artifacts report/)")
             except Exception as err:  # noqa: BLE001 - the report itself is written
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warn(f"warning: could not log the report to MLflow run {parent}: {first[:200]}")
+
+
+def _log_report(uri: str, run_id: str, files: Iterable[Path], out_dir: Path) -> None:
+    """Log the report's files to the run under ``report/``, keeping their layout in ``out_dir``."""
+    from harness.tracking.store import client
+
+    mlflow_client = client(uri)
+    for file in files:
+        folder = Path(file).resolve().relative_to(out_dir.resolve()).parent.as_posix()
+        mlflow_client.log_artifact(run_id, str(file), "report" if folder == "." else f"report/{folder}")
