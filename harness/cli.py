@@ -335,8 +335,9 @@ def report_bench_command(
     store: Annotated[Path | None, typer.Option(
         help="SQLite file to fill (reused when it already holds the grid; default: a temp file).")] = None,
 ) -> None:
-    """Time a report over synthetic runs read from a real SQLite MLflow store (prints seconds)."""
-    from harness.report.mlflow_bench import report_lines, run_benchmark
+    """Time a report over synthetic runs read from a real SQLite MLflow store and their run folders
+    (prints seconds)."""
+    from harness.benchmarks.report import report_lines, run_benchmark
 
     typer.echo(report_lines(run_benchmark(runs, steps, store)))
 

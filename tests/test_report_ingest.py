@@ -4,31 +4,27 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from harness.cell_state import CellState
 from harness.cli import app
 from harness.config import RunConfig
+from harness.files import write_json_atomic
+from harness.grid import cell_name
 from harness.report import ingest
-from harness.report.ingest import downsample, load_runs
-from harness.tracking import (
-    MlflowRunLogger,
-    TrackingError,
-    cell_tags,
-    client,
-    create_cell_run,
-    finish_run,
-    log_summary_metrics,
-    mark_run,
-    prepare_store,
-    run_name,
-    sqlite_uri,
-    start_parent_run,
-)
+from harness.report.ingest import load_runs, sample_indices
+from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
+from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
+from harness.tracking.schema import TrackingError, cell_tags
 from harness.tracking.server import free_port
+from harness.tracking.store import client, prepare_store, sqlite_uri
+from harness.tracking.sync import sync_run
+from harness.train.metrics_log import JsonlLogger
 
 GRID = "ingest-grid"
 AXES = [
@@ -40,6 +36,7 @@ N_STEPS = 10
 FAILED = ("clip", "random", 1)
 PENDING = ("clip", "semantic", 1)
 REASON = "CUDA out of memory\n  while allocating 2 GiB"
+ELSEWHERE = ("clip", "semantic", 0)  # its run folder is on another machine: its curve comes from MLflow
 
 
 def linear(target: str, masking: str, seed: int) -> float:
@@ -47,30 +44,42 @@ def linear(target: str, masking: str, seed: int) -> float:
 
 
 def log_cell(uri: str, exp_id: str, parent: str, target: str, masking: str, seed: int, *,
-             status: str, top1: float | None = None, reason: str | None = None) -> str:
+             state: CellState, runs_root: Path, top1: float | None = None, reason: str | None = None) -> str:
+    """One cell as ``ablate`` and its job leave it: a pending run tagged with its run folder, then
+    (unless pending) the folder a job writes (status.json, metrics.jsonl with a line torn by a
+    kill at the end, results.json) mirrored into the run by ``sync_run``. The ELSEWHERE run's
+    ``run_dir`` tag names a folder this machine cannot see."""
     values = {"model.target": target, "model.masking": masking}
     cfg = RunConfig().with_overrides({**values, "seed": seed, "model.mask_ratio": 0.75})
-    run_id = create_cell_run(uri, exp_id, parent_run_id=parent, run_name=run_name(values, seed),
-                             params=cfg.flat(), tags=cell_tags(cfg, grid=GRID, axis_values=values,
-                                                               executor="local", git_commit="t"))
-    if status == "pending":
+    run_dir = runs_root / f"{target}-{masking}-{seed}-{time.monotonic_ns()}"
+    tagged_dir = Path("/nonexistent/cluster-scratch") / run_dir.name if (target, masking, seed) == ELSEWHERE else run_dir
+    cell = cell_name(values)
+    tags = cell_tags(cfg, grid=GRID, cell=cell, axis_values=values, executor="local", git_commit="t",
+                     run_dir=tagged_dir)
+    [run_id] = create_cell_runs(uri, exp_id, parent_run_id=parent,
+                                cells=[{"run_name": f"{cell} seed={seed}", "params": cfg.flat(), "tags": tags}])
+    if state == CellState.PENDING:
         return run_id
-    logger = MlflowRunLogger(uri, run_id, flush_interval_s=None)
+    run_dir.mkdir(parents=True)
+    write_status(run_dir, CellState.RUNNING, new_attempt=True, stage="pretrain")
+    logger = JsonlLogger(run_dir / METRICS_FILE)
     for step in range(1, N_STEPS + 1):
         logger.log_metrics({"train/loss": (1.5 if target == "clip" else 0.5) / step, "train/lr": 0.01}, step)
     logger.log_metrics({"train/images_per_s": 400.0 + seed, "train/peak_memory_mb": 900.0}, N_STEPS)
-    logger.flush()
-    if status == "done":
-        log_summary_metrics(uri, run_id, {
-            "linear_top1": top1 if top1 is not None else linear(target, masking, seed),
-            "knn_top1": 40.0 + seed, "final_loss": 0.05, "images_per_s": 410.0 + seed,
-            "peak_memory_mb": 1000.0, "device_hours": 0.5, "train_seconds": 1800.0,
-            "linear_top5": 90.0}, step=N_STEPS)
-    mark_run(uri, run_id, status, reason)
+    if state == CellState.DONE:
+        metrics = {"linear_top1": top1 if top1 is not None else linear(target, masking, seed),
+                   "knn_top1": 40.0 + seed, "final_loss": 0.05, "images_per_s": 410.0 + seed,
+                   "peak_memory_mb": 1000.0, "device_hours": 0.5, "train_seconds": 1800.0, "linear_top5": 90.0}
+        logger.log_metrics(metrics, N_STEPS)
+        write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "steps": N_STEPS})
+    with (run_dir / METRICS_FILE).open("a") as f:
+        f.write('{"step": 11, "time": 1.0, "train/lo')  # torn by a kill mid-write: skipped
+    write_status(run_dir, state, reason=reason)
+    sync_run(run_dir, uri, run_id)
     return run_id
 
 
-def make_grid(uri: str) -> dict[str, str]:
+def make_grid(uri: str, runs_root: Path) -> dict[str, str]:
     """Two `ablate` invocations of a 2x2 grid x 2 seeds. The first: everything ran, one run
     failed, one is still pending. The second re-ran two runs: one finished with a new value
     (it replaces the old one), one failed (the older finished run stays)."""
@@ -78,22 +87,24 @@ def make_grid(uri: str) -> dict[str, str]:
     first = start_parent_run(uri, exp_id, grid=GRID, tags={"executor": "local"}, axes=AXES)
     for target, masking, seed in itertools.product(["pixel", "clip"], ["random", "semantic"], SEEDS):
         key = (target, masking, seed)
-        status = "failed" if key == FAILED else "pending" if key == PENDING else "done"
-        log_cell(uri, exp_id, first, target, masking, seed, status=status,
-                 reason=REASON if status == "failed" else None)
-    finish_run(uri, first, "done")
+        state = CellState.FAILED if key == FAILED else CellState.PENDING if key == PENDING else CellState.DONE
+        log_cell(uri, exp_id, first, target, masking, seed, state=state, runs_root=runs_root,
+                 reason=REASON if state == CellState.FAILED else None)
+    set_state(uri, first, CellState.DONE)
     time.sleep(0.01)
     second = start_parent_run(uri, exp_id, grid=GRID, tags={"executor": "local"}, axes=AXES)
-    log_cell(uri, exp_id, second, "pixel", "random", 0, status="done", top1=99.0)
-    log_cell(uri, exp_id, second, "pixel", "semantic", 0, status="failed", reason="node failure")
-    finish_run(uri, second, "done")
+    log_cell(uri, exp_id, second, "pixel", "random", 0, state=CellState.DONE, runs_root=runs_root, top1=99.0)
+    log_cell(uri, exp_id, second, "pixel", "semantic", 0, state=CellState.FAILED, runs_root=runs_root,
+             reason="node failure")
+    set_state(uri, second, CellState.DONE)
     return {"experiment_id": exp_id, "first": first, "second": second}
 
 
 @pytest.fixture(scope="module")
 def grid_store(tmp_path_factory) -> tuple[str, dict[str, str]]:
-    uri = sqlite_uri(tmp_path_factory.mktemp("ingest") / "mlflow.db")
-    return uri, make_grid(uri)
+    base = tmp_path_factory.mktemp("ingest")
+    uri = sqlite_uri(base / "mlflow.db")
+    return uri, make_grid(uri, base / "runs")
 
 
 def row(runs: pd.DataFrame, target: str, masking: str, seed: int) -> pd.Series:
@@ -105,16 +116,20 @@ def row(runs: pd.DataFrame, target: str, masking: str, seed: int) -> pd.Series:
 # --- load_runs -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def no_slow_path(monkeypatch):
-    """Fail if the per-run fallbacks are used: the fast paths must work on these stores."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("fell back to a slow path")
+def history_calls(monkeypatch) -> list[str]:
+    """The run ids whose loss curve load_runs asks MLflow for."""
+    asked: list[str] = []
+    from_mlflow = ingest._points_from_mlflow
 
-    monkeypatch.setattr(ingest, "_curves_per_run", refuse)
-    monkeypatch.setattr(ingest, "read_mlflow", refuse)
+    def counting(uri, run_ids):
+        asked.extend(run_ids)
+        return from_mlflow(uri, run_ids)
+
+    monkeypatch.setattr(ingest, "_points_from_mlflow", counting)
+    return asked
 
 
-def test_runs_frame_matches_the_report_contract(grid_store, no_slow_path):
+def test_runs_frame_matches_the_report_contract(grid_store):
     uri, ids = grid_store
     runs, _ = load_runs(uri, GRID)
     assert len(runs) == 8  # 2 x 2 cells x 2 seeds: the re-runs are not counted twice
@@ -168,9 +183,12 @@ def test_newest_finished_run_wins_over_older_and_failed_reruns(grid_store):
     assert kept["status"] == "done" and kept["parent_run_id"] == ids["first"]
 
 
-def test_curves(grid_store, no_slow_path):
+def test_curves_come_from_run_folders_else_from_mlflow(grid_store, history_calls):
     uri, _ = grid_store
     runs, curves = load_runs(uri, GRID)
+    # only the run whose folder is not here; the pending one has no folder yet, and no loss
+    # in MLflow either: no request
+    assert history_calls == [row(runs, *ELSEWHERE)["mlflow_run_id"]]
     assert list(curves.columns) == ["cell_id", "cell", "seed", "target", "step", "loss"]
     per_run = curves.groupby(["cell_id", "seed"])["step"].apply(list)
     assert len(per_run) == 7  # every run but the pending one
@@ -180,24 +198,56 @@ def test_curves(grid_store, no_slow_path):
     assert set(curves["cell_id"]) <= set(runs["cell_id"])
 
 
-def test_fast_paths_match_mlflow_api(grid_store):
+def test_run_folder_curves_match_mlflow(grid_store, history_calls):
     uri, _ = grid_store
-    fast_runs, fast_curves = load_runs(uri, GRID)
-    api_runs, api_curves = load_runs(uri, GRID, fast=False)
-    pd.testing.assert_frame_equal(fast_runs, api_runs)
-    pd.testing.assert_frame_equal(fast_curves, api_curves)
-    assert fast_runs.attrs == api_runs.attrs
+    folder_runs, folder_curves = load_runs(uri, GRID)
+    api_runs, api_curves = load_runs(uri, GRID, run_folders=False)
+    assert len(history_calls) == 1 + 7  # ELSEWHERE's, then those of the 7 runs that logged a loss
+    pd.testing.assert_frame_equal(folder_runs, api_runs)
+    pd.testing.assert_frame_equal(folder_curves, api_curves)
+    assert folder_runs.attrs == api_runs.attrs
 
 
-def test_http_store_reads_like_sqlite(mlflow_server, monkeypatch):
-    ids = make_grid(mlflow_server.url)
-    monkeypatch.setattr(ingest, "_curves_per_run", lambda *a: pytest.fail("bulk history not used"))
+def test_http_store_reads_like_sqlite(mlflow_server, tmp_path, history_calls):
+    ids = make_grid(mlflow_server.url, tmp_path / "runs")
     http_runs, http_curves = load_runs(mlflow_server.url, GRID)
-    monkeypatch.undo()
+    assert len(history_calls) == 1
     file_runs, file_curves = load_runs(mlflow_server.store_uri, GRID)
     pd.testing.assert_frame_equal(http_runs, file_runs)
     pd.testing.assert_frame_equal(http_curves, file_curves)
     assert http_runs.attrs["parent_run_id"] == ids["second"]
+    # every curve through the server (get_metric_history from a thread pool)
+    api_runs, api_curves = load_runs(mlflow_server.url, GRID, run_folders=False)
+    pd.testing.assert_frame_equal(api_curves, http_curves)
+
+
+def test_status_without_a_usable_status_tag(tmp_path):
+    """Runs whose ``status`` tag is missing, empty or unknown take their MLflow run status;
+    a run still tagged running that MLflow ended as failed counts as failed."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    exp_id = prepare_store(uri, GRID)
+    parent = start_parent_run(uri, exp_id, grid=GRID, tags={"executor": "local"}, axes=AXES)
+    mlflow_client = client(uri)
+    cases = {  # (target, masking): (status tag, MLflow status, expected)
+        ("pixel", "random"): (None, "FINISHED", "done"),
+        ("pixel", "semantic"): ("", "KILLED", "failed"),
+        ("clip", "random"): ("running", "FAILED", "failed"),
+        ("clip", "semantic"): ("weird", "RUNNING", "running"),
+    }
+    for (target, masking), (tag, mlflow_status, _) in cases.items():
+        run_id = log_cell(uri, exp_id, parent, target, masking, 0, state=CellState.PENDING, runs_root=tmp_path)
+        if tag is None:
+            mlflow_client.delete_tag(run_id, "status")
+        else:
+            mlflow_client.set_tag(run_id, "status", tag)
+        if mlflow_status == "RUNNING":
+            mlflow_client.update_run(run_id, status="RUNNING")
+        else:
+            mlflow_client.set_terminated(run_id, mlflow_status)
+    runs, curves = load_runs(uri, GRID)
+    for (target, masking), (_, _, expected) in cases.items():
+        assert row(runs, target, masking, 0)["status"] == expected, (target, masking)
+    assert curves.empty and list(curves.columns) == ["cell_id", "cell", "seed", "target", "step", "loss"]
 
 
 def test_experiment_by_id_and_unknown_names(grid_store):
@@ -208,13 +258,11 @@ def test_experiment_by_id_and_unknown_names(grid_store):
         load_runs(uri, "nope")
 
 
-def test_downsample_keeps_ends_and_spacing():
-    points = pd.DataFrame({"run_id": ["a"] * 1000 + ["b"] * 10, "step": list(range(1000)) + list(range(10)),
-                           "loss": 1.0})
-    kept = downsample(points, 100)
-    a = kept[kept["run_id"] == "a"]["step"].tolist()
-    assert a[0] == 0 and a[-1] == 999 and len(a) <= 101 and np.diff(a[:-1]).tolist() == [10] * 99
-    assert kept[kept["run_id"] == "b"]["step"].tolist() == list(range(10))
+def test_sample_indices_keep_ends_and_spacing():
+    kept = sample_indices(1000, 100)
+    assert kept[0] == 0 and kept[-1] == 999 and len(kept) <= 101 and np.diff(kept[:-1]).tolist() == [10] * 99
+    assert sample_indices(10, 100).tolist() == list(range(10)) == sample_indices(10, None).tolist()
+    assert sample_indices(1001, 100)[-2:].tolist() == [990, 1000]
 
 
 # --- bench.py report -----------------------------------------------------------------------------
@@ -281,8 +329,8 @@ def test_report_command_bad_input_is_one_line_exit_2(case, grid_store, tmp_path)
 
 
 def test_report_finds_the_store_ablate_recorded(grid_store, tmp_path, monkeypatch):
-    """Without --tracking-uri: the store in runs/<grid>/grid.json; when that is a server that no
-    longer runs, the SQLite file behind it (from the server's state file) is read."""
+    """Without --tracking-uri: the store in runs/<grid>/grid.json; when its server no longer
+    runs, the store itself is read."""
     import json
 
     uri, _ = grid_store
@@ -290,16 +338,16 @@ def test_report_finds_the_store_ablate_recorded(grid_store, tmp_path, monkeypatc
     runs_dir = tmp_path / "runs"
     (runs_dir / GRID).mkdir(parents=True)
     record = runs_dir / GRID / "grid.json"
-    record.write_text(json.dumps({"grid": GRID, "experiment": GRID, "tracking_uri": uri}))
+    record.write_text(json.dumps({"grid": GRID, "experiment": GRID, "store": {"backend": uri}}))
     result = invoke("report", GRID, "--runs-dir", str(runs_dir), "--out", str(tmp_path / "a"), "--no-log")
     assert result.exit_code == 0, result.output
 
-    dead = f"http://127.0.0.1:{free_port()}"
-    record.write_text(json.dumps({"grid": GRID, "experiment": GRID, "tracking_uri": dead}))
-    (runs_dir / ".mlflow-server").mkdir()
-    (runs_dir / ".mlflow-server" / "mlflow-server.json").write_text(json.dumps({
-        "url": dead, "pid": 999999, "port": 1, "host": "0.0.0.0", "store_uri": uri, "artifact_root": "",
-        "log_path": "", "started_at": 0}))
+    server_dir = runs_dir / ".mlflow-server"
+    server_dir.mkdir()
+    (server_dir / "mlflow-server.json").write_text(json.dumps({
+        "url": f"http://127.0.0.1:{free_port()}", "pid": 999999, "store_uri": uri}))
+    record.write_text(json.dumps({"grid": GRID, "experiment": GRID,
+                                  "store": {"backend": uri, "server_dir": str(server_dir)}}))
     result = invoke("report", GRID, "--runs-dir", str(runs_dir), "--out", str(tmp_path / "b"), "--no-log")
     assert result.exit_code == 0, result.output
     assert "is not running: reading its store" in result.stderr
@@ -309,7 +357,7 @@ def test_report_finds_the_store_ablate_recorded(grid_store, tmp_path, monkeypatc
 def test_parallel_figures_match_serial_ones(tmp_path, monkeypatch):
     """build_report draws figures in forked workers: same files, same bytes as drawn here."""
     from harness.report import build
-    from harness.report.bench import synthetic_runs
+    from harness.benchmarks.report import synthetic_runs
 
     pools = []
 
@@ -332,3 +380,16 @@ def test_parallel_figures_match_serial_ones(tmp_path, monkeypatch):
         assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes()
     report = (tmp_path / "parallel" / "report.md").read_text()
     assert report.split("\n", 3)[3] == (tmp_path / "serial" / "report.md").read_text().split("\n", 3)[3]
+
+
+def test_report_bench_command_on_a_small_grid(tmp_path):
+    """`bench.py report-bench` fills a store and run folders as ablate and the jobs do, then
+    times the report; a second call reuses the store."""
+    store = tmp_path / "bench" / "mlflow.db"
+    result = invoke("report-bench", "--runs", "16", "--steps", "5", "--store", str(store))
+    assert result.exit_code == 0, result.output
+    assert "filled a SQLite MLflow store and run folders with 16 runs" in result.output
+    assert "load (16 runs, " in result.output and "report from MLflow, total: " in result.output
+    assert len(list((tmp_path / "bench" / "runs").glob("*/metrics.jsonl"))) >= 12
+    again = invoke("report-bench", "--runs", "16", "--steps", "5", "--store", str(store))
+    assert again.exit_code == 0 and "filled" not in again.output, again.output

@@ -1,20 +1,32 @@
-"""Synthetic runs/curves frames and a timing benchmark for `build_report`.
+"""Benchmark: a report over 1,000 runs read from a real MLflow store (``bench.py report-bench``).
 
-Run `python -m harness.report.bench` to print how long a 1,000-run report takes, and
-`python -m harness.report.bench --mlflow` to time it read from a SQLite MLflow store
-(harness.report.mlflow_bench).
+:func:`synthetic_runs` makes realistic ``runs``/``curves`` frames (MILAN-like effects, seed
+noise, failed and unfinished runs). :func:`populate` writes them as a grid the way ``ablate``
+and the jobs do: one parent run, a pending cell run per cell x seed (the full flattened config as
+params, the ``run_dir`` tag), then each started run's folder (``status.json``, ``metrics.jsonl``,
+``results.json``) mirrored into its run by :func:`harness.tracking.sync.sync_run`.
+:func:`run_benchmark` times :mod:`harness.report.ingest` (the runs through MLflow's search, the
+loss curves from the run folders) and :func:`~harness.report.build_report` on it. Goal: under 5 s.
+
+``python -m harness.benchmarks.report`` runs it too (``--help`` for the options).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
+import os
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness.cell_state import CellState
 from harness.report.build import build_report
 
 # Grid used by the benchmark: the three MILAN axes plus two extra ones, large enough that
@@ -32,7 +44,8 @@ FAILURE_REASONS = ["CUDA out of memory", "NaN loss at step 1200", "node failure"
 # Pretraining length of the synthetic ablation runs, and ImageNet-1K train size.
 EPOCHS = 100
 IMAGENET_TRAIN_IMAGES = 1_281_167
-STATUS_P = {"done": 0.9, "failed": 0.04, "preempted": 0.03, "running": 0.02, "pending": 0.01}
+STATUS_P = {CellState.DONE.value: 0.9, CellState.FAILED.value: 0.04, CellState.PREEMPTED.value: 0.03,
+            CellState.RUNNING.value: 0.02, CellState.PENDING.value: 0.01}
 
 
 def synthetic_runs(
@@ -75,7 +88,7 @@ def _add_status(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     reason = pd.Series(rng.choice(FAILURE_REASONS, size=len(runs)), index=runs.index)
     return runs.assign(
         status=status,
-        failure_reason=reason.where(status == "failed"),
+        failure_reason=reason.where(status == CellState.FAILED.value),
     )
 
 
@@ -104,17 +117,17 @@ def _add_metrics(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
         index=runs.index,
     )
     # Only finished runs have evaluation numbers; the others spent part of their budget.
-    unfinished = runs["status"] != "done"
+    unfinished = runs["status"] != CellState.DONE.value
     metrics.loc[unfinished, ["linear_top1", "knn_top1", "finetune_top1", "final_loss"]] = np.nan
     metrics.loc[unfinished, "gpu_hours"] *= rng.uniform(0, 1, unfinished.sum())
-    pending = runs["status"] == "pending"
+    pending = runs["status"] == CellState.PENDING.value
     metrics.loc[pending, ["images_per_s", "peak_memory_mb", "gpu_hours"]] = np.nan
     return pd.concat([runs, metrics], axis=1)
 
 
 def _curves(runs: pd.DataFrame, n_steps: int, rng: np.random.Generator) -> pd.DataFrame:
     """Exponentially decaying losses, on different scales for pixel and CLIP targets."""
-    started = runs[runs["status"] != "pending"]
+    started = runs[runs["status"] != CellState.PENDING.value]
     steps = np.linspace(0, 20_000, n_steps).astype(int)
     clip = (started["model.target"] == "clip").to_numpy()[:, None]
     # Higher mask ratios leave less context, so the loss plateaus higher.
@@ -131,21 +144,169 @@ def _curves(runs: pd.DataFrame, n_steps: int, rng: np.random.Generator) -> pd.Da
     )
 
 
-def time_build_report(n_runs: int = 1000, n_steps: int = 100) -> float:
-    """Seconds `build_report` takes (all formats and figures) on synthetic frames."""
-    runs, curves = synthetic_runs(n_runs, n_steps)
-    with tempfile.TemporaryDirectory() as out_dir:
+# --- the same report read from a real MLflow store -------------------------------------------
+
+GRID = "synthetic"
+GOAL_S = 5.0
+# MLflow metric key of each report column that populate() writes (report column -> metric)
+SUMMARY_KEYS = {"linear_top1": "linear_top1", "knn_top1": "knn_top1", "finetune_top1": "finetune_top1",
+                "final_loss": "final_loss", "images_per_s": "images_per_s",
+                "peak_memory_mb": "peak_memory_mb", "gpu_hours": "device_hours"}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    n_runs: int
+    n_points: int
+    populate_s: float
+    search_s: float  # MLflow's search_runs, every page
+    frame_s: float  # the runs frame from the searched runs
+    curves_s: float  # loss curves: run folders, MLflow for the runs without one
+    build_s: float
+    cpu_s: float = float("nan")  # CPU seconds of load + build, figure workers included
+    load_avg: float = float("nan")  # 1-minute load average when it ended: other work slows it
+
+    @property
+    def load_s(self) -> float:
+        return self.search_s + self.frame_s + self.curves_s
+
+    @property
+    def total_s(self) -> float:
+        return self.load_s + self.build_s
+
+
+def populate(uri: str, runs: pd.DataFrame, curves: pd.DataFrame, runs_root: Path, grid: str = GRID, *,
+             progress: bool = False) -> str:
+    """Write the synthetic ``runs``/``curves`` frames to the store as a grid, with a run folder
+    per started run under ``runs_root``; returns the experiment id."""
+    from harness.config import RunConfig
+    from harness.files import write_json_atomic
+    from harness.grid import cell_name
+    from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
+    from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
+    from harness.tracking.schema import LOSS_KEY, LR_KEY, cell_tags
+    from harness.tracking.store import prepare_store
+    from harness.tracking.sync import sync_run
+
+    experiment_id = prepare_store(uri, grid)
+    axes = [{"name": name, "values": values, "baseline": values[0]} for name, values in SYNTHETIC_AXES.items()]
+    parent = start_parent_run(uri, experiment_id, grid=grid, tags={"executor": "local"}, axes=axes)
+    base = RunConfig()
+    rows = runs.to_dict("records")
+    cells, folders = [], []
+    for row in rows:
+        values = {name: (row[name].item() if isinstance(row[name], np.generic) else row[name]) for name in SYNTHETIC_AXES}
+        cfg = base.with_overrides({**values, "seed": int(row["seed"])})
+        folder = runs_root / cfg.run_id()
+        tags = cell_tags(cfg, grid=grid, cell=cell_name(values), axis_values=values, executor="local",
+                         git_commit="synthetic", run_dir=folder.absolute())
+        cells.append({"run_name": f"{cell_name(values)} seed={cfg.seed}", "params": cfg.flat(), "tags": tags})
+        folders.append(folder)
+    run_ids = create_cell_runs(uri, experiment_id, parent_run_id=parent, cells=cells)
+    loss_by_run = {key: group for key, group in curves.groupby(["cell_id", "seed"], sort=False)}
+    start = time.perf_counter()
+    for count, (row, folder, run_id) in enumerate(zip(rows, folders, run_ids), 1):
+        state = CellState(row["status"])
+        if state != CellState.PENDING:  # a pending cell's job has not made its folder yet
+            folder.mkdir(parents=True, exist_ok=True)
+            write_status(folder, CellState.RUNNING, new_attempt=True, stage="pretrain")
+            points = loss_by_run.get((row["cell_id"], row["seed"]))
+            lines = [] if points is None else [
+                f'{{"step": {int(step)}, "time": 0.0, "{LOSS_KEY}": {float(loss)!r}, "{LR_KEY}": 0.0001}}'
+                for step, loss in zip(points["step"], points["loss"])]
+            last = int(points["step"].iloc[-1]) if points is not None else 0
+            speed = {k: float(row[k]) for k in ("images_per_s", "peak_memory_mb") if not pd.isna(row[k])}
+            lines.append(f'{{"step": {last}, "time": 0.0, ' + ", ".join(
+                f'"train/{k}": {v!r}' for k, v in speed.items()) + "}")
+            (folder / METRICS_FILE).write_text("\n".join(lines) + "\n")
+            if state == CellState.DONE:
+                results = {key: float(row[column]) for column, key in SUMMARY_KEYS.items() if not pd.isna(row[column])}
+                write_json_atomic(folder / RESULTS_FILE, {"metrics": results, "steps": last})
+            reason = row["failure_reason"] if isinstance(row["failure_reason"], str) else None
+            write_status(folder, state, reason=reason)
+            sync_run(folder, uri, run_id)
+        if progress and count % 100 == 0:
+            print(f"  filled {count}/{len(rows)} runs ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    set_state(uri, parent, CellState.DONE)
+    return experiment_id
+
+
+def run_benchmark(n_runs: int = 1000, n_steps: int = 100, store: Path | None = None,
+                  out_dir: Path | None = None) -> BenchResult:
+    """Populate a SQLite store and its run folders (reused when ``store`` already holds the grid;
+    the folders are in ``runs/`` beside it) and time a report read from it."""
+    from harness.report import ingest
+    from harness.tracking.store import client, find_experiment, sqlite_uri
+
+    # A fresh store is filled on tmpfs where there is one: filling is fsync-bound on disk and
+    # not what is measured; reading hits the page cache either way.
+    shm = Path("/dev/shm")
+    tmp_parent = str(shm) if store is None and shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
+        db = Path(store) if store else Path(tmp) / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = sqlite_uri(db)
         start = time.perf_counter()
-        build_report(runs, curves, out_dir)
-        return time.perf_counter() - start
+        existing = db.exists() and client(uri).get_experiment_by_name(GRID) is not None
+        if not existing:
+            runs, curves = synthetic_runs(n_runs, n_steps)
+            populate(uri, runs, curves, db.parent / "runs", progress=True)
+        populate_s = time.perf_counter() - start
+
+        # ingest.load_runs, step by step
+        cpu_start = _cpu_seconds()
+        start = time.perf_counter()
+        experiment = find_experiment(uri, GRID)
+        raw = ingest.read_runs(uri, experiment.experiment_id)
+        search_s = time.perf_counter() - start
+        start = time.perf_counter()
+        runs = ingest.assemble(raw, experiment.name, experiment.experiment_id)
+        frame_s = time.perf_counter() - start
+        start = time.perf_counter()
+        curves = ingest.load_curves(uri, runs, raw)
+        curves_s = time.perf_counter() - start
+        start = time.perf_counter()
+        build_report(runs, curves, Path(out_dir) if out_dir else Path(tmp) / "report")
+        build_s = time.perf_counter() - start
+        return BenchResult(len(runs), len(curves), populate_s if not existing else 0.0, search_s, frame_s,
+                           curves_s, build_s, cpu_s=_cpu_seconds() - cpu_start, load_avg=os.getloadavg()[0])
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the figure workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def report_lines(result: BenchResult) -> str:
+    verdict = "OK" if result.total_s < GOAL_S else "OVER"
+    lines = []
+    if result.populate_s:
+        lines.append(f"filled a SQLite MLflow store and run folders with {result.n_runs} runs in "
+                     f"{result.populate_s:.1f} s")
+    lines.append(f"load ({result.n_runs} runs, {result.n_points} loss points): {result.load_s:.2f} s = "
+                 f"search_runs {result.search_s:.2f} + runs frame {result.frame_s:.2f} + "
+                 f"loss curves {result.curves_s:.2f}")
+    lines.append(f"tables and figures (build_report, all formats): {result.build_s:.2f} s")
+    lines.append(f"report from MLflow, total: {result.total_s:.2f} s (goal < {GOAL_S:.0f} s: {verdict}); "
+                 f"{result.cpu_s:.2f} CPU-s, {os.cpu_count()} CPUs, load average {result.load_avg:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=100, help="loss points per run")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="SQLite file to fill (reused if it already holds the grid) [default: a temp file]")
+    parser.add_argument("--out", type=Path, default=None, help="report folder [default: a temp folder]")
+    args = parser.parse_args(argv)
+    result = run_benchmark(args.runs, args.steps, args.store, args.out)
+    print(report_lines(result))
+    return result
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--mlflow" in sys.argv[1:]:  # the same report, read from a real SQLite MLflow store
-        from harness.report.mlflow_bench import main
-
-        main(sys.argv[1:])
-    else:
-        print(f"build_report, 1000 runs x 100 curve points: {time_build_report():.2f} s")
+    main()
