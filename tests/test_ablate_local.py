@@ -95,3 +95,89 @@ def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, 
     assert "| harness.errors.ConfigError" in out  # the last lines of the job's stderr
     code, status = invoke("status", "broken")
     assert "grid broken: 1 failed" in status and "fewer than one step" in status
+
+
+def test_sigterm_with_busy_dataloader_workers_is_requeued_not_failed(
+        demo_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """A local cell stopped by SIGTERM (to the job and its DataLoader workers, as a scheduler sends
+    it) records `requeued`, not `failed`; `status` says so and leaves the store unchanged; the next
+    `ablate` resumes it from its checkpoint to done, in the same MLflow run, and ends the parent."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    base = micro_config(*demo_assets)
+    base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
+    base["pretrain"] |= {"epochs": 20, "batch_size": 16}
+    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
+    base["runtime"] = {"num_workers": 2, "log_every": 1, "checkpoint_every": 10}
+    path = tmp_path / "stop.yaml"
+    path.write_text(yaml.safe_dump({"name": "stop", "base": base, "resources": {"time_min": 10}}))
+    store = tmp_path / "mlflow.db"
+    command = [sys.executable, str(REPO / "bench.py"), "ablate", str(path), "--executor", "local",
+               "--tracking-uri", f"sqlite:///{store}"]
+    ablate = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cell = tmp_path / "runs" / "stop"
+    deadline = time.monotonic() + 240
+    while True:
+        folders = [f for f in cell.glob("baseline*") if (f / "metrics.jsonl").is_file()]
+        if folders and (folders[0] / "checkpoints" / "latest.pt").is_file():
+            break
+        assert time.monotonic() < deadline and ablate.poll() is None, "the cell never checkpointed"
+        time.sleep(0.5)
+    [folder] = folders
+    job = psutil.Process(int(json.loads((folder / "launch.json").read_text())["submissions"][-1]["job_id"]))
+    workers = job.children(recursive=True)
+    assert workers, "the DataLoader workers should be running"
+    for proc in [job, *workers]:
+        proc.send_signal(signal.SIGTERM)
+    out = ablate.communicate(timeout=120)[0]
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "requeued", (status, out)
+    assert "SIGTERM" in status["reason"]
+
+    digest = hashlib.sha256(store.read_bytes()).hexdigest()
+    code, shown = invoke("status", "stop", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0 and "requeued" in shown and "failed" not in shown, shown
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == digest  # status only reads
+
+    run_id = json.loads((folder / "launch.json").read_text())["mlflow_run_id"]
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "1 to submit" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert json.loads((folder / "status.json").read_text())["state"] == "done"
+    assert json.loads((folder / "launch.json").read_text())["mlflow_run_id"] == run_id
+    from harness.tracking.store import client
+
+    uri = f"sqlite:///{store}"
+    total = 20 * (300 // 16)
+    assert sorted(m.step for m in client(uri).get_metric_history(run_id, "train/loss")) == list(range(1, total + 1))
+    experiment = client(uri).get_experiment_by_name("stop").experiment_id
+    first, second = client(uri).search_runs([experiment], "tags.role = 'ablate'", order_by=["start_time ASC"])
+    assert (first.info.status, second.info.status) == ("FAILED", "FINISHED")  # every parent run ends
+    assert "1 of 1 cells had not ended when a later ablate took them over" in first.data.tags["failure_reason"]
+
+
+def test_two_local_ablates_at_once_run_each_cell_once(demo_assets: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two `ablate` of one grid started together on the local executor: each cell is submitted once,
+    and both commands follow the cells to the end."""
+    import subprocess
+    import sys
+
+    grid = {"name": "twice", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
+            "axes": {"model.target": ["pixel", "clip"]}, "resources": {"time_min": 10}}
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    command = [sys.executable, str(REPO / "bench.py"), "ablate", str(path), "--executor", "local",
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sorted(int(o.split(" to submit")[0].rsplit(" ", 1)[-1]) for o in outputs) == [0, 2], outputs
+    for folder in (tmp_path / "runs" / "twice").glob("target-*"):
+        assert len(json.loads((folder / "launch.json").read_text())["submissions"]) == 1
+        assert json.loads((folder / "status.json").read_text())["state"] == "done"

@@ -160,7 +160,7 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
         _keep_store(previous.store, echo)
     _backfill(now, store, echo)
     if previous is not None and previous.store == store:
-        close_parent_if_settled(gdir)
+        close_parent_if_settled(gdir, superseded=bool(todo))  # a new parent takes the cells over
     record = GridRecord(grid=grid.name, experiment=grid.experiment, grid_file=str(grid.path) if grid.path else None,
                         executor=executor, store=store, submitted_at=time.time(),
                         folders=[c.folder for c in grid.cells])

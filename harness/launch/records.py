@@ -115,28 +115,32 @@ def grid_lock(directory: Path) -> FileLock:
     """Serialises the commands that rewrite a grid's records (two ``ablate`` of one grid, a job
     ending the parent run)."""
     directory.mkdir(parents=True, exist_ok=True)
-    return FileLock(directory / ".lock")
+    return FileLock(directory / ".lock", is_singleton=True)  # one object per path: re-entrant in a process
 
 
-def close_parent_if_settled(gdir: Path) -> bool:
+def close_parent_if_settled(gdir: Path, superseded: bool = False) -> bool:
     """End the latest ``ablate``'s parent run once every cell it covers has ended (FAILED, with
-    the count, when any failed). Called by whoever settles a cell; True when the run was ended.
-    A store that cannot be reached leaves it for the next caller."""
+    the count, when any failed), or at once when a later ``ablate`` takes its cells over
+    (``superseded``: FAILED when some had not ended). Called by whoever settles a cell; True when
+    the run was ended. A store that cannot be reached leaves it for the next caller."""
     record = read_record(gdir / GRID_FILE, GridRecord)
     if record is None or record.store is None or not record.parent_run_id:
         return False
     states = [CellState.parse(read_status(gdir / folder).get("state")) for folder in record.folders]
-    if not all(s is not None and s.terminal for s in states):
+    unfinished = sum(s is None or not s.terminal for s in states)
+    if unfinished and not superseded:
         return False
     from harness.tracking.runs import run_state, set_state
 
     failed = sum(s == CellState.FAILED for s in states)
+    reason = "; ".join(([f"{failed} of {len(states)} cells failed"] if failed else []) +
+                       ([f"{unfinished} of {len(states)} cells had not ended when a later ablate took them over"]
+                        if unfinished else []))
     uri = record.store.writer_uri() or record.store.backend
     try:
         with grid_lock(gdir):
             if not run_state(uri, record.parent_run_id).terminal:
-                set_state(uri, record.parent_run_id, CellState.FAILED if failed else CellState.DONE,
-                          f"{failed} of {len(states)} cells failed" if failed else None)
+                set_state(uri, record.parent_run_id, CellState.FAILED if reason else CellState.DONE, reason or None)
     except Exception as err:  # noqa: BLE001 - the store is down: the next ablate ends it
         log.warning("could not end the parent run %s: %s", record.parent_run_id, err)
         return False
