@@ -74,8 +74,9 @@ def test_every_submission_is_asked_about_not_only_the_newest() -> None:
     the live job's, and ablate leaves it alone."""
     old, duplicate = sub("12_3"), sub("13_0")
     jobs = {"12_3": job("RUNNING", restarts=1), "13_0": SlurmJobState("13_0", "FAILED", "NonZeroExitCode")}
-    state, _, job_id, alive = derive(RUNNING, False, [old, duplicate], jobs)
+    state, why, job_id, alive = derive(RUNNING, False, [old, duplicate], jobs)
     assert (state, job_id, alive) == (CellState.RUNNING, "12_3", True)
+    assert why == "duplicate job 13_0 exited: job 12_3 holds the run folder"
     view = CellView(Path("x"), None, state, job_id=job_id, job_alive=alive)
     assert plan(view, force=False) == "leave"
     done = CellView(Path("x"), None, CellState.DONE, job_alive=True)  # still syncing to MLflow

@@ -68,15 +68,18 @@ def derive(status: Mapping[str, Any], finished: bool, submissions: Sequence[Subm
         return (run_state or CellState.MISSING), reason, None, False
     job = jobs.get(latest.job_id)
     if live:
+        # later submissions that died while this job lives were duplicates: the folder lock sent them away
+        duplicates = [s.job_id for s in submissions[submissions.index(latest) + 1:]]
+        note = f"duplicate job {', '.join(duplicates)} exited: job {job_id} holds the run folder" if duplicates else None
         if job.state in _QUEUED:
             stopped = job.state in _REQUEUED or job.restarts > 0 or run_state in (CellState.REQUEUED,
                                                                                   CellState.PREEMPTED)
             return (CellState.REQUEUED if stopped else CellState.PENDING), job.reason or reason, job_id, True
         if job.state in _STOPPED:
-            return CellState.PREEMPTED, job.reason or None, job_id, True
+            return CellState.PREEMPTED, job.reason or note, job_id, True
         if run_state in (CellState.FAILED, CellState.REQUEUED, CellState.PREEMPTED):  # its job is ending
             return run_state, reason, job_id, True
-        return CellState.RUNNING, None, job_id, True
+        return CellState.RUNNING, note, job_id, True
     # No job of the cell lives: the folder decides, with the scheduler's last word on the job.
     where = f"job {latest.job_id}"
     if run_state == CellState.FAILED:
