@@ -1,0 +1,56 @@
+"""Training FLOPs per image of one MILAN cell: the student's forward and backward on one image, plus
+the frozen teacher's forward where the cell needs one.
+
+Counted by torch's ``FlopCounterMode`` on the meta device (no memory, no arithmetic, about a second
+per distinct model). The teacher's visual tower runs in train mode: in eval mode the counter misses
+its fused attention path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import open_clip
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.milan.model import build_student
+from harness.milan.pretrainer import needs_teacher
+from harness.milan.teacher import resolve_model_name
+
+if TYPE_CHECKING:
+    from harness.config import ModelConfig, TeacherConfig
+
+
+def train_flops_per_image(model: ModelConfig, teacher: TeacherConfig) -> float:
+    """FLOPs of one training image for a config's ``model`` and ``teacher`` sections."""
+    return _count(model.size, model.img_size, model.decoder, model.mask_ratio, model.decoder_width,
+                  model.decoder_depth, model.decoder_heads,
+                  teacher.model if needs_teacher(model.target, model.masking) else None)
+
+
+@functools.cache
+def _count(size: str, img_size: int, decoder: str, mask_ratio: float, decoder_width: int | None,
+           decoder_depth: int | None, decoder_heads: int | None, teacher: str | None) -> float:
+    with torch.device("meta"):
+        teacher_flops, pred_dim = 0.0, 1
+        if teacher is not None:
+            root = logging.getLogger()
+            level, root.level = root.level, logging.ERROR  # "no pretrained weights loaded": none needed
+            try:
+                visual = open_clip.create_model(resolve_model_name(teacher), device="meta").visual.train()
+            finally:
+                root.setLevel(level)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                visual(torch.empty(1, 3, *visual.image_size))
+            teacher_flops, pred_dim = counter.get_total_flops(), visual.output_dim
+        student = build_student(size, img_size=img_size, decoder=decoder, pred_dim=pred_dim,
+                                mask_ratio=mask_ratio, decoder_embed_dim=decoder_width,
+                                decoder_depth=decoder_depth, decoder_num_heads=decoder_heads).train()
+        ids = torch.empty(1, student.num_patches, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            pred, _ = student(torch.empty(1, 3, img_size, img_size), ids)
+            pred.float().sum().backward()
+    return float(counter.get_total_flops()) + teacher_flops
