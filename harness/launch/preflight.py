@@ -7,9 +7,6 @@ import), so a combination that passed is remembered in the runs folder together 
 read (dataset split folders, teacher file, harness commit): submitting again, or a grid that
 shares its settings, skips the imports unless one of those changed. Slurm adds the partition;
 the caller checks the tracking store.
-
-The demo data and demo teacher are generated here when a grid uses their default paths and
-they are missing, so the smoke grid works on a fresh clone.
 """
 
 from __future__ import annotations
@@ -17,18 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from harness.config import RunConfig
+from harness.data.assets import DEMO_DATA, DEMO_TEACHER, ensure_demo_assets  # noqa: F401 (ablate.py imports them here)
 from harness.errors import UserError
 from harness.files import read_json, write_json_atomic
 from harness.grid import Grid
 
-# Where `bench.py data demo` / `bench.py teacher demo` write by default (and configs/smoke.yaml reads).
-DEMO_DATA = Path("data/demo")
-DEMO_TEACHER = Path("data/demo-teacher/milan-clip-tiny.pt")
 CACHE_FILE = ".preflight-passed.json"
 CACHE_SIZE = 2000
 
@@ -55,28 +48,6 @@ def _fingerprint(cfg: RunConfig, commit: str | None) -> str:
               "splits": [_stat(Path(d.root) / split) for split in (d.train_split, d.val_split)],
               "teacher": [_stat(t.pretrained), _stat(t.model if t.model.endswith(".json") else None)]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]) -> float:
-    """Make the demo dataset / demo teacher if a config points at their default paths and
-    they are missing (the teacher takes minutes on a CPU: say so); returns the seconds spent."""
-    start = time.perf_counter()
-    configs = list(configs)
-    needs_data = any(Path(c.data.root) == DEMO_DATA for c in configs)
-    needs_teacher = any(c.teacher.pretrained and Path(c.teacher.pretrained) == DEMO_TEACHER for c in configs)
-    if (needs_data or needs_teacher) and not (DEMO_DATA / "meta.json").is_file():
-        from harness.data.demo import make_demo_dataset
-
-        echo(f"making the demo dataset in {DEMO_DATA} (first run only) ...")
-        make_demo_dataset(DEMO_DATA)
-    if needs_teacher and not DEMO_TEACHER.is_file():
-        from harness.data.demo_teacher import train_demo_teacher
-
-        echo(f"training the demo CLIP teacher into {DEMO_TEACHER} (first run only; about 7 minutes on two cores) ...")
-        report = train_demo_teacher(DEMO_DATA, DEMO_TEACHER, echo=echo)
-        echo(f"demo teacher: zero-shot top-1 {report.zero_shot_top1:.1f}% (chance {report.chance_top1:.1f}%), "
-             f"{report.seconds:.0f} s")
-    return time.perf_counter() - start
 
 
 def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
