@@ -2,12 +2,21 @@
 
 The browser test drives Debian's Chromium (`bash scripts/install-chromium.sh`) through
 Playwright's Python API (its own browser download is not used). It is skipped when either is
-missing, and fails instead when CI=true. The screenshot is kept in test-artifacts/.
+missing, and fails instead when CI=true. The screenshots are kept in test-artifacts/.
+
+What MLflow 3.17's UI does with a grid's experiment (read from its bundle, checked here): a
+fresh browser opens an experiment on the GenAI overview unless the link says
+``workflowType=machine_learning`` (its GenAI / Model training switch; the experiment's
+``mlflow.experimentKind`` tag is read only when that switch is compiled out); the runs table
+folds child runs under their parent whenever it is sorted by start time (its default) and shows
+no metric column until one is picked, unless a saved view is opened: ``viewStateShareKey=<key>``
+applies the experiment tag ``mlflow.sharedViewState.<key>``, which ``prepare_store`` sets.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import re
@@ -25,21 +34,18 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
+from harness.cell_state import CellState
 from harness.cli import app
 from harness.config import RunConfig
-from harness.tracking import (
-    MlflowRunLogger,
-    cell_tags,
-    create_cell_run,
-    finish_run,
-    log_summary_metrics,
-    mark_run,
-    prepare_store,
-    run_name,
-    sqlite_uri,
-    start_parent_run,
-)
+from harness.files import write_json_atomic
+from harness.grid import cell_name
+from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
+from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
+from harness.tracking.schema import cell_tags
 from harness.tracking.server import free_port, port_in_use
+from harness.tracking.store import client, prepare_store, sqlite_uri
+from harness.tracking.sync import sync_run
+from harness.train.metrics_log import JsonlLogger
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -47,6 +53,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 GRID = "ui-grid"
+VIEW_KEY = "grid-cells"  # prepare_store's saved view of the cell runs
 START_TIMEOUT_S = 300  # the server imports MLflow in its worker: slow on a busy 2-core machine
 
 
@@ -55,35 +62,41 @@ class UI:
     url: str
     port: int
     runs_link: str
-    run_names: list[str]
-    parent_name: str
+    experiment_id: str
+    cells: dict[str, str]  # run name -> its linear_top1 as the UI prints it
     proc: subprocess.Popen
     output: list[str]
 
 
-def make_finished_grid(uri: str) -> tuple[list[str], str]:
-    """A finished 2x2 grid (one seed): returns the cells' run names and the parent's name."""
+def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
+    """A finished 2x2 grid (one seed) as ``ablate`` and its jobs leave it: cell runs nested under
+    the ablate run, each mirrored from its run folder. Returns the experiment id and each cell
+    run's name with its linear_top1."""
     exp_id = prepare_store(uri, GRID)
     axes = [{"name": "model.target", "values": ["pixel", "clip"], "baseline": "pixel"},
             {"name": "model.decoder", "values": ["standard", "prompting"], "baseline": "standard"}]
-    parent_name = f"{GRID} ablate"
-    parent = start_parent_run(uri, exp_id, grid=GRID, tags={"executor": "local"}, axes=axes, run_name=parent_name)
-    names = []
-    for target, decoder in itertools.product(["pixel", "clip"], ["standard", "prompting"]):
+    parent = start_parent_run(uri, exp_id, grid=GRID, tags={"executor": "local"}, axes=axes)
+    cells, specs = {}, []
+    for i, (target, decoder) in enumerate(itertools.product(["pixel", "clip"], ["standard", "prompting"])):
         values = {"model.target": target, "model.decoder": decoder}
         cfg = RunConfig().with_overrides(values)
-        name = run_name(values, cfg.seed)
-        run_id = create_cell_run(uri, exp_id, parent_run_id=parent, run_name=name, params=cfg.flat(),
-                                 tags=cell_tags(cfg, grid=GRID, axis_values=values, executor="local"))
-        logger = MlflowRunLogger(uri, run_id)
+        name = f"{cell_name(values)} seed={cfg.seed}"
+        cells[name] = f"{61.25 + 5 * i:g}"
+        specs.append({"run_name": name, "params": cfg.flat(), "tags": cell_tags(
+            cfg, grid=GRID, cell=cell_name(values), axis_values=values, executor="local",
+            run_dir=runs_root / cfg.run_id())})
+    for spec, run_id in zip(specs, create_cell_runs(uri, exp_id, parent_run_id=parent, cells=specs)):
+        run_dir = Path(spec["tags"]["run_dir"])
+        run_dir.mkdir(parents=True)
+        logger = JsonlLogger(run_dir / METRICS_FILE)
         for step in range(1, 11):
             logger.log_metrics({"train/loss": 1 / step}, step)
-        logger.flush()
-        log_summary_metrics(uri, run_id, {"linear_top1": 50.0 + len(names), "device_hours": 0.1}, step=10)
-        mark_run(uri, run_id, "done")
-        names.append(name)
-    finish_run(uri, parent, "done")
-    return names, parent_name
+        write_json_atomic(run_dir / RESULTS_FILE, {"metrics": {"linear_top1": float(cells[spec["run_name"]]),
+                                                               "device_hours": 0.1}, "steps": 10})
+        write_status(run_dir, CellState.DONE, stage="done", step=10)
+        sync_run(run_dir, uri, run_id)
+    set_state(uri, parent, CellState.DONE)
+    return exp_id, cells
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -96,7 +109,7 @@ def ui(tmp_path_factory):
     """`bench.py ui` in a subprocess over a store holding a finished grid; Ctrl-C at the end."""
     base = tmp_path_factory.mktemp("ui")
     uri = sqlite_uri(base / "mlflow.db")
-    names, parent_name = make_finished_grid(uri)
+    experiment_id, cells = make_finished_grid(uri, base / "runs")
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -121,7 +134,7 @@ def ui(tmp_path_factory):
             output.append(lines.get())
         url = re.search(r"MLflow UI: (\S+)", "\n".join(output)).group(1)
         link = next(line.split(": ", 1)[1] for line in output if line.strip().startswith(f"{GRID}:"))
-        yield UI(url, port, link, names, parent_name, proc, output)
+        yield UI(url, port, link, experiment_id, cells, proc, output)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # what Ctrl-C does
@@ -159,34 +172,69 @@ def require_browser() -> None:
     pytest.skip("; ".join(reasons))
 
 
-@pytest.mark.browser
-def test_browser_finds_the_cells_runs_on_the_experiment_page(ui, tmp_path):
+def test_prepare_store_marks_the_experiment_for_the_ui(tmp_path):
+    """New experiments and ones made before (without the tags) get the UI's tags."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    old = client(uri).create_experiment("made-before")
+    for experiment_id in (prepare_store(uri, "new-grid"), prepare_store(uri, "made-before")):
+        tags = client(uri).get_experiment(experiment_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        view = json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+        assert view["searchFilter"] == "tags.role = 'cell'" and view["orderByKey"] != "attributes.start_time"
+        assert "metrics.`linear_top1`" in view["selectedColumns"]
+    assert prepare_store(uri, "made-before") == old
+
+
+@pytest.fixture
+def browser_page():
+    """A page in a fresh headless Chromium profile (nothing remembered from another visit)."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "mlflow-ui-experiment-runs.png"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS[1:])
-        context = browser.new_context(viewport={"width": 1600, "height": 900})
-        page = context.new_page()
         try:
-            page.goto(ui.runs_link, wait_until="domcontentloaded", timeout=60_000)
-            # The runs table is rendered by JavaScript; cells are child runs, nested (collapsed)
-            # under the ablate run: wait for the parent's row, then expand it as a person would.
-            parent_row = page.locator("[role=row]").filter(has_text=ui.parent_name).first
-            parent_row.wait_for(state="visible", timeout=90_000)
-            if not page.get_by_text(ui.run_names[0], exact=True).first.is_visible():
-                parent_row.locator("[col-id*='Run Name'] button").first.click()
-            for name in ui.run_names:
-                page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=30_000)
-            page.get_by_text(f"{len(ui.run_names) + 1} matching runs").wait_for(timeout=30_000)
-            close = page.get_by_role("button", name="Close")
-            if close.count() and close.first.is_visible():  # the assistant's side panel
-                close.first.click()
+            yield browser.new_context(viewport={"width": 1900, "height": 900}).new_page()
         finally:
-            page.screenshot(path=str(screenshot), full_page=True)
             browser.close()
+
+
+@pytest.mark.browser
+def test_printed_link_opens_the_experiment_on_its_runs(ui, browser_page):
+    page = browser_page
+    try:
+        page.goto(ui.runs_link, wait_until="domcontentloaded", timeout=60_000)
+        page.get_by_text(f"{len(ui.cells) + 1} matching runs").wait_for(timeout=90_000)  # cells + ablate run
+        page.locator("[role=row]").filter(has_text=re.compile(rf"{GRID} \d{{4}}-")).first.wait_for(timeout=30_000)
+        assert f"/experiments/{ui.experiment_id}/runs" in page.url
+        assert page.get_by_role("heading", name="Runs").is_visible()
+        assert not page.get_by_role("heading", name="Overview").count()  # not the GenAI overview
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-experiment-runs.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_saved_view_shows_every_cell_with_its_metric_unfolded(ui, browser_page):
+    """The experiment's saved view: every cell run listed by name (its axis values) with its
+    linear_top1 on the same row, the ablate run left out, and nothing clicked."""
+    page = browser_page
+    link = f"{ui.url}/#/experiments/{ui.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    screenshot = ARTIFACTS / "mlflow-ui-grid-cells.png"
+    try:
+        page.goto(link, wait_until="domcontentloaded", timeout=60_000)
+        page.get_by_text(f"{len(ui.cells)} matching runs").wait_for(timeout=90_000)
+        header = page.locator("[role=columnheader]").filter(has_text="linear_top1").first
+        header.wait_for(state="visible", timeout=30_000)
+        for name, top1 in ui.cells.items():
+            cell = page.get_by_text(name, exact=True).first
+            cell.wait_for(state="visible", timeout=30_000)
+            # the grid draws the pinned run-name column and the other columns as two rows
+            index = cell.locator("xpath=ancestor::*[@role='row'][1]").get_attribute("row-index")
+            value = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`linear_top1`']")
+            assert value.first.inner_text().strip() == top1, name
+    finally:
+        page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
 
 

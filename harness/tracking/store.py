@@ -262,9 +262,30 @@ def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike
     ``<artifact_root or mlflow-artifacts/ beside the database>/<experiment>`` (a plain path,
     usable both from local jobs and through a server started on that store); through an
     HTTP server, the server picks the location. Returns the experiment id.
+
+    The experiment (new or existing) also gets two tags for MLflow 3's UI:
+    ``mlflow.experimentKind=custom_model_development`` (a model-training experiment: UIs that read
+    it open on the runs table, not the GenAI overview; 3.17's follows its own GenAI / Model
+    training switch instead, which the link parameter ``workflowType=machine_learning`` sets), and
+    a saved view of the runs table, ``mlflow.sharedViewState.grid-cells``, opened by the link
+    parameter ``viewStateShareKey=grid-cells``: the cell runs only, unfolded (the table folds child
+    runs under their parent only when sorted by start time), sorted by name (their axis values),
+    with the headline metrics and the state as columns.
     """
+    import json
+
     from mlflow.exceptions import MlflowException
 
+    from harness.grid import HEADLINE_METRICS
+
+    run_name = "attributes.`Run Name`"
+    columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), "tags.`status`"]
+    ui_tags = {
+        "mlflow.experimentKind": "custom_model_development",
+        "mlflow.sharedViewState.grid-cells": json.dumps({
+            "searchFilter": "tags.role = 'cell'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+            "selectedColumns": columns, "columnOrder": [run_name, *columns], "columnWidths": {run_name: 380}}),
+    }
     init_schema(uri)
     mlflow_client = client(uri)
     experiment_obj = mlflow_client.get_experiment_by_name(experiment)
@@ -275,13 +296,16 @@ def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
             location = str((root / safe).absolute())
         try:
-            return mlflow_client.create_experiment(experiment, artifact_location=location)
+            return mlflow_client.create_experiment(experiment, artifact_location=location, tags=ui_tags)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment_obj = mlflow_client.get_experiment_by_name(experiment)
     if experiment_obj.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(experiment_obj.experiment_id)
+    for key, value in ui_tags.items():
+        if experiment_obj.tags.get(key) != value:
+            mlflow_client.set_experiment_tag(experiment_obj.experiment_id, key, value)
     return experiment_obj.experiment_id
 
 
