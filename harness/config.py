@@ -192,11 +192,18 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML: 0.5 -> float, true -> bool, null -> None, [a, b] -> list."""
+    """A value written as text (command line, MLflow param) as YAML: 0.5 -> float, true -> bool,
+    null -> None, [a, b] -> list; also the numbers YAML 1.1 leaves as text ("1e-3", "nan", "inf")."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:

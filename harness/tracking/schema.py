@@ -1,59 +1,19 @@
-"""What milan-bench writes to MLflow: tag and param names, statuses, value encoding.
+"""What milan-bench writes to MLflow: tag and param names, value encoding; no MLflow import.
 
-Light module (no MLflow import): the launcher, the jobs and the report reader all share it.
-
-Layout
-------
-* One MLflow **experiment per grid**, named after the grid (:func:`experiment_name`).
-* One **parent run per ``ablate`` invocation** (tag ``role=ablate``), named
-  ``"<grid> <UTC timestamp>"``. Its tags describe the grid:
-
-  ========================  ==================================================================
-  ``role``                  ``"ablate"``
-  ``grid``                  grid name
-  ``grid.axes``             JSON list, grid order: ``[{"name": "model.target",
-                            "values": ["pixel", "clip"], "baseline": "pixel"}, ...]``
-                            (values typed as in the grid YAML); the report takes axis order,
-                            levels and baselines from the newest parent run
-  ``grid.paper_setting``    ``"true"`` / ``"false"``: the report adds the reference table
-  ``status``                ``running`` | ``done`` | ``failed`` (the launcher decides)
-  ``host``, ``git_commit``, ``executor``, anything else the launcher passes
-  ========================  ==================================================================
-
-* One **child run per cell x seed** (tag ``role=cell`` and ``mlflow.parentRunId``), named
-  ``"<cell> seed=<seed>"`` (:func:`run_name`), where the cell name lists the axis values,
-  ``"target=clip decoder=prompting"`` (:func:`cell_name`). A requeued or resumed cell keeps
-  logging to the same child run. Params: the flattened resolved config
-  (``RunConfig.flat()``: ``"model.target"``, ``"pretrain.epochs"``, ...), encoded by
-  :func:`encode_param`. Tags (:func:`cell_tags` builds them):
-
-  ========================  ==================================================================
-  ``role``                  ``"cell"``
-  ``grid``                  grid name
-  ``cell_id``               ``RunConfig.cell_id()`` (shared by the seeds of a cell)
-  ``config_run_id``         ``RunConfig.run_id()`` (cell + seed)
-  ``seed``                  the seed
-  ``cell``                  cell name (axis values), the report's row label
-  ``axis.<name>``           each axis value, encoded like a param (``axis.model.target=clip``)
-  ``executor``              ``local`` | ``slurm`` | ``debug`` ...
-  ``host``                  host that last ran the job
-  ``git_commit``            commit of the code that ran
-  ``slurm.job_id``, ``slurm.array_job_id``, ``slurm.array_task_id``, ``slurm.restart_count``
-                            set by the job itself (:func:`job_tags`)
-  ``run_dir``               the run folder (config.yaml, metrics.jsonl, checkpoints/)
-  ``status``                a :class:`~harness.cell_state.CellState` value
-  ``failure_reason``        one line, empty when there is none
-  ``checkpoint``            path of the final checkpoint
-  ========================  ==================================================================
-
-  Metrics: ``train/loss`` and ``train/lr`` per step, ``train/images_per_s`` and
-  ``train/peak_memory_mb`` at the last step, then the run's summary metrics (``final_loss``,
-  ``images_per_s``, ``peak_memory_mb``, ``train_seconds``, ``device_hours``, ``linear_top1``,
-  ``knn_top1``, ``finetune_top1``, ...) and ``system/*`` (MLflow system metrics).
-  Artifacts: ``config.yaml`` and ``metrics.jsonl``.
-
-The run folder is the truth and the MLflow run its mirror (:mod:`harness.tracking.sync`); the
-MLflow run status follows the ``status`` tag through :data:`harness.cell_state.MLFLOW_STATUS`.
+* One experiment per grid; one parent run per ``ablate`` invocation (tag ``role=ablate``, named
+  ``"<grid> <UTC time>"``), whose ``grid.axes`` tag (JSON ``[{"name", "values", "baseline"}]``,
+  grid order) gives the report the axes, and ``grid.paper_setting`` whether to add the paper's
+  numbers.
+* One child run per cell x seed (``role=cell``, ``mlflow.parentRunId``), named
+  ``"<cell> seed=<seed>"`` (:attr:`harness.grid.Cell.run_name`), kept across requeues and
+  resubmissions. Params: the flattened config (``RunConfig.flat()``, :func:`encode_param`).
+  Tags: :func:`cell_tags` (grid, ids, seed, cell, ``axis.<name>``, executor, host, git commit,
+  run folder), then from the job: ``status`` (a :class:`~harness.cell_state.CellState`),
+  ``failure_reason``, ``stage``, ``step``, ``attempts``, ``slurm.*``, ``checkpoint``.
+* Metrics: everything in the run folder's ``metrics.jsonl`` (``train/loss``, ``train/lr`` per
+  step, evaluation metrics at the last step), then ``results.json``'s summary; artifacts
+  ``config.yaml`` and ``metrics.jsonl``. The folder is the truth, the run its mirror
+  (:mod:`harness.tracking.sync`).
 """
 
 from __future__ import annotations
@@ -66,6 +26,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from harness.config import parse_value
 from harness.errors import UserError
 
 
@@ -116,11 +77,6 @@ REPORT_METRICS: dict[str, tuple[str, ...]] = {
 MAX_TAG_CHARS = 5000  # MLflow's limit is 8000; failure reasons are cut well before
 
 
-def experiment_name(grid: str) -> str:
-    """The MLflow experiment that holds a grid's runs (one experiment per grid)."""
-    return grid
-
-
 # --- value encoding --------------------------------------------------------------------------
 
 def encode_param(value: Any) -> str:
@@ -135,28 +91,14 @@ def encode_param(value: Any) -> str:
     return json.dumps(value)
 
 
-_LITERALS = {"true": True, "false": False, "null": None, "True": True, "False": False,
-             "None": None, "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
 @functools.lru_cache(maxsize=65536)
 def decode_param(text: str | None) -> Any:
-    """Inverse of :func:`encode_param` for scalars: numbers, bools and null come back typed.
-
-    Lists and dicts stay text (hashable, so they can be grouped on); so does any string.
-    """
+    """Inverse of :func:`encode_param` through the one value parser (:func:`harness.config.parse_value`):
+    numbers, bools and null come back typed; lists and dicts stay text (hashable, to group on)."""
     if text is None:
         return None
-    if text in _LITERALS:
-        return _LITERALS[text]
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    value = parse_value(text)
+    return text if isinstance(value, (list, dict)) else value
 
 
 def axes_json(axes: Sequence[Mapping[str, Any]]) -> str:
@@ -205,27 +147,15 @@ def one_line(reason: str | None) -> str:
 # --- tag builders ----------------------------------------------------------------------------
 
 def cell_tags(cfg: Any, *, grid: str, cell: str, axis_values: Mapping[str, Any], executor: str,
-              git_commit: str | None = None, run_dir: str | os.PathLike | None = None,
-              host: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Tags of a cell's child run (pass to ``create_cell_run(tags=...)``).
-
-    ``cfg`` is the cell's resolved :class:`~harness.config.RunConfig`; ``cell`` its name (the
-    grid's :attr:`~harness.grid.Cell.name`); ``axis_values`` maps each axis (grid order) to its value.
-    """
-    tags: dict[str, Any] = {
-        GRID: grid,
-        CELL_ID: cfg.cell_id(),
-        CONFIG_RUN_ID: cfg.run_id(),
-        SEED: cfg.seed,
-        CELL: cell,
-        EXECUTOR: executor,
-        HOST: host or socket.getfqdn(),
-        GIT_COMMIT: git_commit or git_commit_of() or "unknown",
-    }
-    tags |= {AXIS_PREFIX + name: value for name, value in axis_values.items()}
+              git_commit: str | None = None, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Tags of a cell's run: ``cfg`` its resolved config, ``cell`` its name (:attr:`harness.grid.Cell.name`),
+    ``axis_values`` each axis (grid order) and its value."""
+    tags: dict[str, Any] = {GRID: grid, CELL_ID: cfg.cell_id(), CONFIG_RUN_ID: cfg.run_id(), SEED: cfg.seed,
+                            CELL: cell, EXECUTOR: executor, HOST: socket.getfqdn(),
+                            GIT_COMMIT: git_commit or git_commit_of() or "unknown",
+                            **{AXIS_PREFIX + name: value for name, value in axis_values.items()}}
     if run_dir is not None:
         tags[RUN_DIR] = os.fspath(run_dir)
-    tags |= dict(extra or {})
     return {k: tag_text(v) for k, v in tags.items()}
 
 
@@ -236,8 +166,7 @@ def git_commit_of(path: str | os.PathLike | None = None) -> str | None:
 
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
