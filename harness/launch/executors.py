@@ -1,16 +1,13 @@
 """submitit executors for a grid's resources, and running jobs through them.
 
-* ``slurm``: every cell to (re)submit goes out as ONE job array (``executor.batch()``),
-  throttled by ``resources.array_parallelism``, with ``--requeue`` and submitit's default
-  ``--signal=USR2@90`` (preemption and time limits requeue the job, which resumes).
-  One task per GPU; CPU cells may ask for several tasks.
-* ``local``: jobs are processes on this machine. submitit's LocalExecutor starts every job at
-  once, so :func:`run_local` keeps at most ``concurrency`` running, each with its share of
-  the cores as torch threads.
+* ``slurm``: the cells to (re)submit go out as ONE job array, throttled by
+  ``resources.array_parallelism``, one task per GPU (CPU cells may ask for several tasks).
+* ``local``: processes on this machine; :func:`run_local` keeps at most ``concurrency`` running
+  (submitit's LocalExecutor would start every job at once), each with its share of the cores.
 * ``debug``: in this process, one after another (a debugger stops at the failure).
 
-Nothing here waits on ``job.result()`` for a Slurm job: without ``sacct`` it blocks forever
-for a job that died before writing its result (see :mod:`harness.launch.slurm`).
+Nothing waits on a Slurm job's ``result()``: without ``sacct`` it blocks forever for a job that died
+before writing its result (see :mod:`harness.launch.slurm`).
 """
 
 from __future__ import annotations
@@ -44,67 +41,56 @@ def slurm_executor(folder: Path, resources: Resources, job_name: str) -> submiti
     """An AutoExecutor for Slurm; ``folder`` gets one sub-folder per job (``%j``)."""
     r = resources
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    params: dict[str, Any] = {
-        "name": job_name, "timeout_min": r.time_min, "nodes": r.nodes, "tasks_per_node": r.tasks,
-        "cpus_per_task": r.cpus_per_task,
-        # --requeue: Slurm may requeue the job (preemption, node failure) and so may submitit
-        "slurm_additional_parameters": {"requeue": True, **r.slurm_extra},
-    }
-    optional = {"gpus_per_node": r.gpus_per_node or None, "mem_gb": r.mem_gb,
-                "slurm_partition": r.partition, "slurm_account": r.account, "slurm_qos": r.qos,
-                "slurm_constraint": r.constraint, "slurm_array_parallelism": r.array_parallelism,
-                "slurm_setup": list(r.setup) or None}
-    params |= {k: v for k, v in optional.items() if v is not None}
-    executor.update_parameters(**params)
+    optional = {"gpus_per_node": r.gpus_per_node or None, "mem_gb": r.mem_gb, "slurm_partition": r.partition,
+                "slurm_account": r.account, "slurm_qos": r.qos, "slurm_constraint": r.constraint,
+                "slurm_array_parallelism": r.array_parallelism, "slurm_setup": list(r.setup) or None}
+    # --requeue (submitit passes none): Slurm may requeue the job (preemption, node failure), and so may submitit
+    executor.update_parameters(name=job_name, timeout_min=r.time_min, nodes=r.nodes, tasks_per_node=r.tasks,
+                               cpus_per_task=r.cpus_per_task,
+                               slurm_additional_parameters={"requeue": True, **r.slurm_extra},
+                               **{k: v for k, v in optional.items() if v is not None})
     return executor
 
 
 def local_executor(folder: Path, resources: Resources) -> submitit.LocalExecutor:
-    if resources.nodes > 1:
-        raise UserError(f"the local executor runs on one node but the grid asks for "
-                        f"resources.nodes={resources.nodes}: use --executor slurm")
+    r = resources
+    if r.nodes > 1:
+        raise UserError(f"the local executor runs on one node but the grid asks for resources.nodes={r.nodes}: "
+                        "use --executor slurm")
     executor = submitit.LocalExecutor(folder=folder / "%j")
-    executor.update_parameters(timeout_min=resources.time_min, tasks_per_node=resources.tasks,
-                               gpus_per_node=resources.gpus_per_node)
-    if resources.setup:
-        executor.update_parameters(setup=list(resources.setup))
+    executor.update_parameters(timeout_min=r.time_min, tasks_per_node=r.tasks, gpus_per_node=r.gpus_per_node)
+    if r.setup:
+        executor.update_parameters(setup=list(r.setup))
     return executor
 
 
 def local_slots(resources: Resources, cores: int | None = None) -> tuple[int, int]:
-    """(jobs at once, torch threads per task) for local runs without oversubscribing.
-
-    A job takes ``tasks x cpus_per_task`` cores; as many jobs run at once as fit in the
-    machine's cores (at least one).
-    """
+    """(jobs at once, torch threads per task): as many ``tasks x cpus_per_task`` jobs as fit in the
+    cores (at least one), without oversubscribing."""
     cores = cores or len(os.sched_getaffinity(0))
-    per_job = resources.tasks * resources.cpus_per_task
-    return max(1, cores // per_job), max(1, min(resources.cpus_per_task, cores // resources.tasks))
+    tasks, cpus = resources.tasks, resources.cpus_per_task
+    return max(1, cores // (tasks * cpus)), max(1, min(cpus, cores // tasks))
 
 
 def submit_array(executor: submitit.Executor, jobs: Sequence[Callable[[], Any]]) -> list[submitit.Job]:
-    """Submit callables as one Slurm job array; returns their jobs (ids ``<array>_<i>``)."""
+    """Submit callables as one Slurm job array (job ids ``<array>_<i>``)."""
     with executor.batch():
-        submitted = [executor.submit(job) for job in jobs]
-    return submitted
+        return [executor.submit(job) for job in jobs]
 
 
 def run_local(executor: submitit.LocalExecutor, jobs: Sequence[Callable[[], Any]], concurrency: int,
               on_start: Callable[[int, submitit.Job], None],
               on_tick: Callable[[], None] = lambda: None, poll_s: float = 1.0) -> None:
-    """Run ``jobs`` as local processes, at most ``concurrency`` at a time, until all end.
-
-    ``on_start(i, job)`` is called as job ``i`` starts (to record its id); ``on_tick`` after
-    each poll (progress display). An interrupt (Ctrl-C) cancels the running jobs.
-    """
+    """Run ``jobs`` as local processes, at most ``concurrency`` at a time, until all end;
+    ``on_start(i, job)`` as job ``i`` starts, ``on_tick()`` after each poll. Any exception
+    (Ctrl-C too) cancels the running jobs."""
     queue = list(enumerate(jobs))
     running: list[submitit.Job] = []
     try:
         while queue or running:
             while queue and len(running) < concurrency:
                 index, job = queue.pop(0)
-                started = executor.submit(job)
-                on_start(index, started)
+                on_start(index, started := executor.submit(job))
                 running.append(started)
             time.sleep(poll_s)
             running = [j for j in running if not j.done()]  # a process poll: never blocks
@@ -115,11 +101,10 @@ def run_local(executor: submitit.LocalExecutor, jobs: Sequence[Callable[[], Any]
         raise
 
 
-def run_debug(folder: Path, jobs: Sequence[Callable[[], Any]],
-              on_start: Callable[[int, submitit.Job], None]) -> None:
-    """Run ``jobs`` in this process, one after another; a failure stops at the first one."""
+def run_debug(folder: Path, jobs: Sequence[Callable[[], Any]], on_start: Callable[[int, submitit.Job], None]) -> None:
+    """Run ``jobs`` in this process, one after another, stopping at the first failure."""
     executor = submitit.DebugExecutor(folder=folder / "debug")
     for index, job in enumerate(jobs):
-        started = executor.submit(job)
-        on_start(index, started)
+        on_start(index, started := executor.submit(job))
         started.result()
+

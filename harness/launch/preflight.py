@@ -1,12 +1,12 @@
-"""Checks before anything is submitted, each failing with one line (exit code 2).
+"""Checks before anything is submitted, each failing with one line (exit code 2): the Slurm
+partition or the local GPUs, then :func:`harness.run.preflight` (dataset tree and classes, teacher
+name and weights, model shapes); the caller checks the tracking store.
 
-The per-config checks of :func:`harness.run.preflight` (dataset tree and classes, teacher name
-and weights, model shapes) depend on a few config sections only, so they run once per distinct
-combination of those, not once per cell. They need torch, timm and open_clip (seconds to
-import), so a combination that passed is remembered in the runs folder together with what it
-read (dataset split folders, teacher file, harness commit): submitting again, or a grid that
-shares its settings, skips the imports unless one of those changed. Slurm adds the partition;
-the caller checks the tracking store.
+``harness.run.preflight`` reads a few config sections only, so it runs once per distinct
+combination of them, not once per cell. It needs torch, timm and open_clip (seconds to import), so
+a combination that passed is remembered in the runs folder with the state of what it read (split
+folders, teacher files, harness commit): submitting again, or another grid with the same settings,
+skips the imports unless one of those changed.
 """
 
 from __future__ import annotations
@@ -26,13 +26,6 @@ CACHE_FILE = ".preflight-passed.json"
 CACHE_SIZE = 2000
 
 
-def _signature(cfg: RunConfig) -> dict:
-    """The config sections harness.run.preflight reads."""
-    data = cfg.to_dict()
-    return {"model": data["model"], "teacher": data["teacher"], "data": data["data"],
-            "protocols": data["eval"]["protocols"]}
-
-
 def _stat(path: str | Path | None) -> list[int] | None:
     try:
         st = os.stat(path) if path else None
@@ -42,21 +35,23 @@ def _stat(path: str | Path | None) -> list[int] | None:
 
 
 def _fingerprint(cfg: RunConfig, commit: str | None) -> str:
-    """Signature + the state of what its checks read: a changed tree or file re-checks."""
-    d, t = cfg.data, cfg.teacher
-    inputs = {"signature": _signature(cfg), "commit": commit,
+    """The sections harness.run.preflight reads, and the state of the files it reads."""
+    data, d, t = cfg.to_dict(), cfg.data, cfg.teacher
+    signature = {"model": data["model"], "teacher": data["teacher"], "data": data["data"],
+                 "protocols": data["eval"]["protocols"]}
+    inputs = {"signature": signature, "commit": commit,
               "splits": [_stat(Path(d.root) / split) for split in (d.train_split, d.val_split)],
               "teacher": [_stat(t.pretrained), _stat(t.model if t.model.endswith(".json") else None)]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
-    """harness.run.preflight once per distinct (model, teacher, data, protocols) not yet
-    passed (per ``cache_dir``'s record)."""
+    """harness.run.preflight once per fingerprint that has not passed (per ``cache_dir``'s record)."""
     from harness.tracking.schema import git_commit_of
 
     cache_path = cache_dir / CACHE_FILE if cache_dir else None
-    passed = _read_cache(cache_path)
+    cached = read_json(cache_path) if cache_path else None
+    passed = [k for k in cached if isinstance(k, str)] if isinstance(cached, list) else []
     commit = git_commit_of()
     todo: dict[str, tuple[str, RunConfig]] = {}
     for cell in grid.cells:
@@ -75,11 +70,6 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
         passed.append(key)
     if cache_path is not None:
         write_json_atomic(cache_path, passed[-CACHE_SIZE:])
-
-
-def _read_cache(path: Path | None) -> list[str]:
-    data = read_json(path) if path else None
-    return [k for k in data if isinstance(k, str)] if isinstance(data, list) else []
 
 
 def check_resources(grid: Grid, executor: str) -> None:

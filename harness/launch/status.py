@@ -1,7 +1,5 @@
 """``bench.py status``: every cell's state from its folder and Slurm (squeue/scontrol, no sacct).
-
-It only reads: nothing is written, to the run folders, to MLflow or anywhere else.
-"""
+It only reads: nothing is written, to the run folders, MLflow or anywhere else."""
 
 from __future__ import annotations
 
@@ -17,18 +15,15 @@ Echo = Callable[[str], None]
 
 
 def grid_views(grid: str, runs_dir: Path) -> tuple[str, list[CellView]]:
-    """(grid name, cell views) for a grid name or grid file; a grid that was never submitted
-    shows its expanded cells as missing."""
-    record = read_record(grid_dir(runs_dir, grid) / GRID_FILE, GridRecord)
-    if record is not None:
+    """(grid name, cell views) for a grid name or file; a grid never submitted shows its cells as missing."""
+    if (record := read_record(grid_dir(runs_dir, grid) / GRID_FILE, GridRecord)) is not None:
         return record.grid, collect([grid_dir(runs_dir, grid) / f for f in record.folders])
     from harness.grid import find_grid_file, load_grid
 
     loaded = load_grid(find_grid_file(grid))
     gdir = grid_dir(runs_dir, loaded.name)
     record = read_record(gdir / GRID_FILE, GridRecord)
-    folders = record.folders if record else [c.folder for c in loaded.cells]
-    return loaded.name, collect([gdir / f for f in folders])
+    return loaded.name, collect([gdir / f for f in (record.folders if record else [c.folder for c in loaded.cells])])
 
 
 def show_status(grid: str | None, runs_dir: Path, echo: Echo = print, log_lines: int = 8) -> list[CellView]:
@@ -43,15 +38,13 @@ def show_status(grid: str | None, runs_dir: Path, echo: Echo = print, log_lines:
 
 
 def _show_all(runs_dir: Path, echo: Echo) -> list[CellView]:
-    records = sorted(runs_dir.glob(f"*/{GRID_FILE}"))
-    if not records:
+    if not (records := sorted(runs_dir.glob(f"*/{GRID_FILE}"))):
         raise UserError(f"no grid has been submitted under {runs_dir}: run `bench.py ablate` first")
     everything: list[CellView] = []
     for path in records:
-        if (record := read_record(path, GridRecord)) is None:
-            continue
-        cell_views = collect([path.parent / f for f in record.folders])
-        echo(f"{record.grid:<30} {views.counts(cell_views)}")
-        everything += cell_views
+        if (record := read_record(path, GridRecord)) is not None:
+            cell_views = collect([path.parent / f for f in record.folders])
+            echo(f"{record.grid:<30} {views.counts(cell_views)}")
+            everything += cell_views
     echo("details: bench.py status <grid>")
     return everything

@@ -15,7 +15,6 @@ from harness.grid import HEADLINE_METRICS, Grid
 from harness.launch.state import CellView, log_files, tail
 
 
-
 def headline(folder: Path) -> str:
     """``linear_top1=12.8`` from a finished run's results.json ('' when there is none)."""
     try:
@@ -35,10 +34,18 @@ def counts(views: Sequence[CellView]) -> str:
     return text
 
 
+def _name(v: CellView) -> str:
+    return f"{v.record.name} seed={v.record.seed}" if v.record else v.folder.name
+
+
 def _hours(value: float | str | None) -> str:
-    if value is None:
-        return "?"
-    return value if isinstance(value, str) else f"{value:,.1f}"
+    return "?" if value is None else value if isinstance(value, str) else f"{value:,.1f}"
+
+
+def _progress(v: CellView) -> str:
+    if v.state == CellState.DONE or not v.stage:
+        return ""
+    return f"{v.stage} {v.step}" if v.step is not None else v.stage
 
 
 def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float | str | None],
@@ -50,10 +57,9 @@ def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float 
     table = tabulate(rows, headers=["#", "cell", "seed", "run id", "resources", "GPU-h", "status", "ablate would"],
                      tablefmt="simple")
     numbers = [h for h in hours.values() if isinstance(h, float)]
-    est = grid.spec.estimate
     if numbers:
         total = (f"total {sum(numbers):,.1f} GPU-hours of pretraining (evaluation not included), assuming "
-                 f"{est.sustained_tflops:g} TFLOP/s sustained per GPU on FLOPs counted with torch's "
+                 f"{grid.spec.estimate.sustained_tflops:g} TFLOP/s sustained per GPU on FLOPs counted with torch's "
                  "FlopCounterMode (student forward+backward, teacher forward)")
         if len(numbers) < len(hours):
             total += "; '?': no data tree here and no estimate.train_images in the grid"
@@ -64,19 +70,13 @@ def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float 
     return f"{table}\n{len(grid.cells)} cells; {total}"
 
 
-def _progress(v: CellView) -> str:
-    if v.state == CellState.DONE or not v.stage:
-        return ""
-    return f"{v.stage} {v.step}" if v.step is not None else v.stage
-
-
 def status_table(views: Sequence[CellView]) -> str:
     rows = []
     for v in views:
-        r = v.record
         detail = headline(v.folder) if v.state == CellState.DONE else (v.reason or "")
         if v.backlog:
             detail = f"{detail}; waiting to sync: {v.backlog}" if detail else f"waiting to sync: {v.backlog}"
+        r = v.record
         rows.append([r.name if r else v.folder.name, r.seed if r else "", v.state, _progress(v), v.attempts or "",
                      v.job_id or "", detail[:120]])
     return tabulate(rows, headers=["cell", "seed", "state", "stage", "attempts", "job", "result / reason"],
@@ -89,10 +89,7 @@ def failure_details(views: Sequence[CellView], lines: int = 8) -> str:
     for v in views:
         if v.state != CellState.FAILED:
             continue
-        name = v.record.name if v.record else v.folder.name
-        seed = f" seed={v.record.seed}" if v.record else ""
-        out.append(f"\nFAILED {name}{seed}: {v.reason or 'no reason recorded'}")
-        out.append(f"  run folder: {v.folder}")
+        out += [f"\nFAILED {_name(v)}: {v.reason or 'no reason recorded'}", f"  run folder: {v.folder}"]
         for path in log_files(v.record.last if v.record else None):
             out.append(f"  log {path}:")
             out.extend(f"    | {line}" for line in tail(path, lines))
@@ -101,8 +98,6 @@ def failure_details(views: Sequence[CellView], lines: int = 8) -> str:
 
 def transition(view: CellView) -> str:
     """One progress line for a cell that changed state."""
-    r = view.record
-    name = f"{r.name} seed={r.seed}" if r else view.folder.name
     extra = headline(view.folder) if view.state == CellState.DONE else (view.reason or "")
     job = f" [{view.job_id}]" if view.job_id and not view.job_id.startswith("queued") else ""
-    return f"{time.strftime('%H:%M:%S')} {view.state.value:<9} {name}{job}{'  ' + extra if extra else ''}"
+    return f"{time.strftime('%H:%M:%S')} {view.state.value:<9} {_name(view)}{job}{'  ' + extra if extra else ''}"
