@@ -145,7 +145,8 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
     """Plan, preflight, the store, tracking runs and launch records: everything before submission.
     Also what keeps the records whole: a dead server restarted, finished cells' MLflow backlog sent,
     the previous invocation's parent run ended when its cells have."""
-    from harness.launch.preflight import ensure_demo_assets, preflight_grid
+    from harness.data.assets import ensure_demo_assets
+    from harness.launch.preflight import preflight_grid
 
     now = collect([gdir / grid.cells[i].folder for i in chosen])
     todo = [i for i, v in zip(chosen, now) if plan(v, req.force) in ("submit", "restart")]
@@ -181,7 +182,8 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
 
 def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: AblateRequest, echo: Echo) -> None:
     from harness.launch.estimate import gpu_hours
-    from harness.launch.preflight import DEMO_DATA, DEMO_TEACHER, preflight_grid
+    from harness.data.assets import DEMO_DATA, DEMO_TEACHER
+    from harness.launch.preflight import preflight_grid
 
     views_now = collect([gdir / c.folder for c in grid.cells])
     actions = [plan(v, req.force) if i in chosen else "leave (not chosen)" for i, v in enumerate(views_now)]

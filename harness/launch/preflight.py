@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 from harness.config import RunConfig
-from harness.data.assets import DEMO_DATA, DEMO_TEACHER, ensure_demo_assets  # noqa: F401 (ablate.py imports them here)
 from harness.errors import UserError
 from harness.files import read_json, write_json_atomic
 from harness.grid import Grid
