@@ -322,7 +322,7 @@ def ui_command(
             typer.echo(f"  {name}: {link}")
         sys.stdout.flush()
 
-    code = serve_ui(uri, port=port, host="127.0.0.1", on_ready=ready)
+    code = serve_ui(uri, port=port, on_ready=ready)
     if code:
         raise typer.Exit(code)
 

@@ -10,6 +10,7 @@ not what it computes, so they are left out of the ids: changing them never re-ru
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +190,16 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = value
+
+
+def format_value(value: Any) -> str:
+    """A config value as text, the inverse of :func:`parse_value`: strings as they are, everything
+    else as JSON (True -> "true", None -> "null", (0.9, 0.95) -> "[0.9, 0.95]", nan -> "nan")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no literal for them
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 def parse_value(text: str) -> Any:

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.config import (
     FIELD_NAMES,
+    format_value,
     RunConfig,
     describe_validation_error,
     flatten,
@@ -52,7 +53,6 @@ from harness.config import (
     set_dotted,
 )
 from harness.errors import ConfigError, did_you_mean
-from harness.tracking.schema import encode_param
 
 # Baselines of MILAN's three switches (the MAE side of each); other axes use their first value.
 MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "standard",
@@ -160,7 +160,7 @@ def cell_name(axis_values: Mapping[str, Any]) -> str:
     """A cell's name from its axis values, ``"target=clip decoder=prompting"`` ("baseline" without axes)."""
     if not axis_values:
         return "baseline"
-    return " ".join(f"{short_axis(k)}={encode_param(v)}" for k, v in axis_values.items())
+    return " ".join(f"{short_axis(k)}={format_value(v)}" for k, v in axis_values.items())
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ def _rule(rule: Rule, axes: Sequence[Axis], where: str) -> dict[str, tuple[Any, 
         for v in values:
             if v not in axis.values:
                 raise ConfigError(f"{where}: {axis.name} has no value {v!r}: its values are "
-                                  f"{', '.join(encode_param(x) for x in axis.values)}")
+                                  f"{', '.join(format_value(x) for x in axis.values)}")
         resolved[axis.name] = values
     return resolved
 

@@ -34,13 +34,16 @@ def resolve_store(name: str, tracking_uri: str | None, runs_dir: Path) -> tuple[
 
 
 def experiment_links(uri: str, url: str, limit: int = 10) -> list[tuple[str, str]]:
-    """(experiment, link to its runs table) for the store's grids. MLflow 3's UI opens an
-    experiment on its GenAI overview; ``workflowType=machine_learning`` shows the runs."""
+    """(experiment, link to its cells) for the store's grids. MLflow 3's UI opens an experiment on its
+    GenAI overview; ``workflowType=machine_learning`` shows the runs table and ``viewStateShareKey``
+    opens the experiment's saved view of the cell runs (see :func:`harness.tracking.store.prepare_store`)."""
     try:
         from harness.tracking.store import client
 
         experiments = client(uri).search_experiments(max_results=limit + 1, order_by=["last_update_time DESC"])
     except Exception:  # noqa: BLE001 - links are a convenience
         return []
-    return [(e.name, f"{url}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+    from harness.tracking.schema import UI_VIEW
+
+    return [(e.name, f"{url}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}")
             for e in experiments if e.name != "Default"][:limit]

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from harness.config import format_value as encode_param
 from harness.config import parse_value
 from harness.errors import UserError
 
@@ -59,6 +59,7 @@ SLURM_ARRAY_JOB_ID = "slurm.array_job_id"
 SLURM_ARRAY_TASK_ID = "slurm.array_task_id"
 SLURM_RESTART_COUNT = "slurm.restart_count"
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
+UI_VIEW = "grid-cells"  # the saved runs-table view of an experiment's cells (store.prepare_store)
 
 LOSS_KEY = "train/loss"
 LR_KEY = "train/lr"
@@ -78,18 +79,6 @@ MAX_TAG_CHARS = 5000  # MLflow's limit is 8000; failure reasons are cut well bef
 
 
 # --- value encoding --------------------------------------------------------------------------
-
-def encode_param(value: Any) -> str:
-    """A config value as MLflow param text: strings as they are, everything else as JSON
-    (True -> "true", None -> "null", (0.9, 0.95) -> "[0.9, 0.95]")."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, tuple):
-        value = list(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf": JSON has no literal for them
-    return json.dumps(value)
-
 
 @functools.lru_cache(maxsize=65536)
 def decode_param(text: str | None) -> Any:

@@ -36,7 +36,15 @@ from filelock import FileLock
 
 from harness.files import read_json, write_json_atomic
 from harness.tracking.schema import TrackingError
-from harness.tracking.store import STATE_FILE, check_store, init_schema, server_answers, sqlite_path
+from harness.tracking.store import (
+    ARTIFACTS_DIR,
+    STATE_FILE,
+    check_store,
+    default_artifact_root,
+    init_schema,
+    server_answers,
+    sqlite_path,
+)
 
 LOG_FILE = "mlflow-server.log"
 START_TIMEOUT_S = 180.0
@@ -215,15 +223,17 @@ def stop_server(state_dir: str | os.PathLike) -> bool:
         return True
 
 
-def serve_ui(store_uri: str, artifact_root: Path, *, port: int, on_ready: Callable[[str, Path], None],
+def serve_ui(store_uri: str, *, port: int, on_ready: Callable[[str, Path], None],
              timeout_s: float = START_TIMEOUT_S) -> int:
     """Run the MLflow UI for ``store_uri`` on 127.0.0.1 in the foreground until Ctrl-C or SIGTERM
-    (or until the server exits); ``on_ready(url, log_path)`` once it answers. Returns its exit code."""
+    (or until the server exits); ``on_ready(url, log_path)`` once it answers. Returns its exit code.
+    Artifacts are served from beside a SQLite store (``mlflow-artifacts/``)."""
     if port_in_use(port):
         raise TrackingError(f"port {port} on 127.0.0.1 is in use: pick another with --port")
     url = f"http://127.0.0.1:{port}"
     log_path = Path(tempfile.gettempdir()) / f"milan-bench-ui-{port}.log"
     log_path.unlink(missing_ok=True)
+    artifact_root = default_artifact_root(store_uri) or Path(ARTIFACTS_DIR).absolute()
     proc = _start(store_uri, artifact_root, "127.0.0.1", port, 1, log_path)
 
     def interrupt(signum: int, frame: object) -> None:

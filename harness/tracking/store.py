@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict
 
 from harness.files import read_json
-from harness.tracking.schema import TrackingError
+from harness.tracking.schema import UI_VIEW, TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlflow-artifacts"
@@ -282,7 +282,7 @@ def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike
     columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), "tags.`status`"]
     ui_tags = {
         "mlflow.experimentKind": "custom_model_development",
-        "mlflow.sharedViewState.grid-cells": json.dumps({
+        f"mlflow.sharedViewState.{UI_VIEW}": json.dumps({
             "searchFilter": "tags.role = 'cell'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
             "selectedColumns": columns, "columnOrder": [run_name, *columns], "columnWidths": {run_name: 380}}),
     }
