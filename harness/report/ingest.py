@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from harness.cell_state import CellState
-from harness.run_folder import METRICS_FILE
+from harness.run_folder import METRICS_FILE, read_results, read_status
 from harness.tracking import schema
 from harness.tracking.store import check_store, client, find_experiment, is_http
 from harness.train.metrics_log import read_jsonl
@@ -110,6 +110,32 @@ def read_runs(uri: str, experiment_id: str) -> RawRuns:
 
     return RawRuns(info, wide([run.data.tags for run in found]), wide([run.data.params for run in found]),
                    wide([run.data.metrics for run in found], float))
+
+
+def overlay_run_folders(raw: RawRuns) -> int:
+    """The run folder is the truth and MLflow its mirror: where a cell's folder (its ``run_dir`` tag)
+    is readable here, its state, reason and results replace what MLflow has been sent so far (a
+    server that was down, a job that has not synced yet). Returns how many runs the folders gave."""
+    if schema.RUN_DIR not in raw.tags:
+        return 0
+    states, results = {}, {}
+    for run_id, run_dir in raw.tags[schema.RUN_DIR].items():
+        if not isinstance(run_dir, str) or not run_dir:
+            continue
+        status = read_status(Path(run_dir))
+        if (state := CellState.parse(status.get("state"))) is None:
+            continue
+        states[run_id] = {schema.STATUS: state.value, schema.FAILURE_REASON: schema.one_line(status.get("reason"))}
+        if state == CellState.DONE and (done := read_results(Path(run_dir))) is not None:
+            results[run_id] = {k: float(v) for k, v in done.get("metrics", {}).items() if v is not None}
+    if states:
+        for column in (schema.STATUS, schema.FAILURE_REASON):
+            if column not in raw.tags:
+                raw.tags[column] = pd.Series(np.nan, index=raw.tags.index, dtype=object)
+        raw.tags.update(pd.DataFrame.from_dict(states, orient="index", dtype=object))
+    if results:
+        raw.metrics = pd.DataFrame.from_dict(results, orient="index").combine_first(raw.metrics).reindex(raw.metrics.index)
+    return len(states)
 
 
 # --- assembling the runs frame ---------------------------------------------------------------
@@ -385,11 +411,14 @@ def load_runs(uri: str, grid_or_experiment: str, *, curve_points: int | None = 1
     """``(runs, curves)`` of a grid (experiment name or id) in the store at ``uri``.
 
     Raises :class:`~harness.tracking.TrackingError` when the store is unreachable or has no
-    such experiment (the message lists the experiments that exist). ``run_folders=False``
-    reads every loss curve from MLflow, even where the run's folder is readable.
+    such experiment (the message lists the experiments that exist). Run folders readable here
+    give their runs' state, results and loss curves (:func:`overlay_run_folders`);
+    ``run_folders=False`` reads everything from MLflow.
     """
     check_store(uri, must_exist=True)
     experiment = find_experiment(uri, grid_or_experiment)
     raw = read_runs(uri, experiment.experiment_id)
+    if run_folders:
+        overlay_run_folders(raw)
     runs = assemble(raw, experiment.name, experiment.experiment_id)
     return runs, load_curves(uri, runs, raw, max_points=curve_points, run_folders=run_folders)
