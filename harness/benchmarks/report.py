@@ -260,6 +260,7 @@ def run_benchmark(n_runs: int = 1000, n_steps: int = 100, store: Path | None = N
         raw = ingest.read_runs(uri, experiment.experiment_id)
         search_s = time.perf_counter() - start
         start = time.perf_counter()
+        ingest.overlay_run_folders(raw)
         runs = ingest.assemble(raw, experiment.name, experiment.experiment_id)
         frame_s = time.perf_counter() - start
         start = time.perf_counter()
