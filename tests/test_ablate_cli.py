@@ -140,3 +140,10 @@ def test_debug_executor_runs_in_process(cwd: Path, demo_assets: tuple[Path, Path
     assert not (cell / "marker").exists() and (cell / "results.json").is_file()
     again = json.loads((cell / "launch.json").read_text())
     assert again["mlflow_run_id"] != launch["mlflow_run_id"] and len(again["submissions"]) == 1
+
+
+def test_an_unknown_cell_selector_submits_nothing(cwd: Path) -> None:
+    grid = write_grid(cwd / "g.yaml", axes={"model.target": ["pixel", "clip"]})
+    code, out = invoke("ablate", str(grid), "--cell", "target-rgb", "--force", "--executor", "local")
+    assert code == 2 and "--cell 'target-rgb' matches no cell of grid g" in out, out
+    assert not (cwd / "runs" / "g").exists()

@@ -78,6 +78,13 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     assert len(json.loads((failed / "launch.json").read_text())["submissions"]) == 2  # first run, rerun
     assert (failed / "results.json").is_file()
 
+    # --force --cell reruns one cell from scratch (a corrupt checkpoint's fix), the other is left alone
+    other_results = (cells[1] / "results.json").read_bytes()
+    code, out = invoke("ablate", "--force", "--cell", cells[0].name)
+    assert code == 0 and "1 cells (1 done); 1 to restart" in out, out
+    assert len(json.loads((cells[0] / "launch.json").read_text())["submissions"]) == 1  # a fresh folder
+    assert (cells[1] / "results.json").read_bytes() == other_results
+
 
 def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,3 +159,13 @@ def test_bad_input_is_one_line_and_exit_2_before_training(demo_assets, tmp_path,
     assert proc.returncode == 2, (out, err)
     assert words in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_checkpoint_is_named_with_the_fix(tmp_path):
+    from harness.train.checkpoint import CorruptCheckpoint, load_latest
+
+    (tmp_path / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpoint) as err:
+        load_latest(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "latest.pt") in message and "--force --cell" in message and "\n" not in message
