@@ -75,19 +75,21 @@ class CellJob(submitit.helpers.Checkpointable):
         def stopping(signal_name: str) -> None:  # the scheduler's SIGTERM: record it at once
             write_status(run_dir, CellState.REQUEUED, reason=f"stopped by the scheduler ({signal_name})")
 
-        with StopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dir, main):
-            try:
-                result = run(cfg, run_dir, JsonlLogger(run_dir / METRICS_FILE), job_fields=job)
-            except Exception as err:
-                if main:
-                    why = stopped_by_scheduler(err, watch)
-                    write_status(run_dir, CellState.REQUEUED if why else CellState.FAILED,
-                                 reason=why or f"{type(err).__name__}: {err}")
-                raise
-        if main and self.store and self.mlflow_run_id:
-            from harness.launch.records import close_parent_if_settled
+        try:
+            with StopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dir, main):
+                try:
+                    result = run(cfg, run_dir, JsonlLogger(run_dir / METRICS_FILE), job_fields=job)
+                except Exception as err:
+                    if main:
+                        why = stopped_by_scheduler(err, watch)
+                        write_status(run_dir, CellState.REQUEUED if why else CellState.FAILED,
+                                     reason=why or f"{type(err).__name__}: {err}")
+                    raise
+        finally:  # done or failed, this cell may be the last of its ablate to settle
+            if main and self.store and self.mlflow_run_id:
+                from harness.launch.records import close_parent_if_settled
 
-            close_parent_if_settled(run_dir.parent)
+                close_parent_if_settled(run_dir.parent)
         return {"state": result.state.value, "metrics": result.metrics, "reason": result.failure_reason}
 
     def _mirror(self, run_dir: Path, main: bool) -> contextlib.AbstractContextManager[Any]:
