@@ -134,8 +134,9 @@ def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.dev
                                rank=env.rank, world_size=env.world_size)
     loader = make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=rt.num_workers,
                          drop_last=True, seed=cfg.seed, sampler=sampler)
-    # Steps already in the log (a kill after the last checkpoint) are recomputed, not re-logged.
-    logged_through = (logger.last_step("train/loss") if env.is_main else None) or -1
+    # Steps already in the log (a kill after the last checkpoint) are recomputed, not re-logged;
+    # only rank 0 logs.
+    logged_through = (logger.last_step("train/loss") or -1) if env.is_main else math.inf
 
     model.train()
     progress = _Progress(total_steps, start_step, enabled=env.is_main)
@@ -206,7 +207,7 @@ def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.dev
         images_per_s=clock["timed_images"] / clock["timed_seconds"] if timed else math.nan,
         peak_memory_mb=peak_memory_mb(device), train_seconds=clock["loop_seconds"],
         checkpoint=ckpt_path, resumed_from=start_step)
-    if start_step < total_steps:
+    if start_step < total_steps and env.is_main:
         logger.log_metrics({"train/images_per_s": result.images_per_s,
                             "train/peak_memory_mb": result.peak_memory_mb}, step=total_steps)
         logger.flush()
