@@ -232,6 +232,7 @@ def test_an_unreachable_server_never_stops_the_run_and_is_caught_up_later(store,
             write_status(folder, CellState.RUNNING, new_attempt=True)
             time.sleep(0.5)
             assert not mirror.sync() and "bytes of metrics" in backlog(folder)
+            assert backlog(folder, live=True)  # status shows a live job that cannot reach the store
             target["uri"] = store  # the server is back (on another address)
             log_steps(folder, range(11, 21))
         assert backlog(folder) == ""

@@ -155,7 +155,7 @@ def collect(cell_dirs: Sequence[Path]) -> list[CellView]:
                                               record.submissions if record else [], jobs)
         views.append(CellView(folder, record, state, reason, job_id, alive, int(status.get("attempts", 0)),
                               status.get("stage"), status.get("step"),
-                              backlog(folder) if record is not None and record.mlflow_run_id else ""))
+                              backlog(folder, live=alive) if record is not None and record.mlflow_run_id else ""))
     return views
 
 

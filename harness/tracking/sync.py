@@ -50,10 +50,13 @@ def _state_key(status: dict[str, Any]) -> list[Any]:
     return [status.get(k) for k in ("state", "reason", *STATUS_TAGS)]
 
 
-def backlog(run_dir: Path) -> str:
-    """What the MLflow run lacks of the folder, in words ("" when it is in step)."""
+def backlog(run_dir: Path, *, live: bool = False) -> str:
+    """What the MLflow run lacks of the folder, in words ("" when it is in step). For a ``live`` job,
+    whose mirror sends every few seconds, only while its last sync failed (the store is unreachable)."""
     run_dir = Path(run_dir)
     sync, status = _read_sync(run_dir), read_status(run_dir)
+    if live and not sync.get("unreachable"):
+        return ""
     waiting = []
     try:
         unsent = (run_dir / METRICS_FILE).stat().st_size - sync.get("offset", 0)
@@ -183,12 +186,20 @@ class Mirror:
                     log.warning("MLflow is unreachable (%s); the run goes on and its metrics wait in %s",
                                 str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__,
                                 self.run_dir / METRICS_FILE)
+                    self._mark_unreachable(True)
                 self._failing = True
                 return False
             if self._failing:
                 log.info("MLflow is back: run %s is in step again", self.run_id)
+                self._mark_unreachable(False)
             self._failing = False
             return True
+
+    def _mark_unreachable(self, unreachable: bool) -> None:
+        """Tell ``status`` (through :func:`backlog`) that this live job cannot reach the store."""
+        sync = _read_sync(self.run_dir)
+        sync["unreachable"] = unreachable
+        write_json_atomic(self.run_dir / SYNC_FILE, sync)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
