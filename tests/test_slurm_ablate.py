@@ -128,18 +128,23 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     assert again.returncode == 0 and "8 cells (8 done); 0 to submit" in again.stdout, again.stdout
 
 
+def long_pixel_cell(demo_assets: tuple[Path, Path], epochs: int, num_workers: int) -> dict:
+    """A pixel-target micro cell (no teacher) long enough to interrupt, evaluated by k-NN only."""
+    base = micro_config(*demo_assets)
+    base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
+    base["pretrain"] |= {"epochs": epochs, "batch_size": 16}
+    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
+    base["runtime"] = {"num_workers": num_workers, "log_every": 1, "checkpoint_every": 10}
+    return base
+
+
 def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir: Path,
                                                                         demo_assets: tuple[Path, Path]) -> None:
     """`scontrol requeue` kills a running cell (SIGTERM to every process, its DataLoader worker
     included): the run records `requeued`, never `failed`; `ablate` run again and again while the
     job restarts submits nothing; the cell resumes from its last checkpoint and ends done with
     every step exactly once in metrics.jsonl and in its one MLflow run."""
-    data, teacher = demo_assets
-    base = micro_config(data, teacher)
-    base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
-    base["pretrain"] |= {"epochs": 25, "batch_size": 16}
-    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
-    base["runtime"] = {"num_workers": 1, "log_every": 1, "checkpoint_every": 10}
+    base = long_pixel_cell(demo_assets, epochs=25, num_workers=1)
     path = write_grid(workdir, "requeue", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10})
     total = math.ceil(25 * (TRAIN_IMAGES // 16))
 
@@ -207,12 +212,7 @@ def test_a_dead_tracking_server_costs_no_run(workdir: Path, demo_assets: tuple[P
 
     from harness.tracking.server import read_state, stop_group
 
-    data, teacher = demo_assets
-    base = micro_config(data, teacher)
-    base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
-    base["pretrain"] |= {"epochs": 12, "batch_size": 16}
-    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
-    base["runtime"] = {"num_workers": 0, "log_every": 1, "checkpoint_every": 10}
+    base = long_pixel_cell(demo_assets, epochs=12, num_workers=0)
     path = write_grid(workdir, "serverdown", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10},
                       axes={"model.mask_ratio": [0.5, 0.75]})
     total = 12 * (TRAIN_IMAGES // 16)

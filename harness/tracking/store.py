@@ -64,9 +64,6 @@ class Store(BaseModel):
             return url
         return self.backend
 
-    def describe(self) -> str:
-        return display_uri(self.backend) + (f" (served from {self.server_dir})" if self.server_dir else "")
-
 
 def server_answers(url: str, timeout_s: float = 2.0) -> bool:
     import requests
