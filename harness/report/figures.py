@@ -18,6 +18,7 @@ import seaborn.objects as so
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from harness.report.tables import (
     check_metric,
@@ -28,7 +29,11 @@ from harness.report.tables import (
 )
 
 DPI = 120
+# zlib level of the PNGs: 1 instead of Pillow's 6 encodes a 125-cell figure several times
+# faster, for files about 30% larger (measured with `bench.py report-bench`)
+PNG_COMPRESS_LEVEL = 1
 ROW_HEIGHT_IN = 0.22  # per category row on horizontal plots: keeps tick labels apart
+X_AXIS_HEIGHT_IN = 0.6  # tick labels and label of a row figure's x axis
 COLUMN_GAP = "  "  # between axis-value columns of the row labels
 TITLE_CHARS = 70  # wrap width of title lines: fits the narrowest (8 in) figure
 ROLE_COLORS = {"baseline": "#c44e52", "other": "#4c72b0"}
@@ -61,10 +66,34 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-def _figure(width_in: float, height_in: float) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+def _figure(width_in: float, height_in: float, *, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _fit_row_margins(fig: Figure, title: Text) -> None:
+    """Margins of a one-row-per-cell figure, from two measured texts: the widest row label
+    and the title.
+
+    Constrained layout measures every tick label of every facet several times; on a
+    125-cell grid that was half the figure's drawing time. Rows share one monospace
+    label column, so the longest label is the widest, and one measurement places it.
+    """
+    renderer = fig.canvas.get_renderer()
+    first = fig.axes[0]
+    widest = max(first.get_yticklabels(), key=lambda label: len(label.get_text()))
+    facet_title_px = max(ax.title.get_window_extent(renderer).height for ax in fig.axes)
+    pad_px = 0.15 * DPI
+    left_px = widest.get_window_extent(renderer).width + 2 * pad_px
+    top_px = title.get_window_extent(renderer).height + facet_title_px + 3 * pad_px
+    bottom_px = X_AXIS_HEIGHT_IN * DPI
+    width_px, height_px = fig.bbox.width, fig.bbox.height
+    title.set_y(1 - pad_px / height_px)  # suptitle's default y is a fraction: too low when tall
+    fig.subplots_adjust(
+        left=left_px / width_px, right=1 - pad_px / width_px,
+        top=1 - top_px / height_px, bottom=bottom_px / height_px, wspace=0.08,
+    )
 
 
 def _draw(plot: so.Plot, fig: Figure) -> None:
@@ -86,8 +115,14 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Seaborn puts its figure legend outside the axes, which only bbox_inches="tight"
     # keeps; it costs a second full draw, so it is used only when there is a legend
-    # (constrained layout already fits labels and titles).
-    fig.savefig(path, dpi=DPI, bbox_inches="tight" if fig.legends else None)
+    # (the layout already fits labels and titles).
+    engine = fig.get_layout_engine()
+    if engine is not None and not fig.legends:
+        # savefig would draw the whole figure once only to run the layout: run it alone
+        engine.execute(fig)
+        fig.set_layout_engine("none")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight" if fig.legends else None,
+                pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return path
 
 
@@ -162,7 +197,7 @@ def plot_metric_by_cell(runs: pd.DataFrame, metric: str, path: str | Path) -> Pa
     seeds = runs.assign(value=values).dropna(subset=["value"])[["cell_id", "value"]].merge(
         cells[["cell_id", "role"]], on="cell_id"
     )
-    fig = _figure(8, _rows_height(len(cells)))
+    fig = _figure(8, _rows_height(len(cells)), layout=None)
     _draw(
         so.Plot(cells, y="cell_id", color="role")
         # Layer data is aligned to the plot data by index unless y/color are repeated.
@@ -180,11 +215,12 @@ def plot_metric_by_cell(runs: pd.DataFrame, metric: str, path: str | Path) -> Pa
     baseline_mean = cells.loc[cells["is_baseline"], "mean"]
     if baseline_mean.notna().any():  # how far each cell is from the baseline, at a glance
         ax.axvline(baseline_mean.iloc[0], color=ROLE_COLORS["baseline"], lw=1, ls="--")
-    fig.suptitle(
+    title = fig.suptitle(
         f"{metric_label(metric)} per cell: mean ± sd over seeds\n"
         "small dots: seeds · hollow: missing seeds · red: baseline and its mean\n"
         + _rows_key(runs)
     )
+    _fit_row_margins(fig, title)
     return _save(fig, path)
 
 
@@ -197,7 +233,7 @@ def plot_cost(runs: pd.DataFrame, path: str | Path) -> Path:
         id_vars=["cell_id", "role"], value_vars=quantities, var_name="quantity",
         value_name="value",
     )
-    fig = _figure(3 + 3.5 * len(quantities), _rows_height(len(cells)))
+    fig = _figure(3 + 3.5 * len(quantities), _rows_height(len(cells)), layout=None)
     _draw(
         so.Plot(data, x="value", y="cell_id", color="role")
         .add(so.Bars(), legend=False)  # Bars: one patch collection, fast with many cells
@@ -211,7 +247,8 @@ def plot_cost(runs: pd.DataFrame, path: str | Path) -> Path:
     for ax, quantity in zip(fig.axes, quantities):
         title, unit = COST_LABELS[quantity]
         ax.set(title=title, xlabel=unit)
-    fig.suptitle(f"Cost per cell (baseline cell in red)\n{_rows_key(runs)}")
+    title = fig.suptitle(f"Cost per cell (baseline cell in red)\n{_rows_key(runs)}")
+    _fit_row_margins(fig, title)
     return _save(fig, path)
 
 
