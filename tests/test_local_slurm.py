@@ -56,9 +56,9 @@ def sbatch(tmp_path: Path, *args: str) -> str:
 
 def test_partitions() -> None:
     assert slurm.slurm_available()
-    parts = slurm.partitions()
+    parts, default = slurm.partitions()
     assert parts and all(not p.endswith("*") for p in parts)
-    assert slurm.default_partition() in parts
+    assert default in parts
 
 
 def test_sbatch_job_running_then_completed(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +33,8 @@ from harness.launch.records import (
     close_parent_if_settled,
     grid_dir,
     grid_lock,
+    Submission,
     link_logs,
-    new_submission,
     read_record,
     write_record,
 )
@@ -331,7 +332,9 @@ def _record_submission(gdir: Path, cell: Cell, launch: LaunchRecord, job_id: str
     earlier = launch.submissions
     if earlier and earlier[-1].job_id.startswith(QUEUED_PREFIX):  # a queued local cell starts
         earlier = earlier[:-1]
-    launch = launch.model_copy(update={"submissions": [*earlier, new_submission(job_id, executor, log_dir)]})
+    submission = Submission(job_id=job_id, executor=executor, host=socket.gethostname(), submitted_at=time.time(),
+                            log_dir=str(log_dir) if log_dir else None)
+    launch = launch.model_copy(update={"submissions": [*earlier, submission]})
     write_record(cell_dir / LAUNCH_FILE, launch)
     if log_dir is not None:
         link_logs(cell_dir, log_dir)
@@ -341,20 +344,16 @@ def _record_submission(gdir: Path, cell: Cell, launch: LaunchRecord, job_id: str
 def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
     from harness.launch.executors import slurm_executor, submit_array
     from harness.tracking.runs import set_run_tags
+    from harness.tracking.schema import SLURM_JOB_ID
 
     uri, threads = batch.record.store.writer_uri(), grid.resources.cpus_per_task
     executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}")
     jobs = submit_array(executor, [_job(c, gdir, l, threads) for c, l in zip(batch.cells, batch.launches)])
     for cell, launch, job in zip(batch.cells, batch.launches, jobs):
         _record_submission(gdir, cell, launch, job.job_id, "slurm", Path(job.paths.folder))
-
-    def tag(pair: tuple[LaunchRecord, Any]) -> None:
-        launch, job = pair
-        array_id, _, task = job.job_id.partition("_")
-        set_run_tags(uri, launch.mlflow_run_id, {"slurm.job_id": job.job_id,
-                                                          "slurm.array_job_id": array_id,
-                                                          "slurm.array_task_id": task})
-    _per_cell(tag, list(zip(batch.launches, jobs)), uri)
+    # the job id ("<array>_<task>") in MLflow from now on, not only once the job starts and syncs
+    _per_cell(lambda pair: set_run_tags(uri, pair[0].mlflow_run_id, {SLURM_JOB_ID: pair[1].job_id}),
+              list(zip(batch.launches, jobs)), uri)
     echo(f"submitted {len(jobs)} cells as Slurm job array {jobs[0].job_id.partition('_')[0]} "
          f"({grid.resources.summary()} each)")
 

@@ -77,7 +77,7 @@ def check_resources(grid: Grid, executor: str) -> None:
         from harness.launch import slurm
 
         try:
-            names, default = slurm.partitions(), slurm.default_partition()
+            names, default = slurm.partitions()
         except slurm.SlurmError as err:
             raise UserError(f"cannot ask Slurm for its partitions ({err}): is the controller up?") from None
         if r.partition and r.partition not in names:

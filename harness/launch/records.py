@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,11 +93,6 @@ def read_record(path: Path, kind: type[R]) -> R | None:
 
 def grid_dir(runs_dir: Path, grid: str) -> Path:
     return Path(runs_dir) / grid
-
-
-def new_submission(job_id: str, executor: str, log_dir: Path | None) -> Submission:
-    return Submission(job_id=job_id, executor=executor, host=socket.gethostname(),
-                      submitted_at=time.time(), log_dir=str(log_dir) if log_dir else None)
 
 
 def link_logs(cell_dir: Path, log_dir: Path) -> None:

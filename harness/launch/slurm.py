@@ -4,39 +4,24 @@ Clusters (and ``scripts/local-slurm.sh``) may run without accounting, where ``sa
 "Slurm accounting storage is disabled". Job state comes from the controller instead: ``squeue``
 for the jobs it still lists, then ``scontrol show job -o <id>``, which keeps finished jobs for
 ``MinJobAge`` seconds (300 by default, 600 on the local cluster). After that a job is ``UNKNOWN``:
-callers must remember the terminal states they have seen.
-
-Job ids are strings: ``"123"`` (a job, or an array as a whole), ``"123_4"`` (an array task, as
-submitit names them) or the task's own numeric id. The parsing is pure functions on the command
-output, tested without Slurm.
+callers must remember the terminal states they have seen. Job ids are strings: ``"123"`` (a job,
+or an array as a whole), ``"123_4"`` (an array task, as submitit names them) or the task's own id.
 
 submitit 1.5.4 without accounting (observed on the local cluster, Slurm 22.05):
 
-* Submitting works (``sbatch`` with ``--time`` and ``--signal=USR2@90``; array ids ``"<array>_<i>"``).
-  ``job.state`` is always ``"UNKNOWN"`` and ``job.get_info()`` ``{}``: submitit polls ``sacct``,
-  which exits 1, and logs "Bypassing sacct error" each time.
-* ``job.done()`` turns True only when the result pickle exists (a return value or a raised
-  exception). A job killed before writing it (``scancel``, node failure, OOM, SIGKILL) is never
-  done, also with ``force_check=True``, and ``result()``, ``exception()`` and ``wait()`` block
-  forever: use :func:`job_states`.
-* ``scontrol requeue`` kills a running job (COMPLETING, then PENDING with reason BeginTime) and
-  restarts it under the same id with ``Restarts=1`` (``SLURM_RESTART_COUNT``) after Slurm's requeue
-  hold (``AuthInfo=cred_expire``: 120 s by default, 20 s on the local cluster, plus a scheduler
-  pass). The pickled function reruns from the start and ``job.result()`` gets its result.
-* USR2 (``scancel --signal=USR2``, or ``--signal=USR2@90`` near the time limit) reaches the job's
-  Python process. submitit calls it a *timeout* when the job ran longer than
-  ``min(0.8 * timeout, timeout - 10 min)`` (always, for ``timeout_min <= 10``), else a
-  *preemption*. A ``submitit.helpers.Checkpointable`` pickles ``checkpoint()`` and requeues itself
-  in both cases, resuming from it. A plain function is requeued and rerun on a preemption; on a
-  timeout the job ends FAILED and ``result()`` raises ``FailedJobError``.
-* Slurm may send ``--signal`` up to its 30 s check period early. With ``timeout_min=3`` USR2 came
-  66 s after the start and the Checkpointable resumed; with ``timeout_min=2`` it came within 1 s,
-  before submitit had installed its handler, and killed the job (exit 140, FAILED, no result
-  file). Keep time limits at 3 min or more.
-* A node that goes DOWN: Slurm requeues the job itself (``Restarts`` goes up) and submitit's
-  handler does not run, so a Checkpointable restarts from its *last* checkpoint.
-* submitit ignores SIGTERM and SIGCONT ("Bypassing signal"): a cancelled job dies at SIGKILL,
-  ``KillWait`` seconds later (30 s by default, 5 s on the local cluster).
+* ``job.state`` is always ``"UNKNOWN"`` (submitit polls ``sacct``). ``job.done()`` turns True only
+  when the result pickle exists: for a job killed before writing it (``scancel``, node failure,
+  OOM, SIGKILL), ``result()``, ``exception()`` and ``wait()`` block forever. Use :func:`job_states`.
+* ``scontrol requeue`` kills a running job and restarts it under the same id with ``Restarts=1``
+  after Slurm's requeue hold (``AuthInfo=cred_expire``: 120 s by default, 20 s on the local cluster).
+* USR2 (``--signal=USR2@90`` near the time limit, or preemption) makes submitit call a
+  ``Checkpointable``'s ``checkpoint()`` and requeue it. Slurm may send it up to its 30 s check
+  period early: with ``timeout_min=2`` it came before submitit had installed its handler and
+  killed the job. Keep time limits at 3 min or more.
+* A node that goes DOWN: Slurm requeues the job itself and submitit's handler does not run, so a
+  Checkpointable restarts from its *last* checkpoint.
+* submitit ignores SIGTERM ("Bypassing signal"): a cancelled job dies at SIGKILL, ``KillWait``
+  seconds later (30 s by default, 5 s on the local cluster).
 """
 
 from __future__ import annotations
@@ -76,6 +61,16 @@ class SlurmJobState:
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
 
+    @classmethod
+    def parse(cls, job_id: str, state: str, reason: str, restarts: str, node: str) -> SlurmJobState:
+        """From the text fields of squeue or scontrol: "CANCELLED by 0" and "COMPLETING+" give the
+        state name only; Slurm's spellings of "none" give "" (reason) and None (node)."""
+        name = re.match(r"[A-Z_]+", state.strip().upper())
+        node = node.strip()
+        return cls(job_id, name.group(0) if name else "UNKNOWN", "" if reason.strip() in ("None", "(null)")
+                   else reason.strip(), int(restarts) if restarts.strip().isdigit() else 0,
+                   None if node in ("", "(null)", "None", "None assigned", "N/A") else node)
+
 
 # --------------------------------------------------------------------------- parsing
 
@@ -99,28 +94,6 @@ def expand_job_id(job_id: str) -> list[str]:
     return [job_id]
 
 
-def _node(value: str) -> str | None:
-    value = value.strip()
-    return None if value in ("", "(null)", "None", "None assigned", "N/A") else value
-
-
-def _reason(value: str) -> str:
-    value = value.strip()
-    return "" if value in ("None", "(null)") else value
-
-
-def _state(value: str) -> str:
-    match = re.match(r"[A-Z_]+", value.strip().upper())  # "CANCELLED by 0", "COMPLETING+": the name only
-    return match.group(0) if match else "UNKNOWN"
-
-
-def _int(value: str) -> int:
-    try:
-        return int(value.strip())
-    except ValueError:
-        return 0
-
-
 Row = tuple[str, SlurmJobState]  # (the raw numeric job id, one job or array task)
 
 
@@ -134,7 +107,7 @@ def parse_squeue(text: str) -> list[Row]:
             continue
         array_id, raw_id, state, restarts, nodes, reason = fields
         reason = reason.removesuffix("|")
-        rows += [(raw_id.strip(), SlurmJobState(job_id, _state(state), _reason(reason), _int(restarts), _node(nodes)))
+        rows += [(raw_id.strip(), SlurmJobState.parse(job_id, state, reason, restarts, nodes))
                  for job_id in expand_job_id(array_id)]
     return rows
 
@@ -157,9 +130,8 @@ def parse_scontrol_jobs(text: str) -> list[Row]:
         array_job, tasks = fields.get("ArrayJobId"), fields.get("ArrayTaskId")
         ids = [f"{array_job}_{i}" for i in _expand_indices(tasks)] if array_job and tasks and tasks != "N/A" \
             else [raw_id]
-        rows += [(raw_id, SlurmJobState(job_id, _state(fields.get("JobState", "UNKNOWN")),
-                                        _reason(fields.get("Reason", "")), _int(fields.get("Restarts", "0")),
-                                        _node(fields.get("NodeList", ""))))
+        rows += [(raw_id, SlurmJobState.parse(job_id, fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""),
+                                              fields.get("Restarts", "0"), fields.get("NodeList", "")))
                  for job_id in ids]
     return rows
 
@@ -207,27 +179,16 @@ def _run(cmd: list[str], *, ok_if: str | None = None) -> str:
 
 def slurm_available() -> bool:
     """True if ``sinfo`` is on PATH and the controller answers."""
-    if shutil.which("sinfo") is None:
-        return False
     try:
-        _sinfo_partitions()
-        return True
+        return shutil.which("sinfo") is not None and bool(partitions())
     except SlurmError:
         return False
 
 
-def _sinfo_partitions() -> list[str]:
-    return list(dict.fromkeys(_run(["sinfo", "--noheader", "--format=%P"]).split()))
-
-
-def partitions() -> list[str]:
-    """The partitions sinfo lists, in its order."""
-    return [name.rstrip("*") for name in _sinfo_partitions()]
-
-
-def default_partition() -> str | None:
-    """The partition sinfo marks ``*``, or None."""
-    return next((n.rstrip("*") for n in _sinfo_partitions() if n.endswith("*")), None)
+def partitions() -> tuple[list[str], str | None]:
+    """The partitions sinfo lists, in its order, and the default one (marked ``*``) or None."""
+    names = list(dict.fromkeys(_run(["sinfo", "--noheader", "--format=%P"]).split()))
+    return [n.rstrip("*") for n in names], next((n.rstrip("*") for n in names if n.endswith("*")), None)
 
 
 def job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:

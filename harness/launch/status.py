@@ -16,14 +16,13 @@ Echo = Callable[[str], None]
 
 def grid_views(grid: str, runs_dir: Path) -> tuple[str, list[CellView]]:
     """(grid name, cell views) for a grid name or file; a grid never submitted shows its cells as missing."""
-    if (record := read_record(grid_dir(runs_dir, grid) / GRID_FILE, GridRecord)) is not None:
-        return record.grid, collect([grid_dir(runs_dir, grid) / f for f in record.folders])
-    from harness.grid import find_grid_file, load_grid
+    if (record := read_record(grid_dir(runs_dir, grid) / GRID_FILE, GridRecord)) is None:
+        from harness.grid import find_grid_file, load_grid
 
-    loaded = load_grid(find_grid_file(grid))
-    gdir = grid_dir(runs_dir, loaded.name)
-    record = read_record(gdir / GRID_FILE, GridRecord)
-    return loaded.name, collect([gdir / f for f in (record.folders if record else [c.folder for c in loaded.cells])])
+        loaded = load_grid(find_grid_file(grid))
+        if (record := read_record(grid_dir(runs_dir, loaded.name) / GRID_FILE, GridRecord)) is None:
+            return loaded.name, collect([grid_dir(runs_dir, loaded.name) / c.folder for c in loaded.cells])
+    return record.grid, collect([grid_dir(runs_dir, record.grid) / f for f in record.folders])
 
 
 def show_status(grid: str | None, runs_dir: Path, echo: Echo = print, log_lines: int = 8) -> list[CellView]:
