@@ -13,7 +13,15 @@ import torch
 
 from harness.cell_state import CellState
 from harness.config import RunConfig
-from harness.data.datasets import DatasetError, check_image_folder, eval_transform, image_folder, make_loader
+from harness.data.datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    check_image_folder,
+    eval_transform,
+    image_folder,
+    make_loader,
+)
 from harness.errors import ConfigError
 from harness.evaluate import extract_features, finetune, finetune_transform, knn_classify, linear_probe_on_features
 from harness.milan import build_student, needs_teacher
@@ -97,7 +105,9 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device) -> dict[str, flo
                 optimizer=lp.optimizer, device=device, seed=cfg.seed)
     if "finetune" in e.protocols:
         ft = e.finetune
-        train_ds = image_folder(root, cfg.data.train_split, finetune_transform(size, randaug=ft.randaug, reprob=ft.reprob))
+        # the student always sees ImageNet-normalised input (the teacher renormalises its own copy)
+        augment = finetune_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug=ft.randaug, reprob=ft.reprob)
+        train_ds = image_folder(root, cfg.data.train_split, augment)
         val_loader = make_loader(image_folder(root, cfg.data.val_split, eval_transform(size)),
                                  batch_size=e.feature_batch_size, shuffle=False,
                                  num_workers=rt.num_workers, drop_last=False, seed=cfg.seed)

@@ -82,6 +82,23 @@ def test_micro_cell_pretrains_evaluates_and_evaluate_reads_its_checkpoint(demo_a
     assert "encoder vit_micro_patch4 at 32px" in out and "linear_top1" in out
 
 
+def test_finetune_protocol_runs_after_pretraining_and_from_evaluate(demo_assets, tmp_path):
+    """The paper's headline protocol through both user paths: `run` (pretrain, then fine-tune) and
+    `bench.py evaluate` on the checkpoint (it crashed on its transform's missing mean/std)."""
+    data, teacher = demo_assets
+    config = micro_config(data, teacher, model={"target": "pixel", "masking": "random"},
+                          eval={"protocols": ["finetune"], "finetune": {"epochs": 1, "batch_size": 64,
+                                                                       "warmup_epochs": 0}})
+    cfg = load_config(write_config(tmp_path / "cell.yaml", config))
+    result = run(cfg, tmp_path / "run")
+    assert result.state == "done", result.failure_reason
+    assert 0.0 <= result.metrics["finetune_top1"] <= 100.0
+    proc = bench("evaluate", str(tmp_path / "run" / "checkpoints" / "latest.pt"), "--config", str(tmp_path / "cell.yaml"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "finetune_top1" in out
+
+
 def test_sigkill_partway_then_resume_has_no_gap_and_matches_an_uninterrupted_run(demo_assets, tmp_path):
     """Kill `bench.py run` with SIGKILL mid-pretraining, run it again, compare with a clean run."""
     data, teacher = demo_assets
