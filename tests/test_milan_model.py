@@ -351,3 +351,21 @@ def test_teacher_loads_from_a_local_checkpoint(tmp_path):
     # a checkpoint of another architecture is a clear error, not a state-dict dump
     with pytest.raises(ConfigError, match="does not fit model"):
         build_teacher("milan-clip-tiny", str(tmp_path / "teacher.pt"))
+
+
+def test_adamw_groups_are_the_authors():
+    """timm's add_weight_decay(model, 0.05) with no skip list, as in the authors' main_pretrain.py:
+    biases and 1-d parameters are exempt; cls_token and mask_token are decayed."""
+    from harness.config import parse_config
+    from harness.train.pretrain import build_optimizer
+
+    cfg = parse_config({"model": {"size": "vit_micro_patch4", "img_size": 32, "target": "pixel", "masking": "random"}})
+    model = build_pretrainer(size="vit_micro_patch4", img_size=32, target="pixel", decoder="prompting",
+                             masking="random", mask_ratio=0.75, teacher=None)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert {"cls_token", "mask_token"} <= decay[cfg.pretrain.weight_decay]
+    assert all(n.endswith(".bias") or model.student.get_parameter(n).ndim <= 1 for n in decay[0.0])
+    assert any(n.endswith("norm.weight") for n in decay[0.0])
+    assert not {n for n, p in model.student.named_parameters() if p.requires_grad} - decay[0.0] - decay[cfg.pretrain.weight_decay]

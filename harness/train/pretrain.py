@@ -32,7 +32,6 @@ from harness.train.sampler import ResumableSampler
 from harness.train.schedule import lr_at, scaled_lr
 
 log = logging.getLogger(__name__)
-NO_WEIGHT_DECAY = ("cls_token", "mask_token")  # plus every bias and norm (1-d) parameter
 
 
 class TrainingFailed(RuntimeError):
@@ -80,8 +79,9 @@ def build_model(cfg: RunConfig) -> MilanPretrainer:
 
 
 def build_optimizer(model: MilanPretrainer, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = param_groups_weight_decay(model.student, cfg.pretrain.weight_decay,
-                                       no_weight_decay_list=NO_WEIGHT_DECAY)
+    # The authors' groups (timm's add_weight_decay, no skip list): biases and 1-d parameters are
+    # exempt, everything else decays, cls_token and mask_token ([1, 1, C]) included.
+    groups = param_groups_weight_decay(model.student, cfg.pretrain.weight_decay)
     # fused AdamW is several times faster than the per-tensor loop, on CPU as on CUDA
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.pretrain.betas, fused=True)
 
