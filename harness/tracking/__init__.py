@@ -1,14 +1,6 @@
-"""MLflow tracking for grids: the store and its server, parent and cell runs, the run-folder mirror.
-
-* :mod:`~harness.tracking.schema`: what is written (tags, params, value encoding); no MLflow import.
-* :mod:`~harness.tracking.store`: a grid's :class:`~harness.tracking.store.Store` (the backend, and
-  the server that serves it to Slurm jobs), checks, clients, preparing the experiment.
-* :mod:`~harness.tracking.server`: the detached ``mlflow server`` and the UI.
-* :mod:`~harness.tracking.runs`: creating the parent (``ablate``) and cell runs, ending them.
-* :mod:`~harness.tracking.sync`: mirroring a run folder into its MLflow run (metrics exactly once,
-  state, results, artifacts), from the job while it trains and from ``ablate`` afterwards.
-
-Import the submodules directly; this package imports nothing heavy.
+"""MLflow tracking for grids: ``schema`` (what is written), ``store`` (where, checks, clients),
+``server`` (the detached ``mlflow server`` and the UI), ``runs`` (parent and cell runs), ``sync``
+(mirroring a run folder into its run). Import the submodules directly; this imports nothing heavy.
 """
 
 import os

@@ -1,8 +1,5 @@
-"""Creating the parent (``ablate``) and cell runs, setting their state, ending the parent.
-
-Every function takes a tracking URI and run ids only, so it works the same from the submitting
-command and from a job on another host. Tags and params: :mod:`harness.tracking.schema`.
-"""
+"""Creating the parent (``ablate``) and cell runs and setting their state (tags and params:
+:mod:`harness.tracking.schema`). URIs and run ids only: the same from ``ablate`` and from a job."""
 
 from __future__ import annotations
 
@@ -23,8 +20,7 @@ def _tags(tags: Mapping[str, Any]) -> dict[str, str]:
 
 def start_parent_run(uri: str, experiment_id: str, *, grid: str, tags: Mapping[str, Any],
                      axes: Sequence[Mapping[str, Any]], paper_setting: bool = False) -> str:
-    """Create the parent run of one ``ablate`` invocation (its ``grid.axes`` tag gives the report
-    the axis order, levels and baselines); returns its run id."""
+    """Create the parent run of one ``ablate`` invocation; returns its run id."""
     name = f"{grid} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC"
     all_tags = {S.ROLE: S.ROLE_PARENT, S.GRID: grid, S.STATUS: CellState.RUNNING, S.GRID_AXES: S.axes_json(axes),
                 S.GRID_PAPER_SETTING: "true" if paper_setting else "false", S.HOST: socket.getfqdn(), **tags}
@@ -33,8 +29,7 @@ def start_parent_run(uri: str, experiment_id: str, *, grid: str, tags: Mapping[s
 
 def create_cell_runs(uri: str, experiment_id: str, *, parent_run_id: str,
                      cells: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One pending child run per cell (a mapping with ``run_name``, ``params``, ``tags``): one
-    ``create_run`` and one ``log_batch`` each; run ids in order. Over HTTP the requests go out
+    """One pending child run per cell (``run_name``, ``params``, ``tags``); run ids in order. Over HTTP
     from 8 threads (the server handles them in parallel); a SQLite store takes one writer at a time."""
     from mlflow.entities import Param
 
@@ -54,7 +49,6 @@ def create_cell_runs(uri: str, experiment_id: str, *, parent_run_id: str,
 
 
 def set_run_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
-    """Set (overwrite) tags on a run, in one request."""
     from mlflow.entities import RunTag
 
     if tag_list := [RunTag(k, v) for k, v in _tags(tags).items()]:

@@ -1,19 +1,14 @@
 """What milan-bench writes to MLflow: tag and param names, value encoding; no MLflow import.
 
-* One experiment per grid; one parent run per ``ablate`` invocation (tag ``role=ablate``, named
-  ``"<grid> <UTC time>"``), whose ``grid.axes`` tag (JSON ``[{"name", "values", "baseline"}]``,
-  grid order) gives the report the axes, and ``grid.paper_setting`` whether to add the paper's
-  numbers.
-* One child run per cell x seed (``role=cell``, ``mlflow.parentRunId``), named
-  ``"<cell> seed=<seed>"`` (:attr:`harness.grid.Cell.run_name`), kept across requeues and
-  resubmissions. Params: the flattened config (``RunConfig.flat()``, :func:`encode_param`).
-  Tags: :func:`cell_tags` (grid, ids, seed, cell, ``axis.<name>``, executor, host, git commit,
-  run folder), then from the job: ``status`` (a :class:`~harness.cell_state.CellState`),
+* One experiment per grid; one parent run per ``ablate`` invocation (``role=ablate``, named
+  ``"<grid> <UTC time>"``); its ``grid.axes`` tag gives the report the axes (grid order, levels,
+  baselines) and ``grid.paper_setting`` whether to add the paper's numbers.
+* One child run per cell x seed (``role=cell``, ``mlflow.parentRunId``), named ``"<cell> seed=<seed>"``,
+  kept across requeues and resubmissions. Params: the flattened config (:func:`encode_param`).
+  Tags: :func:`cell_tags`, then from the job ``status`` (a :class:`~harness.cell_state.CellState`),
   ``failure_reason``, ``stage``, ``step``, ``attempts``, ``slurm.*``, ``checkpoint``.
-* Metrics: everything in the run folder's ``metrics.jsonl`` (``train/loss``, ``train/lr`` per
-  step, evaluation metrics at the last step), then ``results.json``'s summary; artifacts
-  ``config.yaml`` and ``metrics.jsonl``. The folder is the truth, the run its mirror
-  (:mod:`harness.tracking.sync`).
+* Metrics: ``metrics.jsonl`` (per step), then ``results.json``'s summary; artifacts ``config.yaml`` and
+  ``metrics.jsonl``. The run folder is the truth, the run its mirror (:mod:`harness.tracking.sync`).
 """
 
 from __future__ import annotations
@@ -22,7 +17,9 @@ import functools
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from harness.config import format_value as encode_param
@@ -34,14 +31,8 @@ class TrackingError(UserError):
     """The tracking store cannot be used; the message names the problem and the fix."""
 
 
-# --- names -----------------------------------------------------------------------------------
-
-ROLE = "role"
-ROLE_PARENT = "ablate"
-ROLE_CELL = "cell"
-GRID = "grid"
-GRID_AXES = "grid.axes"
-GRID_PAPER_SETTING = "grid.paper_setting"
+ROLE, ROLE_PARENT, ROLE_CELL = "role", "ablate", "cell"
+GRID, GRID_AXES, GRID_PAPER_SETTING = "grid", "grid.axes", "grid.paper_setting"
 CELL_ID = "cell_id"
 CONFIG_RUN_ID = "config_run_id"
 SEED = "seed"
@@ -54,54 +45,36 @@ RUN_DIR = "run_dir"
 STATUS = "status"
 FAILURE_REASON = "failure_reason"
 CHECKPOINT = "checkpoint"
-SLURM_JOB_ID = "slurm.job_id"
-SLURM_ARRAY_JOB_ID = "slurm.array_job_id"
-SLURM_ARRAY_TASK_ID = "slurm.array_task_id"
-SLURM_RESTART_COUNT = "slurm.restart_count"
+SLURM_JOB_ID, SLURM_RESTART_COUNT = "slurm.job_id", "slurm.restart_count"
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
 UI_VIEW = "grid-cells"  # the saved runs-table view of an experiment's cells (store.prepare_store)
-
-LOSS_KEY = "train/loss"
-LR_KEY = "train/lr"
+LOSS_KEY, LR_KEY = "train/loss", "train/lr"
 
 # Report metric column -> MLflow metric keys, first present wins.
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
-    "linear_top1": ("linear_top1",),
-    "knn_top1": ("knn_top1",),
-    "finetune_top1": ("finetune_top1",),
-    "final_loss": ("final_loss",),
-    "images_per_s": ("images_per_s", "train/images_per_s"),
-    "peak_memory_mb": ("peak_memory_mb", "train/peak_memory_mb"),
-    "gpu_hours": ("device_hours",),
+    "linear_top1": ("linear_top1",), "knn_top1": ("knn_top1",), "finetune_top1": ("finetune_top1",),
+    "final_loss": ("final_loss",), "images_per_s": ("images_per_s", "train/images_per_s"),
+    "peak_memory_mb": ("peak_memory_mb", "train/peak_memory_mb"), "gpu_hours": ("device_hours",),
 }
 
 MAX_TAG_CHARS = 5000  # MLflow's limit is 8000; failure reasons are cut well before
 
 
-# --- value encoding --------------------------------------------------------------------------
-
 @functools.lru_cache(maxsize=65536)
 def decode_param(text: str | None) -> Any:
-    """Inverse of :func:`encode_param` through the one value parser (:func:`harness.config.parse_value`):
-    numbers, bools and null come back typed; lists and dicts stay text (hashable, to group on)."""
-    if text is None:
-        return None
-    value = parse_value(text)
+    """Inverse of :func:`encode_param` (numbers, bools and null come back typed); lists and dicts
+    stay text (hashable, to group on)."""
+    value = parse_value(text) if text is not None else None
     return text if isinstance(value, (list, dict)) else value
 
 
 def axes_json(axes: Sequence[Mapping[str, Any]]) -> str:
-    """Validate and encode the ``grid.axes`` tag: ``[{"name", "values", "baseline"}, ...]``."""
-    spec = []
+    """The ``grid.axes`` tag: ``[{"name", "values", "baseline"}, ...]``."""
     for axis in axes:
-        try:
-            name, values, baseline = axis["name"], list(axis["values"]), axis["baseline"]
-        except (KeyError, TypeError) as err:
-            raise TrackingError(f"grid axis {axis!r} needs name, values and baseline ({err})") from None
-        if baseline not in values:
-            raise TrackingError(f"grid axis {name}: baseline {baseline!r} is not one of its values {values}")
-        spec.append({"name": str(name), "values": values, "baseline": baseline})
-    text = json.dumps(spec, default=str)
+        if axis["baseline"] not in axis["values"]:
+            raise TrackingError(f"grid axis {axis['name']}: baseline {axis['baseline']!r} is not one of its "
+                                f"values {list(axis['values'])}")
+    text = json.dumps([dict(axis) for axis in axes], default=str)
     if len(text) > MAX_TAG_CHARS:
         raise TrackingError(f"the grid's axes take {len(text)} characters as a tag (limit "
                             f"{MAX_TAG_CHARS}): use fewer or shorter axis values")
@@ -110,10 +83,8 @@ def axes_json(axes: Sequence[Mapping[str, Any]]) -> str:
 
 def parse_axes(text: str | None) -> list[dict[str, Any]]:
     """The ``grid.axes`` tag back as a list of dicts (empty when absent or unreadable)."""
-    if not text:
-        return []
     try:
-        spec = json.loads(text)
+        spec = json.loads(text) if text else []
     except json.JSONDecodeError:
         return []
     return [a for a in spec if isinstance(a, dict) and {"name", "values", "baseline"} <= a.keys()]
@@ -127,13 +98,9 @@ def tag_text(value: Any) -> str:
 
 def one_line(reason: str | None) -> str:
     """A failure reason as one line."""
-    if not reason:
-        return ""
-    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
     return tag_text(" | ".join(lines))
 
-
-# --- tag builders ----------------------------------------------------------------------------
 
 def cell_tags(cfg: Any, *, grid: str, cell: str, axis_values: Mapping[str, Any], executor: str,
               git_commit: str | None = None, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
@@ -148,14 +115,11 @@ def cell_tags(cfg: Any, *, grid: str, cell: str, axis_values: Mapping[str, Any],
     return {k: tag_text(v) for k, v in tags.items()}
 
 
-def git_commit_of(path: str | os.PathLike | None = None) -> str | None:
-    """HEAD commit of the repository holding ``path`` (default: this package), or None."""
-    import subprocess
-    from pathlib import Path
-
-    where = Path(path) if path else Path(__file__).resolve().parent
+def git_commit_of() -> str | None:
+    """HEAD commit of the repository holding this package, or None."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,21 +1,17 @@
 """A detached ``mlflow server`` for jobs on a cluster, and the foreground UI of ``bench.py ui``.
 
-Jobs on Slurm log over HTTP to one server on the submitting host instead of opening the SQLite
-file from many nodes (SQLite on a network filesystem corrupts). :func:`ensure_server` starts it
-as the leader of its own process group (it outlives ``ablate``; ``mlflow server`` runs uvicorn
-as a child, so the server is the whole group) and records it in ``<state_dir>/mlflow-server.json``.
-The next ``ablate`` reuses it while the group lives and answers, and restarts it otherwise, on the
-same port when that is free (running jobs then reconnect without noticing). There is never a
-second server over one store: the state folder's lock serialises starts, and a group whose
-leader died but whose children still serve is stopped before a new one starts.
+Jobs on Slurm log over HTTP to one server on the submitting host instead of opening the SQLite file
+from many nodes (SQLite on a network filesystem corrupts). :func:`ensure_server` starts it as the
+leader of its own process group (it outlives ``ablate``; ``mlflow server`` runs uvicorn as a child, so
+the server is the whole group) and records it in ``<state_dir>/mlflow-server.json``. The next
+``ablate`` reuses it while the group lives and answers, else restarts it, on the same port when free
+(running jobs then reconnect without noticing). Never two servers over one store: the state folder's
+lock serialises starts, and a group whose leader died but whose children still serve is stopped first.
 
-Facts that shaped this (MLflow 3.17):
-
-* Start-up takes 10-45 s on a busy 2-core machine (uvicorn workers import MLflow).
-* The server checks the Host header of API calls (not of ``/health``) against
-  ``--allowed-hosts``; the advertised host name is added, else nodes reaching it by name get
-  HTTP 400.
-* The server's job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``) is not needed: turned off.
+MLflow 3.17 facts: start-up takes 10-45 s on a busy 2-core machine (uvicorn workers import MLflow); the
+server checks the Host header of API calls (not of ``/health``) against ``--allowed-hosts``, so the
+advertised host name is added (else nodes reaching it by name get HTTP 400); its job runner
+(``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``) is not needed and turned off.
 """
 
 from __future__ import annotations
@@ -36,17 +32,9 @@ from filelock import FileLock
 
 from harness.files import read_json, write_json_atomic
 from harness.tracking.schema import TrackingError
-from harness.tracking.store import (
-    ARTIFACTS_DIR,
-    STATE_FILE,
-    check_store,
-    default_artifact_root,
-    init_schema,
-    server_answers,
-    sqlite_path,
-)
+from harness.tracking.store import ARTIFACTS_DIR, default_artifact_root, init_schema
 
-LOG_FILE = "mlflow-server.log"
+STATE_FILE, LOG_FILE, LOCK_FILE = "mlflow-server.json", "mlflow-server.log", "mlflow-server.lock"
 START_TIMEOUT_S = 180.0
 
 
@@ -76,6 +64,15 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return True
     return False
+
+
+def server_answers(url: str, timeout_s: float = 2.0) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def advertised_host(bind_host: str) -> str:
@@ -146,11 +143,7 @@ def _start(store_uri: str, artifact_root: Path, host: str, port: int, workers: i
     advertised = advertised_host(host)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_SERVER_ALLOWED_HOSTS": _allowed_hosts(advertised)}
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no route out from cluster hosts
-    if sqlite_path(store_uri) is not None:
-        init_schema(store_uri)  # the workers must not race on a fresh schema
-    else:
-        check_store(store_uri)
+    init_schema(store_uri)  # the workers must not race on a fresh schema
     artifact_root.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -170,6 +163,7 @@ def _wait_healthy(url: str, exited: Callable[[], int | None], log_path: Path, ti
 
 
 def read_state(state_dir: str | os.PathLike) -> ServerInfo | None:
+    """The server recorded in ``state_dir`` (it may be down), or None."""
     data = read_json(Path(state_dir) / STATE_FILE)
     try:
         return ServerInfo(**{k: v for k, v in data.items() if k in ServerInfo.__dataclass_fields__})
@@ -184,7 +178,7 @@ def ensure_server(store_uri: str, artifact_root: str | os.PathLike, state_dir: s
     naming the server log when it does not come up within ``timeout_s``."""
     state_dir = Path(state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(state_dir / "mlflow-server.lock"):
+    with FileLock(state_dir / LOCK_FILE):
         current = read_state(state_dir)
         if current is not None and group_alive(current.pgid):
             if current.store_uri != store_uri:
@@ -214,7 +208,7 @@ def ensure_server(store_uri: str, artifact_root: str | os.PathLike, state_dir: s
 def stop_server(state_dir: str | os.PathLike) -> bool:
     """Stop the server recorded in ``state_dir`` (its whole group); False when none was running."""
     state_dir = Path(state_dir)
-    with FileLock(state_dir / "mlflow-server.lock"):
+    with FileLock(state_dir / LOCK_FILE):
         info = read_state(state_dir)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
         if info is None or not group_alive(info.pgid):

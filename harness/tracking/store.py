@@ -1,45 +1,37 @@
-"""The tracking store: where it is, whether it answers, and preparing it before jobs start.
+"""The tracking store: where it is, whether it answers, clients, preparing it before jobs start.
 
-Two kinds of store are used:
-
-* ``sqlite:///<abs path>/mlflow.db``: the default, embedded store (local runs log straight into
-  it). A fresh SQLite store must get its schema once before several processes open it (they
-  race on migration otherwise), hence :func:`prepare_store` before any worker starts.
-* ``http(s)://host:port``: an ``mlflow server`` (see :mod:`harness.tracking.server`); jobs on a
-  cluster log over HTTP to one server instead of sharing a database file.
-
-Other SQLAlchemy URIs (postgresql://, mysql://) work through MLflow as they are.
+* ``sqlite:///<abs path>/mlflow.db``, the default: local runs log straight into it. A fresh store must
+  get its schema once before several processes open it (they race on migration otherwise), hence
+  :func:`prepare_store` before any worker starts.
+* ``http(s)://host:port``, an ``mlflow server`` (:mod:`harness.tracking.server`): jobs on a cluster log
+  to one server instead of sharing a database file.
+* Other SQLAlchemy URIs (postgresql://, mysql://) work through MLflow as they are.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
+import json
 import os
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.files import read_json
 from harness.tracking.schema import UI_VIEW, TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlflow-artifacts"
 
 
-STATE_FILE = "mlflow-server.json"  # what harness.tracking.server records about a running server
-
-
 class Store(BaseModel):
-    """Where a grid's runs live: the ``backend`` store itself (``sqlite:///...``, a database URI,
-    or a server URL the user gave) and, when ``ablate`` serves it to Slurm jobs, the folder where
-    that server records its address. A restarted server on any port is found again through it."""
+    """Where a grid's runs live: the ``backend`` store (``sqlite:///...``, a database URI or a server URL
+    the user gave) and, when ``ablate`` serves it to Slurm jobs, the folder where its server records its
+    address (a restarted server on any port is found again through it)."""
 
     model_config = ConfigDict(frozen=True)
     backend: str
@@ -47,39 +39,27 @@ class Store(BaseModel):
 
     def server_url(self) -> str | None:
         """The address of the server recorded for this store (it may be down)."""
-        state = read_json(Path(self.server_dir) / STATE_FILE) if self.server_dir else None
-        if isinstance(state, dict) and state.get("store_uri") == self.backend:
-            return state.get("url")
-        return None
+        from harness.tracking.server import read_state
+
+        info = read_state(self.server_dir) if self.server_dir else None
+        return info.url if info is not None and info.store_uri == self.backend else None
 
     def writer_uri(self) -> str | None:
-        """What a job logs to: the server when the store is served, else the store itself
-        (None: served, but no server recorded; try again later)."""
+        """What a job logs to: the server when the store is served (None: no server recorded yet), else
+        the store itself."""
         return self.server_url() if self.server_dir else self.backend
 
     def reader_uri(self) -> str:
         """What a reader uses: the server when it answers, else the store itself."""
+        from harness.tracking.server import server_answers
+
         url = self.server_url()
-        if url and server_answers(url):
-            return url
-        return self.backend
-
-
-def server_answers(url: str, timeout_s: float = 2.0) -> bool:
-    import requests
-
-    try:
-        return requests.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
-    except requests.RequestException:
-        return False
+        return url if url and server_answers(url) else self.backend
 
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    return sqlite_uri(Path.cwd() / DB_NAME)
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or sqlite_uri(Path.cwd() / DB_NAME)
 
 
 def sqlite_uri(path: str | os.PathLike) -> str:
@@ -108,33 +88,24 @@ def default_artifact_root(uri: str) -> Path | None:
 
 # --- reachability ----------------------------------------------------------------------------
 
-def _auth_headers() -> dict[str, str]:
-    """The credentials MLflow's own client would send (token or basic auth from the env)."""
-    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-    return {}
-
-
 def _check_http(uri: str, timeout_s: float) -> None:
     import requests
 
-    base = uri.rstrip("/")
-    verify = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    base, env = uri.rstrip("/"), os.environ.get
     hint = "start it (e.g. `bench.py ui` or `mlflow server`) or pass another --tracking-uri"
+    token, user, password = (env(f"MLFLOW_TRACKING_{name}") for name in ("TOKEN", "USERNAME", "PASSWORD"))
     try:
-        # /health is exempt from the server's host checks, so also make one API call: it fails
-        # when the server rejects this host name (mlflow server --allowed-hosts).
+        # /health is exempt from the server's host checks, so make an API call: it fails when the
+        # server rejects this host name (mlflow server --allowed-hosts). Credentials as MLflow sends them.
         resp = requests.get(f"{base}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
-                            headers=_auth_headers(), timeout=timeout_s, verify=verify)
+                            headers={"Authorization": f"Bearer {token}"} if token else None,
+                            auth=(user, password) if user and password and not token else None,
+                            verify=env("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true", timeout=timeout_s)
     except requests.Timeout:
         raise TrackingError(f"MLflow server {base} did not answer within {timeout_s:g} s: {hint}") from None
     except requests.RequestException as err:
-        reason = type(err).__name__
-        if isinstance(err, requests.ConnectionError):
-            reason = "connection refused or host unreachable"
+        refused = isinstance(err, requests.ConnectionError)
+        reason = "connection refused or host unreachable" if refused else type(err).__name__
         raise TrackingError(f"MLflow server {base} is not reachable ({reason}): {hint}") from None
     if resp.status_code in (401, 403):
         raise TrackingError(f"MLflow server {base} refused access (HTTP {resp.status_code}): set "
@@ -179,34 +150,31 @@ def _check_other(uri: str, timeout_s: float) -> None:
     if uri.startswith("file:") or "://" not in uri:
         raise TrackingError(f"{uri!r}: MLflow 3 has deprecated file stores; use "
                             "sqlite:///path/to/mlflow.db or an http:// server")
-    outcome: dict[str, BaseException | None] = {}
+    outcome: list[BaseException | None] = []
 
     def probe() -> None:
         try:
             client(uri).search_experiments(max_results=1)
-            outcome["error"] = None
+            outcome.append(None)
         except BaseException as err:  # noqa: BLE001 - reported below
-            outcome["error"] = err
+            outcome.append(err)
 
-    thread = threading.Thread(target=probe, daemon=True)
+    thread = threading.Thread(target=probe, daemon=True)  # daemon: a hung probe must not hold up the exit
     thread.start()
     thread.join(timeout_s)
-    if "error" not in outcome:
+    if not outcome:
         raise TrackingError(f"tracking store {uri} did not answer within {timeout_s:g} s: check it "
                             "or pass another --tracking-uri")
-    if outcome["error"] is not None:
-        first = str(outcome["error"]).strip().splitlines()[0] if str(outcome["error"]).strip() else ""
-        raise TrackingError(f"tracking store {uri} cannot be used ({type(outcome['error']).__name__}: "
-                            f"{first[:200]}): check it or pass another --tracking-uri")
+    if (err := outcome[0]) is not None:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise TrackingError(f"tracking store {uri} cannot be used ({type(err).__name__}: {first[:200]}): "
+                            "check it or pass another --tracking-uri")
 
 
 def check_store(uri: str, timeout_s: float = 5, *, must_exist: bool = False) -> None:
-    """Raise :class:`TrackingError` quickly (about ``timeout_s`` at most) unless ``uri`` is usable.
-
-    HTTP: one API call with a timeout (no retries). SQLite: the file (or its folder) is there
-    and accessible; with ``must_exist`` the file must already exist (readers: a report must
-    not create an empty store).
-    """
+    """Raise :class:`TrackingError` within about ``timeout_s`` unless ``uri`` is usable: a server or
+    other store answers one call (no retries); a SQLite file (or its folder) is there and accessible,
+    and with ``must_exist`` already exists (a report must not create an empty store)."""
     if is_http(uri):
         _check_http(uri, timeout_s)
     elif (path := sqlite_path(uri)) is not None:
@@ -215,24 +183,15 @@ def check_store(uri: str, timeout_s: float = 5, *, must_exist: bool = False) -> 
         _check_other(uri, timeout_s)
 
 
-@contextlib.contextmanager
-def bounded_http(retries: int = 1, timeout_s: float = 30) -> Iterator[None]:
-    """Within the block, MLflow's HTTP client gives up after ``retries`` retries and
-    ``timeout_s`` per request (its default retries for minutes). For commands a person waits
-    on; jobs keep MLflow's patient default so a server restart loses nothing."""
-    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
-             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def bounded_http(retries: int = 1, timeout_s: float = 30) -> contextlib.AbstractContextManager[Any]:
+    """Within the block, MLflow's HTTP client gives up after ``retries`` retries and ``timeout_s`` per
+    request (its default retries for minutes). For commands a person waits on; jobs keep MLflow's
+    patient default so a server restart loses nothing."""
+    from unittest import mock  # patch.dict: set these variables, restore the environment after
+
+    return mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+                                        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
+                                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
 
 
 # --- clients and experiments -----------------------------------------------------------------
@@ -252,58 +211,46 @@ def init_schema(uri: str) -> None:
 
 
 def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike | None = None) -> str:
-    """Create the store's schema and the experiment once, before any worker starts.
+    """Create the store's schema and the experiment once, before any worker starts (idempotent, also
+    against a concurrent call; a deleted experiment is restored). Returns the experiment id.
 
-    Idempotent (and safe against a concurrent call); a deleted experiment of that name is
-    restored. A new experiment in a SQLite store keeps its artifacts in
-    ``<artifact_root or mlflow-artifacts/ beside the database>/<experiment>`` (a plain path,
-    usable both from local jobs and through a server started on that store); through an
-    HTTP server, the server picks the location. Returns the experiment id.
-
-    The experiment (new or existing) also gets two tags for MLflow 3's UI:
-    ``mlflow.experimentKind=custom_model_development`` (a model-training experiment: UIs that read
-    it open on the runs table, not the GenAI overview; 3.17's follows its own GenAI / Model
-    training switch instead, which the link parameter ``workflowType=machine_learning`` sets), and
-    a saved view of the runs table, ``mlflow.sharedViewState.grid-cells``, opened by the link
-    parameter ``viewStateShareKey=grid-cells``: the cell runs only, unfolded (the table folds child
-    runs under their parent only when sorted by start time), sorted by name (their axis values),
-    with the headline metrics and the state as columns.
+    A new experiment in a SQLite store keeps its artifacts in ``<artifact_root, else mlflow-artifacts/
+    beside the database>/<experiment>``, a plain path that local jobs and a server on that store both
+    use; through a server, the server picks. Two experiment tags serve MLflow 3's UI (tests/test_mlflow_ui.py
+    checks what it does with them): ``mlflow.experimentKind`` marks a model-training experiment, and
+    ``mlflow.sharedViewState.grid-cells`` is the runs-table view that the ``viewStateShareKey=grid-cells``
+    link opens: the cell runs only, sorted by name (their axis values; the table folds child runs under
+    their parent only when sorted by start time), with the headline metrics and the state as columns.
     """
-    import json
-
     from mlflow.exceptions import MlflowException
 
     from harness.grid import HEADLINE_METRICS
 
     run_name = "attributes.`Run Name`"
     columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), "tags.`status`"]
-    ui_tags = {
-        "mlflow.experimentKind": "custom_model_development",
-        f"mlflow.sharedViewState.{UI_VIEW}": json.dumps({
-            "searchFilter": "tags.role = 'cell'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
-            "selectedColumns": columns, "columnOrder": [run_name, *columns], "columnWidths": {run_name: 380}}),
-    }
+    view = {"searchFilter": "tags.role = 'cell'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+            "selectedColumns": columns, "columnOrder": [run_name, *columns], "columnWidths": {run_name: 380}}
+    ui_tags = {"mlflow.experimentKind": "custom_model_development",
+               f"mlflow.sharedViewState.{UI_VIEW}": json.dumps(view)}
     init_schema(uri)
     mlflow_client = client(uri)
-    experiment_obj = mlflow_client.get_experiment_by_name(experiment)
-    if experiment_obj is None:
-        location = None
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
         root = Path(artifact_root) if artifact_root else default_artifact_root(uri)
-        if root is not None and not is_http(uri):
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-            location = str((root / safe).absolute())
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+        location = str((root / safe).absolute()) if root is not None and not is_http(uri) else None
         try:
             return mlflow_client.create_experiment(experiment, artifact_location=location, tags=ui_tags)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            experiment_obj = mlflow_client.get_experiment_by_name(experiment)
-    if experiment_obj.lifecycle_stage == "deleted":
-        mlflow_client.restore_experiment(experiment_obj.experiment_id)
+            found = mlflow_client.get_experiment_by_name(experiment)
+    if found.lifecycle_stage == "deleted":
+        mlflow_client.restore_experiment(found.experiment_id)
     for key, value in ui_tags.items():
-        if experiment_obj.tags.get(key) != value:
-            mlflow_client.set_experiment_tag(experiment_obj.experiment_id, key, value)
-    return experiment_obj.experiment_id
+        if found.tags.get(key) != value:
+            mlflow_client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def find_experiment(uri: str, name_or_id: str) -> Any:
@@ -318,15 +265,12 @@ def find_experiment(uri: str, name_or_id: str) -> Any:
             found = mlflow_client.get_experiment(name_or_id)
     if found is not None and found.lifecycle_stage == "active":
         return found
-    names = sorted(e.name for e in mlflow_client.search_experiments(max_results=1000)
-                   if e.name != "Default")
+    names = sorted(e.name for e in mlflow_client.search_experiments(max_results=1000) if e.name != "Default")
     listed = ", ".join(names) if names else "none (run `bench.py ablate` first)"
     raise TrackingError(f"no grid or experiment {name_or_id!r} in {display_uri(uri)}; experiments: {listed}")
 
 
 def display_uri(uri: str) -> str:
     """A URI for messages: credentials removed."""
-    parsed = urlparse(uri)
-    if parsed.password or parsed.username:
-        return uri.replace(f"{parsed.username}:{parsed.password}@", "").replace(f"{parsed.username}@", "")
-    return uri
+    netloc = urlparse(uri).netloc
+    return uri.replace(netloc, netloc.rpartition("@")[2], 1) if "@" in netloc else uri

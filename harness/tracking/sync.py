@@ -1,19 +1,14 @@
 """Mirroring a run folder into its MLflow run: the folder is the truth, MLflow a copy of it.
 
-:func:`sync_run` brings the run up to date with the folder and is safe to repeat and to interrupt:
+:func:`sync_run` brings the run up to date with the folder, safe to repeat and to interrupt: the lines
+of ``metrics.jsonl`` past the offset in ``mlflow-sync.json`` go out in ``log_batch`` requests and the
+offset moves after each, so every step reaches MLflow exactly once; ``status.json`` becomes tags and
+the MLflow run status; a done run adds its summary metrics (``results.json``), ``config.yaml`` and
+``metrics.jsonl`` as artifacts, and the checkpoint's path.
 
-* metrics: the lines of ``metrics.jsonl`` past the offset recorded in ``mlflow-sync.json`` go out
-  in ``log_batch`` requests (1,000 metrics each) and the offset moves after each request, so every
-  step reaches MLflow exactly once, however often the sync is interrupted and restarted;
-* state: ``status.json`` (state, reason, stage, step, attempts, host, job) as tags and the MLflow
-  run status (:data:`harness.cell_state.MLFLOW_STATUS`);
-* once the run is done: its summary metrics (``results.json``), ``config.yaml`` and
-  ``metrics.jsonl`` as artifacts, and the checkpoint's path.
-
-A job runs a :class:`Mirror`: a background thread that syncs every few seconds, so training never
-waits on the tracking server and never stops because it is down; the steps wait in the folder and
-go out when the server is back, or at the end. What is still waiting is :func:`backlog` (``status``
-shows it); ``ablate`` syncs the cells whose jobs ended with a backlog.
+A job runs a :class:`Mirror`, a thread that syncs every few seconds: training never waits on the
+tracking server nor stops when it is down; the steps wait in the folder until it is back. What still
+waits is :func:`backlog` (``status`` shows it); ``ablate`` syncs the cells whose jobs ended with one.
 """
 
 from __future__ import annotations
@@ -71,34 +66,20 @@ def backlog(run_dir: Path, *, live: bool = False) -> str:
     return ", ".join(waiting)
 
 
-def _metric_lines(path: Path, offset: int) -> list[tuple[int, dict[str, Any]]]:
-    """(offset after the line, record) for each complete line past ``offset``; a line torn by a
-    kill (not JSON) is skipped, a line still being written (no newline yet) is left for later."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        return []
-    out, position = [], offset
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
-        position += len(raw)
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        out.append((position, record if isinstance(record, dict) else {}))
-    return out
-
-
 def _send_metrics(mlflow_client: Any, run_id: str, run_dir: Path, sync: dict[str, Any]) -> None:
+    """Send the complete lines of ``metrics.jsonl`` past the recorded offset; a line torn by a kill
+    (not JSON) is skipped, a line still being written (no newline yet) is left for later."""
     from mlflow.entities import Metric
 
-    fallback_ms = int((run_dir / METRICS_FILE).stat().st_mtime * 1000) if (run_dir / METRICS_FILE).exists() else 0
+    path, end = run_dir / METRICS_FILE, sync.get("offset", 0)
+    try:
+        with path.open("rb") as f:
+            f.seek(end)
+            lines = f.read().splitlines(keepends=True)
+        fallback_ms = int(path.stat().st_mtime * 1000)
+    except OSError:
+        return
     batch: list[Metric] = []
-    end = sync.get("offset", 0)
 
     def send() -> None:
         if batch:
@@ -107,19 +88,24 @@ def _send_metrics(mlflow_client: Any, run_id: str, run_dir: Path, sync: dict[str
         sync["offset"] = end
         write_json_atomic(run_dir / SYNC_FILE, sync)
 
-    for position, record in _metric_lines(run_dir / METRICS_FILE, sync.get("offset", 0)):
-        step = int(record.get("step") or 0)
-        stamp = int(float(record["time"]) * 1000) if "time" in record else fallback_ms
-        metrics = [Metric(k, float(v), stamp, step) for k, v in record.items()
-                   if k not in NOT_METRICS and isinstance(v, (int, float))]
-        if len(batch) + len(metrics) > BATCH_METRICS:
-            send()
-        batch.extend(metrics)
-        end = position
-    if end != sync.get("offset", 0) or batch:
+    for line in lines:
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            step = int(record.get("step") or 0)
+            stamp = int(float(record["time"]) * 1000) if "time" in record else fallback_ms
+            metrics = [Metric(k, float(v), stamp, step) for k, v in record.items()
+                       if k not in NOT_METRICS and isinstance(v, (int, float))]
+            if len(batch) + len(metrics) > BATCH_METRICS:
+                send()
+            batch.extend(metrics)
+        end += len(line)
+    if end != sync.get("offset", 0):
         send()
-
-
 def sync_run(run_dir: Path, uri: str, run_id: str) -> None:
     """Bring MLflow run ``run_id`` at ``uri`` up to date with ``run_dir`` (raises when the store
     cannot be reached; what was sent before the error stays sent and recorded)."""
@@ -154,11 +140,9 @@ def sync_run(run_dir: Path, uri: str, run_id: str) -> None:
 
 
 class Mirror:
-    """Syncs a run folder into its MLflow run from a background thread while a job runs.
-
-    ``uri`` is asked anew before every sync (a restarted server may have moved). A failed sync
-    is logged once per outage and retried; :meth:`close` makes a last attempt and says whether
-    the run is in step."""
+    """Syncs a run folder into its MLflow run from a background thread while a job runs. ``uri`` is
+    asked anew before every sync (a restarted server may have moved); a failed sync is logged once per
+    outage and retried; :meth:`close` makes a last attempt and says whether the run is in step."""
 
     def __init__(self, run_dir: Path, uri: Callable[[], str | None], run_id: str, interval_s: float = 10.0) -> None:
         self.run_dir, self.uri, self.run_id, self.interval_s = Path(run_dir), uri, run_id, interval_s
@@ -176,30 +160,26 @@ class Mirror:
 
     def sync(self) -> bool:
         with self._lock:
-            uri = self.uri()
             try:
-                if uri is None:
+                if (uri := self.uri()) is None:
                     raise ConnectionError("no tracking server is recorded for this store yet")
                 sync_run(self.run_dir, uri, self.run_id)
             except Exception as err:  # noqa: BLE001 - the store is infrastructure: the run goes on
                 if not self._failing:
                     log.warning("MLflow is unreachable (%s); the run goes on and its metrics wait in %s",
-                                str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__,
+                                (str(err).strip().splitlines() or [type(err).__name__])[0][:200],
                                 self.run_dir / METRICS_FILE)
-                    self._mark_unreachable(True)
-                self._failing = True
+                    self._set_failing(True)
                 return False
             if self._failing:
                 log.info("MLflow is back: run %s is in step again", self.run_id)
-                self._mark_unreachable(False)
-            self._failing = False
+                self._set_failing(False)
             return True
 
-    def _mark_unreachable(self, unreachable: bool) -> None:
-        """Tell ``status`` (through :func:`backlog`) that this live job cannot reach the store."""
-        sync = _read_sync(self.run_dir)
-        sync["unreachable"] = unreachable
-        write_json_atomic(self.run_dir / SYNC_FILE, sync)
+    def _set_failing(self, failing: bool) -> None:
+        # recorded for backlog(live=True): `status` shows a live job that cannot reach the store
+        self._failing = failing
+        write_json_atomic(self.run_dir / SYNC_FILE, {**_read_sync(self.run_dir), "unreachable": failing})
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
