@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from filelock import FileLock
@@ -187,7 +187,7 @@ def ensure_server(store_uri: str, artifact_root: str | os.PathLike, state_dir: s
             try:  # maybe still starting
                 _wait_healthy(current.url, lambda: None if group_alive(current.pgid) else -1,
                               Path(current.log_path), timeout_s)
-                return ServerInfo(**{**asdict(current), "reused": True})
+                return replace(current, reused=True)
             except TrackingError:
                 stop_group(current.pgid)  # alive but not serving: replace it
         port = current.port if current is not None and not port_in_use(current.port, host) else free_port(host)

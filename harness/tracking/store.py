@@ -214,13 +214,11 @@ def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike
     """Create the store's schema and the experiment once, before any worker starts (idempotent, also
     against a concurrent call; a deleted experiment is restored). Returns the experiment id.
 
-    A new experiment in a SQLite store keeps its artifacts in ``<artifact_root, else mlflow-artifacts/
-    beside the database>/<experiment>``, a plain path that local jobs and a server on that store both
-    use; through a server, the server picks. Two experiment tags serve MLflow 3's UI (tests/test_mlflow_ui.py
-    checks what it does with them): ``mlflow.experimentKind`` marks a model-training experiment, and
-    ``mlflow.sharedViewState.grid-cells`` is the runs-table view that the ``viewStateShareKey=grid-cells``
-    link opens: the cell runs only, sorted by name (their axis values; the table folds child runs under
-    their parent only when sorted by start time), with the headline metrics and the state as columns.
+    A new experiment in a SQLite store keeps its artifacts in ``<artifact_root or mlflow-artifacts/
+    beside the database>/<experiment>``, a plain path valid for local jobs and for a server on that
+    store. Its tags mark it a model-training experiment and save the runs-table view that links open
+    (the cell runs sorted by name, so not folded under their parent, with the headline metrics and the
+    state as columns): what MLflow 3's UI does with them is in tests/test_mlflow_ui.py.
     """
     from mlflow.exceptions import MlflowException
 
