@@ -16,6 +16,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -183,15 +184,23 @@ def check_store(uri: str, timeout_s: float = 5, *, must_exist: bool = False) -> 
         _check_other(uri, timeout_s)
 
 
-def bounded_http(retries: int = 1, timeout_s: float = 30) -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def bounded_http(retries: int = 1, timeout_s: float = 30) -> Iterator[None]:
     """Within the block, MLflow's HTTP client gives up after ``retries`` retries and ``timeout_s`` per
     request (its default retries for minutes). For commands a person waits on; jobs keep MLflow's
-    patient default so a server restart loses nothing."""
-    from unittest import mock  # patch.dict: set these variables, restore the environment after
-
-    return mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-                                        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
-                                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+    patient default so a server restart loses nothing. Only these variables are restored after."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
+             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # --- clients and experiments -----------------------------------------------------------------
