@@ -110,6 +110,9 @@ class RuntimeConfig(_Frozen):
     compile: bool = False
     log_every: int = Field(20, gt=0)  # steps between logged metrics
     checkpoint_every: int = Field(500, gt=0)  # steps between checkpoints (one is written at the end)
+    # every collective's limit, in minutes (torch.distributed's process-group timeout); ranks
+    # other than 0 wait in one while rank 0 evaluates
+    dist_timeout_min: float = Field(60, gt=0)
 
 
 class RunConfig(_Frozen):

@@ -127,7 +127,7 @@ def run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None = None,
     (the job id, its restarts) go into ``status.json`` with the attempt."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.runtime.device)
-    env = init_distributed(device)
+    env = init_distributed(device, cfg.runtime.dist_timeout_min)
     try:
         return _run(cfg, run_dir, logger, device, env, job_fields or {})
     finally:

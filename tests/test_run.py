@@ -186,3 +186,40 @@ def test_a_corrupt_checkpoint_is_named_with_the_fix(tmp_path):
         load_latest(tmp_path)
     message = str(err.value)
     assert str(tmp_path / "latest.pt") in message and "--force --cell" in message and "\n" not in message
+
+
+def _wait_for_a_slow_peer(rank: int, port: int, outcome) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from harness.train.distributed import barrier, init_distributed, shutdown
+
+    env = init_distributed(torch.device("cpu"), timeout_min=0.05)  # 3 s
+    start = time.monotonic()
+    try:
+        if rank == 0:
+            time.sleep(8)  # rank 0 "evaluates" far longer than the limit
+        barrier(env)
+        outcome.put((rank, "passed", time.monotonic() - start))
+    except RuntimeError:
+        outcome.put((rank, "timed out", time.monotonic() - start))
+    finally:
+        if rank == 1:
+            shutdown(env)
+
+
+def test_process_group_timeout_is_explicit_and_configurable():
+    """runtime.dist_timeout_min bounds collectives: a rank waiting on a slow peer fails after it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    outcome = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_wait_for_a_slow_peer, args=(rank, port, outcome)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    waiting = outcome.get(timeout=120)
+    assert waiting[:2] == (1, "timed out") and waiting[2] < 7
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    assert load_config(None, parse_assignments(["runtime.dist_timeout_min=5"])).runtime.dist_timeout_min == 5

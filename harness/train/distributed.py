@@ -5,6 +5,7 @@ Only rank 0 writes checkpoints, logs and metrics; the helpers here say which ran
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,13 +26,18 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistEnv:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any."""
+def init_distributed(device: torch.device, timeout_min: float = 60) -> DistEnv:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any.
+
+    ``timeout_min`` bounds every collective (NCCL's default is 10 minutes): a rank that waits
+    longer for the others fails instead of hanging on a dead peer.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistEnv()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_min))
     env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
