@@ -50,8 +50,10 @@ def user_errors(fn: F) -> F:
 
 def configure_logging() -> None:
     import logging
+    # force: a library that logged through the root logger before this (open_clip loading the
+    # teacher in preflight) has already given it a WARNING-level handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
 
 
 def print_metrics(metrics: dict[str, float]) -> None:

@@ -27,7 +27,7 @@ from harness.evaluate import extract_features, finetune, finetune_transform, knn
 from harness.milan import build_student, needs_teacher
 from harness.milan.checkpoint import build_timm_vit, load_encoder_into_timm
 from harness.milan.presets import PRESETS
-from harness.milan.teacher import check_pretrained, resolve_model_name
+from harness.milan.teacher import check_teacher_weights, resolve_model_name
 from harness.files import write_json_atomic
 from harness.run_folder import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, read_results, write_status
 from harness.train.checkpoint import load_latest
@@ -53,7 +53,7 @@ def preflight(cfg: RunConfig) -> None:
     if needs_teacher(m.target, m.masking):
         import open_clip
         name = resolve_model_name(cfg.teacher.model)
-        check_pretrained(name, cfg.teacher.pretrained)
+        check_teacher_weights(name, cfg.teacher.pretrained)
         vision = open_clip.get_model_config(name)["vision_cfg"]
         teacher_grid = vision["image_size"] // vision["patch_size"]
     # the student's shape checks, on the meta device (no memory, no time)

@@ -147,3 +147,30 @@ def test_an_unknown_cell_selector_submits_nothing(cwd: Path) -> None:
     code, out = invoke("ablate", str(grid), "--cell", "target-rgb", "--force", "--executor", "local")
     assert code == 2 and "--cell 'target-rgb' matches no cell of grid g" in out, out
     assert not (cwd / "runs" / "g").exists()
+
+
+def test_a_teacher_checkpoint_of_another_model_fails_preflight(cwd: Path, demo_assets: tuple[Path, Path]) -> None:
+    """The weights are loaded into the teacher's architecture before anything is submitted, in
+    the dry run as in ablate (it passed as "preflight: ok" and every cell failed)."""
+    import torch
+
+    data, teacher = demo_assets
+    wrong = cwd / "other-model.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(8, 3, 2, 2)}, wrong)
+    base = micro_config(data, teacher, teacher={"pretrained": str(wrong)}, model={"target": "clip"})
+    grid = write_grid(cwd / "g.yaml", base=base, axes={"model.decoder": ["standard", "prompting"]})
+    for extra in (["--dry-run"], []):
+        code, out = invoke("ablate", str(grid), "--executor", "local", *extra)
+        assert code == 2, out
+        assert f"teacher checkpoint {wrong} does not fit model" in out and "Traceback" not in out
+        assert not (cwd / "runs" / "g").exists() or not list((cwd / "runs" / "g").glob("*/launch.json"))
+
+
+def test_evaluation_batches_must_split_over_the_cells_tasks(cwd: Path, demo_assets: tuple[Path, Path]) -> None:
+    base = micro_config(*demo_assets, eval={"protocols": ["linear", "finetune"], "finetune": {"batch_size": 33}})
+    grid = write_grid(cwd / "g.yaml", base=base, axes={"model.decoder": ["standard", "prompting"]},
+                      resources={"tasks_per_node": 2})
+    code, out = invoke("ablate", str(grid), "--executor", "local", "--dry-run")
+    assert code == 2, out
+    assert "eval.finetune.batch_size=33 does not split over the cell's 2 tasks" in out
+    assert "make it a multiple of 2" in out

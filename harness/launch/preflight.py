@@ -1,6 +1,7 @@
-"""Checks before anything is submitted, each failing with one line (exit code 2): the Slurm
-partition or the local GPUs, then :func:`harness.run.preflight` (dataset tree and classes, teacher
-name and weights, model shapes); the caller checks the tracking store.
+"""Checks before anything is submitted, each failing with one line (exit code 2): evaluation
+batches that split over each cell's tasks, the Slurm partition or the local GPUs, then
+:func:`harness.run.preflight` (dataset tree and classes, teacher name, its weights loaded into its
+architecture, model shapes); the caller checks the tracking store.
 
 ``harness.run.preflight`` reads a few config sections only, so it runs once per distinct
 combination of them, not once per cell. It needs torch, timm and open_clip (seconds to import), so
@@ -71,6 +72,18 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
         write_json_atomic(cache_path, passed[-CACHE_SIZE:])
 
 
+def check_batches(grid: Grid) -> None:
+    """Each evaluation protocol's batch (the recipe's effective batch) splits evenly over the
+    cell's tasks: what a rehearsal at micro batch sizes cannot show."""
+    world = grid.resources.world_size
+    for cell in grid.cells:
+        e = cell.config.eval
+        for protocol, batch in (("linear", e.linear.batch_size), ("finetune", e.finetune.batch_size)):
+            if protocol in e.protocols and batch % world:
+                raise UserError(f"cell {cell.name}: eval.{protocol}.batch_size={batch} does not split over the "
+                                f"cell's {world} tasks (resources): make it a multiple of {world}")
+
+
 def check_resources(grid: Grid, executor: str) -> None:
     r = grid.resources
     if executor == "slurm":
@@ -94,5 +107,6 @@ def check_resources(grid: Grid, executor: str) -> None:
 
 
 def preflight_grid(grid: Grid, executor: str, cache_dir: Path | None = None) -> None:
+    check_batches(grid)
     check_resources(grid, executor)
     check_configs(grid, cache_dir)

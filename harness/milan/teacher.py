@@ -167,6 +167,22 @@ def check_pretrained(model: str, pretrained: str | None) -> None:
         raise ConfigError(f"teacher {model} has no pretrained tag {pretrained!r}: known tags are {known}")
 
 
+@cache
+def _fits(name: str, checkpoint: str, mtime_ns: int, size: int) -> None:
+    build_teacher(name, checkpoint)  # raises ConfigError when the weights do not fit
+
+
+def check_teacher_weights(model: str, pretrained: str | None) -> None:
+    """A local checkpoint file is loaded into its architecture now (once per file and version in
+    this process), so that a checkpoint of another model fails before any job is submitted. An
+    open_clip tag is only checked by name: its weights may be downloaded on the compute nodes."""
+    name = resolve_model_name(model)
+    check_pretrained(name, pretrained)
+    if pretrained and _is_checkpoint_path(pretrained):
+        stat = Path(pretrained).stat()
+        _fits(name, str(Path(pretrained).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def build_teacher(model: str, pretrained: str | None, normalize: str = "imagenet") -> ClipTeacher:
     """A frozen teacher from an open_clip name (or model-config JSON) and a tag or checkpoint.
 
