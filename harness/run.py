@@ -4,7 +4,9 @@ The run folder's layout is :mod:`harness.run_folder`. Running the same config in
 again continues where it stopped; a finished run returns its stored results.
 """
 
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,13 @@ from harness.data.datasets import (
 )
 from harness.errors import ConfigError
 from harness.evaluate import extract_features, finetune, finetune_transform, knn_classify, linear_probe_on_features
+from harness.evaluate.shards import sharded_features
 from harness.milan import build_student, needs_teacher
 from harness.milan.checkpoint import build_timm_vit, load_encoder_into_timm
 from harness.milan.presets import PRESETS
 from harness.milan.teacher import check_teacher_weights, resolve_model_name
 from harness.files import write_json_atomic
-from harness.run_folder import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, read_results, write_status
+from harness.run_folder import CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, read_results, write_status
 from harness.train.checkpoint import load_latest
 from harness.train.distributed import DistEnv, barrier, init_distributed, shutdown
 from harness.train.metrics_log import JsonlLogger, RunLogger
@@ -80,30 +83,55 @@ def preflight(cfg: RunConfig) -> None:
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def evaluate_encoder(vit, cfg: RunConfig, device: torch.device) -> dict[str, float]:
-    """The selected protocols on a timm ViT encoder; accuracies in percent."""
+Stage = Callable[[str], None]
+
+
+def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv = DistEnv(),
+                     work_dir: Path | None = None, stage: Stage = lambda name: None) -> dict[str, float]:
+    """The selected protocols on a timm ViT encoder; accuracies in percent, on rank 0 (other ranks
+    get {}). Every rank calls it: with ``work_dir`` (a run's evaluation folder) the frozen
+    protocols' features are extracted in shards over the ranks and kept there until the protocols
+    are done, so a requeued job does not extract them again. ``stage(name)`` on rank 0 as each
+    stage (features, knn, linear, finetune) starts."""
     e, rt, root = cfg.eval, cfg.runtime, cfg.data.root
     size = vit.patch_embed.img_size[0]
     metrics: dict[str, float] = {}
     frozen = [p for p in e.protocols if p in ("linear", "knn")]
     if frozen:
         start = time.perf_counter()
-        loaders = [make_loader(image_folder(root, split, eval_transform(size)), batch_size=e.feature_batch_size,
-                               shuffle=False, num_workers=rt.num_workers, drop_last=False, seed=cfg.seed)
-                   for split in (cfg.data.train_split, cfg.data.val_split)]
-        num_classes = len(loaders[0].dataset.classes)
-        (train_x, train_y), (val_x, val_y) = (extract_features(vit, loader, device) for loader in loaders)
+        stage("features")
+        splits = [image_folder(root, split, eval_transform(size)) for split in (cfg.data.train_split, cfg.data.val_split)]
+        num_classes = len(splits[0].classes)
+        if work_dir is None:  # one process (bench.py evaluate): nothing to share or keep
+            (train_x, train_y), (val_x, val_y) = (extract_features(vit, make_loader(
+                split, batch_size=e.feature_batch_size, shuffle=False, num_workers=rt.num_workers, drop_last=False,
+                seed=cfg.seed), device) for split in splits)
+        else:
+            shards = [sharded_features(vit, split, rank=env.rank, world=env.world_size, folder=work_dir / "features",
+                                       name=name, batch_size=e.feature_batch_size, num_workers=rt.num_workers,
+                                       device=device, wait=lambda: barrier(env))
+                      for split, name in zip(splits, ("train", "val"))]
+            if not env.is_main:
+                return metrics
+            (train_x, train_y), (val_x, val_y) = shards
         metrics["eval/feature_seconds"] = time.perf_counter() - start
         if "knn" in frozen:
+            stage("knn")
             metrics |= knn_classify(train_x, train_y, val_x, val_y, k=e.knn.k,
                                     temperature=e.knn.temperature, num_classes=num_classes)
         if "linear" in frozen:
+            stage("linear")
             lp = e.linear
             metrics |= linear_probe_on_features(
                 train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=lp.epochs,
                 batch_size=lp.batch_size, base_lr=lp.base_lr, warmup_epochs=lp.warmup_epochs,
                 optimizer=lp.optimizer, device=device, seed=cfg.seed)
+        if work_dir is not None:  # several GB at ImageNet scale; the metrics are what is kept
+            shutil.rmtree(work_dir / "features", ignore_errors=True)
+    if not env.is_main:
+        return metrics
     if "finetune" in e.protocols:
+        stage("finetune")
         ft = e.finetune
         # the student always sees ImageNet-normalised input (the teacher renormalises its own copy)
         augment = finetune_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug=ft.randaug, reprob=ft.reprob)
@@ -151,13 +179,17 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
             "final_loss": result.final_loss, "images_per_s": result.images_per_s,
             "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
             "device_hours": result.train_seconds * env.world_size / 3600}
-        if env.is_main and cfg.eval.protocols:
-            write_status(run_dir, CellState.RUNNING, stage="evaluate", step=result.steps)
+        if cfg.eval.protocols:
+            def stage(name: str) -> None:
+                if env.is_main:
+                    write_status(run_dir, CellState.RUNNING, stage=name, step=result.steps)
+
             vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
             load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
-            metrics |= evaluate_encoder(vit, cfg, device)
-            logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
-            logger.flush()
+            metrics |= evaluate_encoder(vit, cfg, device, env=env, work_dir=run_dir / EVAL_DIR, stage=stage)
+            if env.is_main:
+                logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
+                logger.flush()
         barrier(env)
     except TrainingFailed as err:
         if env.is_main:

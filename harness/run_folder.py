@@ -42,6 +42,7 @@ RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 OWNER_FILE = "owner.json"
+EVAL_DIR = "eval"  # evaluation stages' work in progress (feature shards), removed when done
 
 
 class FolderBusy(UserError):

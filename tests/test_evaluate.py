@@ -2,7 +2,9 @@
 
 import importlib
 import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from harness.evaluate import (
     knn_classify,
     linear_probe,
 )
+from harness.evaluate.shards import sharded_features
+from harness.milan.checkpoint import build_timm_vit
 
 # The package re-exports functions named like their modules, which hides the modules as attributes.
 finetune_module = importlib.import_module("harness.evaluate.finetune")
@@ -332,3 +336,61 @@ def test_finetune_transform_handles_tiny_images() -> None:
     first, second = transform(image), transform(image)
     assert first.shape == (3, 32, 32) and first.dtype == torch.float32
     assert not torch.equal(first, second)
+
+
+def _extract_shard(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from harness.train.distributed import barrier, init_distributed, shutdown
+
+    env = init_distributed(torch.device("cpu"), timeout_min=1)
+    torch.manual_seed(0)
+    encoder = build_timm_vit("vit_micro_patch4", 32)
+    result = sharded_features(encoder, _Images(37), rank=rank, world=world, folder=Path(folder), name="train",
+                              batch_size=5, num_workers=0, device=torch.device("cpu"), wait=lambda: barrier(env))
+    if rank == 0:
+        torch.save(result, out)
+    shutdown(env)
+
+
+class _Images(torch.utils.data.Dataset):
+    """n deterministic 32x32 images, labelled by index."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.sin(torch.arange(3 * 32 * 32, dtype=torch.float32) * (i + 1) / 97).view(3, 32, 32), i
+
+
+def test_two_ranks_extract_each_item_once_and_match_one_process(tmp_path: Path) -> None:
+    """With 2 ranks the shards cover the data set exactly once; rank 0 gets the features in data-set
+    order, equal to one process's; shards already on disk (a requeued job) are not extracted again."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = 29600 + os.getpid() % 1000
+    procs = [ctx.Process(target=_extract_shard, args=(r, 2, port, str(tmp_path / "f"), str(tmp_path / "out.pt")))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=180)
+        assert proc.exitcode == 0
+    shards = [torch.load(tmp_path / "f" / f"train-{r}of2.pt", weights_only=True) for r in range(2)]
+    indices = sorted(i for s in shards for i in s["indices"].tolist())
+    assert indices == list(range(37)) and len(shards[0]["indices"]) == 19 and len(shards[1]["indices"]) == 18
+    features, labels = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.manual_seed(0)
+    encoder = build_timm_vit("vit_micro_patch4", 32)
+    loader = torch.utils.data.DataLoader(_Images(37), batch_size=5)
+    expected, expected_labels = extract_features(encoder, loader, torch.device("cpu"))
+    assert torch.equal(labels, expected_labels) and torch.allclose(features, expected, atol=1e-5)
+    # shards on disk (a requeued job) are read, not extracted again: an encoder that cannot run is never called
+    assert sharded_features(None, _Images(37), rank=1, world=2, folder=tmp_path / "f", name="train",
+                            batch_size=5, num_workers=0, device=torch.device("cpu")) is None
+    resumed, _ = sharded_features(None, _Images(37), rank=0, world=2, folder=tmp_path / "f", name="train",
+                                  batch_size=5, num_workers=0, device=torch.device("cpu"))
+    assert torch.equal(resumed, features)

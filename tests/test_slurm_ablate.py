@@ -284,7 +284,8 @@ def test_two_ablates_at_once_submit_each_cell_once(workdir: Path, demo_assets: t
 
 def test_two_task_cell_on_cpu(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
     """A cell with 2 tasks (torch.distributed over gloo on CPU) completes with world size 2:
-    half the steps per epoch, one log per task, and only rank 0 logs metrics."""
+    half the steps per epoch, features extracted in shards by both ranks, one log per task, and
+    only rank 0 logs metrics."""
     data, teacher = demo_assets
     base = micro_config(data, teacher)
     base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
@@ -297,7 +298,9 @@ def test_two_task_cell_on_cpu(workdir: Path, demo_assets: tuple[Path, Path]) -> 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [cell] = cell_dirs(workdir, "two_tasks")
     steps = TRAIN_IMAGES // (16 * 2)  # world size 2: each step takes 32 images
-    assert json.loads((cell / "results.json").read_text())["steps"] == steps
+    results = json.loads((cell / "results.json").read_text())
+    assert results["steps"] == steps and 0 <= results["metrics"]["knn_top1"] <= 100
+    assert not (cell / "eval" / "features").exists()  # both ranks' feature shards, removed once used
     assert loss_steps(cell) == list(range(1, steps + 1))
     logs = sorted(p.name for p in (cell / "logs").glob("*_log.out"))
     assert len(logs) == 2 and logs[0].endswith("_0_log.out") and logs[1].endswith("_1_log.out")

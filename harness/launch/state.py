@@ -39,7 +39,7 @@ class CellView:
     job_id: str | None = None  # its live job, else its latest
     job_alive: bool = False  # some job of the cell is queued or running
     attempts: int = 0
-    stage: str | None = None  # pretrain | evaluate | done
+    stage: str | None = None  # pretrain | features | knn | linear | finetune | done
     step: int | None = None
     backlog: str = ""  # what its MLflow run still lacks of the folder
 

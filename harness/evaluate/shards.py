@@ -1,0 +1,63 @@
+"""Feature extraction sharded over a job's ranks, kept on disk so that a requeued job does not redo it.
+
+Rank ``r`` of ``w`` takes every ``w``-th item from ``r`` on: the shards cover the data set exactly
+once, without the padding a ``DistributedSampler`` adds. Each rank writes its shard to a file and
+rank 0 puts the features back in data-set order; no features go through a collective, so no rank
+waits in one for longer than the slowest rank's extraction.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from harness.evaluate.features import extract_features
+from harness.train.checkpoint import save_atomic
+
+
+def shard_path(folder: Path, name: str, rank: int, world: int) -> Path:
+    return folder / f"{name}-{rank}of{world}.pt"
+
+
+def sharded_features(
+    encoder: VisionTransformer,
+    dataset: Dataset,
+    *,
+    rank: int,
+    world: int,
+    folder: Path,
+    name: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    wait: Callable[[], None] = lambda: None,
+) -> tuple[Tensor, Tensor] | None:
+    """Extract this rank's shard of ``dataset`` into ``folder`` (unless an earlier attempt did),
+    ``wait()`` for the other ranks (a barrier), then, on rank 0, read every shard and return
+    (features, labels) in data-set order. Other ranks return None."""
+    path = shard_path(folder, name, rank, world)
+    if not path.is_file():
+        indices = list(range(rank, len(dataset), world))
+        features, labels = torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+        if indices:
+            loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                                num_workers=num_workers)
+            features, labels = extract_features(encoder, loader, device)
+        save_atomic({"features": features, "labels": labels, "indices": torch.tensor(indices, dtype=torch.long)}, path)
+    wait()
+    if rank != 0:
+        return None
+    shards = [torch.load(shard_path(folder, name, r, world), weights_only=True) for r in range(world)]
+    shards = [s for s in shards if s["indices"].numel()]
+    order = torch.cat([s["indices"] for s in shards])
+    if not torch.equal(order.sort().values, torch.arange(len(dataset))):
+        raise RuntimeError(f"the {name} feature shards in {folder} do not cover its {len(dataset)} items exactly "
+                           "once: delete the folder to extract them again")
+    features = torch.empty(len(dataset), shards[0]["features"].shape[1])
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    features[order] = torch.cat([s["features"] for s in shards])
+    labels[order] = torch.cat([s["labels"] for s in shards])
+    return features, labels
