@@ -83,55 +83,55 @@ def preflight(cfg: RunConfig) -> None:
 
 # --- evaluation --------------------------------------------------------------------------------
 
-Stage = Callable[[str], None]
+Stage = Callable[[str, int | None], None]
 
 
 def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv = DistEnv(),
-                     work_dir: Path | None = None, stage: Stage = lambda name: None) -> dict[str, float]:
+                     work_dir: Path | None = None, stage: Stage = lambda name, progress: None,
+                     logger: RunLogger | None = None) -> dict[str, float]:
     """The selected protocols on a timm ViT encoder; accuracies in percent, on rank 0 (other ranks
-    get {}). Every rank calls it: with ``work_dir`` (a run's evaluation folder) the frozen
-    protocols' features are extracted in shards over the ranks and kept there until the protocols
-    are done, so a requeued job does not extract them again. ``stage(name)`` on rank 0 as each
-    stage (features, knn, linear, finetune) starts."""
+    get {}). Every rank calls it and takes part: the features of the frozen protocols are extracted
+    in shards over the ranks, and fine-tuning trains with DDP over them. With ``work_dir`` (a run's
+    evaluation folder) each stage keeps its progress there (feature shards, the fine-tune's
+    checkpoint after every epoch), so a requeued job continues where it stopped. On rank 0,
+    ``stage(name, progress)`` as each stage (features, knn, linear, finetune) starts and as it goes,
+    and ``logger`` gets the fine-tune's loss per epoch."""
     e, rt, root = cfg.eval, cfg.runtime, cfg.data.root
     size = vit.patch_embed.img_size[0]
     metrics: dict[str, float] = {}
     frozen = [p for p in e.protocols if p in ("linear", "knn")]
     if frozen:
         start = time.perf_counter()
-        stage("features")
+        stage("features", None)
         splits = [image_folder(root, split, eval_transform(size)) for split in (cfg.data.train_split, cfg.data.val_split)]
         num_classes = len(splits[0].classes)
-        if work_dir is None:  # one process (bench.py evaluate): nothing to share or keep
-            (train_x, train_y), (val_x, val_y) = (extract_features(vit, make_loader(
-                split, batch_size=e.feature_batch_size, shuffle=False, num_workers=rt.num_workers, drop_last=False,
-                seed=cfg.seed), device) for split in splits)
+        if work_dir is None:  # bench.py evaluate: one process, nothing to share or keep
+            features = [extract_features(vit, make_loader(split, batch_size=e.feature_batch_size, shuffle=False,
+                                                          num_workers=rt.num_workers, drop_last=False, seed=cfg.seed),
+                                         device) for split in splits]
         else:
-            shards = [sharded_features(vit, split, rank=env.rank, world=env.world_size, folder=work_dir / "features",
-                                       name=name, batch_size=e.feature_batch_size, num_workers=rt.num_workers,
-                                       device=device, wait=lambda: barrier(env))
-                      for split, name in zip(splits, ("train", "val"))]
-            if not env.is_main:
-                return metrics
-            (train_x, train_y), (val_x, val_y) = shards
-        metrics["eval/feature_seconds"] = time.perf_counter() - start
-        if "knn" in frozen:
-            stage("knn")
-            metrics |= knn_classify(train_x, train_y, val_x, val_y, k=e.knn.k,
-                                    temperature=e.knn.temperature, num_classes=num_classes)
-        if "linear" in frozen:
-            stage("linear")
-            lp = e.linear
-            metrics |= linear_probe_on_features(
-                train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=lp.epochs,
-                batch_size=lp.batch_size, base_lr=lp.base_lr, warmup_epochs=lp.warmup_epochs,
-                optimizer=lp.optimizer, device=device, seed=cfg.seed)
-        if work_dir is not None:  # several GB at ImageNet scale; the metrics are what is kept
-            shutil.rmtree(work_dir / "features", ignore_errors=True)
-    if not env.is_main:
-        return metrics
+            features = [sharded_features(vit, split, rank=env.rank, world=env.world_size, folder=work_dir / "features",
+                                         name=name, batch_size=e.feature_batch_size, num_workers=rt.num_workers,
+                                         device=device, wait=lambda: barrier(env))
+                        for split, name in zip(splits, ("train", "val"))]
+        if env.is_main:
+            (train_x, train_y), (val_x, val_y) = features
+            metrics["eval/feature_seconds"] = time.perf_counter() - start
+            if "knn" in frozen:
+                stage("knn", None)
+                metrics |= knn_classify(train_x, train_y, val_x, val_y, k=e.knn.k,
+                                        temperature=e.knn.temperature, num_classes=num_classes)
+            if "linear" in frozen:
+                stage("linear", None)
+                lp = e.linear
+                metrics |= linear_probe_on_features(
+                    train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=lp.epochs,
+                    batch_size=lp.batch_size, base_lr=lp.base_lr, warmup_epochs=lp.warmup_epochs,
+                    optimizer=lp.optimizer, device=device, seed=cfg.seed)
+            if work_dir is not None:  # several GB at ImageNet scale; the metrics are what is kept
+                shutil.rmtree(work_dir / "features", ignore_errors=True)
     if "finetune" in e.protocols:
-        stage("finetune")
+        stage("finetune", 0)
         ft = e.finetune
         # the student always sees ImageNet-normalised input (the teacher renormalises its own copy)
         augment = finetune_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug=ft.randaug, reprob=ft.reprob)
@@ -139,11 +139,20 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
         val_loader = make_loader(image_folder(root, cfg.data.val_split, eval_transform(size)),
                                  batch_size=e.feature_batch_size, shuffle=False,
                                  num_workers=rt.num_workers, drop_last=False, seed=cfg.seed)
+
+        def epoch_done(epoch: int, loss: float) -> None:
+            stage("finetune", epoch)
+            if logger is not None:
+                logger.log_metrics({"finetune/loss": loss}, step=epoch)
+                logger.flush()
+
         metrics |= finetune(vit, train_ds, val_loader, num_classes=len(train_ds.classes), epochs=ft.epochs,
                             batch_size=ft.batch_size, base_lr=ft.base_lr, warmup_epochs=ft.warmup_epochs,
                             layer_decay=ft.layer_decay, drop_path=ft.drop_path, weight_decay=ft.weight_decay,
                             mixup=ft.mixup, cutmix=ft.cutmix, label_smoothing=ft.label_smoothing,
-                            num_workers=rt.num_workers, device=device, seed=cfg.seed)
+                            num_workers=rt.num_workers, device=device, seed=cfg.seed,
+                            checkpoint=work_dir / "finetune.pt" if work_dir is not None else None,
+                            on_epoch=epoch_done)
     return metrics
 
 
@@ -180,13 +189,14 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
             "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
             "device_hours": result.train_seconds * env.world_size / 3600}
         if cfg.eval.protocols:
-            def stage(name: str) -> None:
-                if env.is_main:
-                    write_status(run_dir, CellState.RUNNING, stage=name, step=result.steps)
+            def stage(name: str, progress: int | None) -> None:
+                if env.is_main:  # status shows "finetune 3": the stage, and its epochs done
+                    write_status(run_dir, CellState.RUNNING, stage=name, step=progress)
 
             vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
             load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
-            metrics |= evaluate_encoder(vit, cfg, device, env=env, work_dir=run_dir / EVAL_DIR, stage=stage)
+            metrics |= evaluate_encoder(vit, cfg, device, env=env, work_dir=run_dir / EVAL_DIR, stage=stage,
+                                        logger=logger if env.is_main else None)
             if env.is_main:
                 logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
                 logger.flush()
@@ -199,4 +209,5 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "run_id": cfg.run_id(), "cell_id": cfg.cell_id(),
                                          "steps": result.steps, "checkpoint": str(result.checkpoint)})
         write_status(run_dir, CellState.DONE, stage="done", step=result.steps, finished=time.time())
+        shutil.rmtree(run_dir / EVAL_DIR, ignore_errors=True)  # the evaluation's progress: now in results.json
     return RunResult(CellState.DONE, metrics, run_dir)

@@ -338,6 +338,24 @@ def test_finetune_transform_handles_tiny_images() -> None:
     assert not torch.equal(first, second)
 
 
+def test_finetune_transform_survives_posterize_at_full_magnitude() -> None:
+    """timm's increasing posterize keeps 0 bits at magnitude 10, which Pillow >= 11 rejects; MAE's
+    rand-m9-mstd0.5-inc1 draws it for ~2% of posterized images, so a fine-tune crashed mid-epoch.
+    0 bits give a black image, as Pillow did when the recipe was published."""
+    from timm.data import auto_augment
+
+    transform = finetune_transform(32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), randaug="rand-m10-n2-inc1",
+                                   reprob=0.0)
+    [augment] = [t for t in transform.transforms if isinstance(t, auto_augment.RandAugment)]
+    [posterize] = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    posterize.prob = 1.0
+    black = posterize(image)
+    assert black.getextrema() == ((0, 0),) * 3 and black.size == image.size
+    for _ in range(200):  # every op at magnitude 10, two per image
+        transform(image)
+
+
 def _extract_shard(rank: int, world: int, port: int, folder: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from harness.train.distributed import barrier, init_distributed, shutdown
@@ -394,3 +412,69 @@ def test_two_ranks_extract_each_item_once_and_match_one_process(tmp_path: Path) 
     resumed, _ = sharded_features(None, _Images(37), rank=0, world=2, folder=tmp_path / "f", name="train",
                                   batch_size=5, num_workers=0, device=torch.device("cpu"))
     assert torch.equal(resumed, features)
+
+
+class _Stop(Exception):
+    """Raised from on_epoch: the job is killed right after that epoch's checkpoint."""
+
+
+def _finetune_args(**overrides) -> dict:
+    images, labels = brightness_data(48, 4, seed=7)
+    return dict(train_dataset=TensorDataset(images, labels), val_loader=loader(images, labels, batch_size=16),
+                num_classes=4, epochs=3, batch_size=8, base_lr=1e-3, warmup_epochs=0.5, mixup=0.0, cutmix=0.0,
+                drop_path=0.0, device=CPU) | overrides
+
+
+def _stop_at(last: int, seen: list[int]):
+    def on_epoch(epoch: int, loss: float) -> None:
+        seen.append(epoch)
+        assert math.isfinite(loss)
+        if epoch == last:
+            raise _Stop
+    return on_epoch
+
+
+def test_finetune_resumes_after_its_last_epoch_checkpoint_with_the_same_result(tmp_path: Path) -> None:
+    """Interrupted after epoch 2 of 3 (a requeue), the next call trains epoch 3 only and ends where an
+    uninterrupted call ends; a call after the end returns the stored metrics without training."""
+    seen: list[int] = []
+    with pytest.raises(_Stop):
+        finetune(tiny_vit(), checkpoint=tmp_path / "ft.pt", on_epoch=_stop_at(2, seen), **_finetune_args())
+    assert torch.load(tmp_path / "ft.pt", weights_only=True)["epoch"] == 2
+    resumed = finetune(tiny_vit(), checkpoint=tmp_path / "ft.pt", on_epoch=_stop_at(0, seen), **_finetune_args())
+    assert seen == [1, 2, 3]  # each epoch once: resumed at epoch 3
+    whole = finetune(tiny_vit(), **_finetune_args())
+    assert resumed["finetune_top1"] == whole["finetune_top1"]
+    again = finetune(None, checkpoint=tmp_path / "ft.pt", on_epoch=_stop_at(0, seen), **_finetune_args())
+    assert again == resumed and seen == [1, 2, 3]
+
+
+def _finetune_rank(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from harness.train.distributed import init_distributed, shutdown
+
+    env = init_distributed(CPU, timeout_min=1)
+    finetune(tiny_vit(), checkpoint=Path(folder) / "ft.pt", **_finetune_args(epochs=2))
+    shutdown(env)
+
+
+def test_finetune_on_two_ranks_matches_one_rank_at_the_same_effective_batch(tmp_path: Path) -> None:
+    """DDP over 2 gloo ranks, 4 images each per step, takes the same steps as one process with
+    batches of 8: same weights after two epochs (deterministic data, no mixing, no drop path)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = 29700 + os.getpid() % 1000
+    procs = [ctx.Process(target=_finetune_rank, args=(r, 2, port, str(tmp_path / "two"))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=180)
+        assert proc.exitcode == 0
+    finetune(tiny_vit(), checkpoint=tmp_path / "one" / "ft.pt", **_finetune_args(epochs=2))
+    two = torch.load(tmp_path / "two" / "ft.pt", weights_only=True)["model"]
+    one = torch.load(tmp_path / "one" / "ft.pt", weights_only=True)["model"]
+    changed = [name for name in one if not torch.equal(one[name], tiny_vit().state_dict().get(name, one[name]))]
+    assert changed  # it trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)

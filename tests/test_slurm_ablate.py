@@ -13,6 +13,7 @@ folder); the smoke grid is shrunk with ``--set`` overrides to that setup.
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -201,6 +202,43 @@ def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir:
     runs = client(uri).search_runs([client(uri).get_experiment_by_name("requeue").experiment_id],
                                    "tags.role = 'cell'")
     assert len(runs) == 1  # one MLflow run for the cell, never a second
+
+
+def test_a_cell_requeued_during_its_fine_tune_resumes_from_its_last_epoch(workdir: Path,
+                                                                          demo_assets: tuple[Path, Path]) -> None:
+    """Requeued after some fine-tune epochs, the job skips pretraining (done), resumes the fine-tune
+    after its last epoch checkpoint (the log names the epoch), and logs every epoch's loss once."""
+    base = long_pixel_cell(demo_assets, epochs=1, num_workers=0)
+    epochs = 12
+    base["eval"] = {"protocols": ["finetune"], "feature_batch_size": 100,
+                    "finetune": {"epochs": epochs, "batch_size": 32, "warmup_epochs": 1}}
+    path = write_grid(workdir, "requeue_ft", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10})
+    proc = bench(workdir, "ablate", str(path), "--executor", "slurm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [cell] = cell_dirs(workdir, "requeue_ft")
+    job_id = json.loads((cell / "launch.json").read_text())["submissions"][-1]["job_id"]
+
+    def fine_tuning() -> int | None:
+        """the fine-tune to finish an epoch"""
+        status = json.loads((cell / "status.json").read_text()) if (cell / "status.json").is_file() else {}
+        return status["step"] if status.get("stage") == "finetune" and (status.get("step") or 0) >= 2 else None
+    at = poll(fine_tuning, timeout=300, every=0.2)
+    slurm.requeue(job_id)
+
+    def ended() -> CellView | None:
+        """the cell to end"""
+        [view] = collect([cell])
+        return view if view.settled else None
+    final = poll(ended, timeout=300, every=2)
+    assert final.state.value == "done", final
+    assert slurm.job_states([job_id])[job_id].restarts == 1
+    log_text = "".join(p.read_text() for p in (cell / "logs").glob("*_log.err"))
+    resumed_after = int(re.search(r"fine-tuning resumes after epoch (\d+) of 12", log_text).group(1))
+    assert at <= resumed_after < epochs
+    records = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "finetune/loss" in r] == list(range(1, epochs + 1))
+    assert 0 <= json.loads((cell / "results.json").read_text())["metrics"]["finetune_top1"] <= 100
+    assert not (cell / "eval").exists()  # the fine-tune's checkpoint goes once results.json has its metrics
 
 
 def test_a_dead_tracking_server_costs_no_run(workdir: Path, demo_assets: tuple[Path, Path]) -> None:

@@ -1,21 +1,30 @@
 """MAE/MILAN end-to-end fine-tuning of a pretrained encoder, and its training transform."""
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
-from timm.data import Mixup, create_transform
+import torch.distributed as dist
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
+from timm.data.auto_augment import RandAugment
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import AverageMeter, accuracy, random_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from harness.evaluate.features import autocast
+from harness.train.checkpoint import save_atomic
+
+log = logging.getLogger(__name__)
 
 
 def finetune_transform(
@@ -29,7 +38,7 @@ def finetune_transform(
     """MAE's fine-tuning augmentation: RandomResizedCrop (bicubic) + flip + RandAugment + random
     erasing, as timm builds it. Works for tiny images too (RandAugment scales its translations by
     the image size)."""
-    return create_transform(
+    transform = create_transform(
         input_size=img_size,
         is_training=True,
         color_jitter=None,  # MAE passes none; timm ignores colour jitter with RandAugment anyway
@@ -41,6 +50,20 @@ def finetune_transform(
         mean=tuple(mean),
         std=tuple(std),
     )
+    for step in transform.transforms:
+        for op in step.ops if isinstance(step, RandAugment) else ():
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: object) -> Image.Image:
+    """timm's posterize, keeping 0 bits as the Pillow of MAE's time did (a black image) where
+    Pillow >= 11 raises. timm's "inc" posterize keeps 0 bits at magnitude 10, which
+    rand-m9-mstd0.5 draws for about 2% of the images it posterizes: the recipe crashed mid-epoch."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def finetune(
@@ -62,6 +85,8 @@ def finetune(
     num_workers: int = 0,
     device: torch.device,
     seed: int = 0,
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[int, float], None] = lambda epoch, loss: None,
 ) -> dict[str, float]:
     """Fine-tune a copy of the encoder end to end and report validation accuracy.
 
@@ -71,65 +96,67 @@ def finetune(
     per-iteration linear warm-up and half-cycle cosine to 0; Mixup/CutMix with label smoothing and a
     soft-target loss (plain label-smoothed cross-entropy when both are 0); no gradient clipping.
 
-    `train_dataset` yields augmented (image, label) pairs, e.g. with `finetune_transform`; it is
-    loaded in shuffled full batches of `batch_size` (even, when mixing). The caller's encoder is not
-    modified. Seeds torch, numpy and random globally with `seed`, as Mixup and drop path draw from
-    them. Returns "finetune_top1", "finetune_top5" (at least 5 classes), percentages, and
-    "finetune_train_seconds".
+    In a torch.distributed job every rank calls it: the model trains with DDP, each rank on its
+    share of every shuffled batch of `batch_size` (the effective batch), and rank 0 evaluates; the
+    other ranks return {}. Random state (Mixup, drop path, augmentation workers) is seeded from
+    `seed`, the rank and the epoch at each epoch's start, as MAE seeds with `seed + rank`.
+
+    With `checkpoint`, rank 0 saves the model and optimizer there after every epoch, and a call that
+    finds the file continues after its last epoch (a requeued job), with the same result as an
+    uninterrupted call; at the end the file also holds the metrics, which a later call returns. `on_epoch(epoch,
+    mean loss)` on rank 0 after each epoch (1-based).
+
+    `train_dataset` yields augmented (image, label) pairs, e.g. with `finetune_transform`. The
+    caller's encoder is not modified. Returns "finetune_top1", "finetune_top5" (at least 5 classes),
+    percentages, and "finetune_train_seconds".
     """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if batch_size % world:
+        raise ValueError(f"the fine-tune batch of {batch_size} does not split over {world} ranks")
+    per_rank = batch_size // world
     mixing = mixup > 0 or cutmix > 0
-    if mixing and batch_size % 2:
-        raise ValueError(
-            f"Mixup/CutMix pair samples within a batch: batch_size={batch_size} must be even"
-        )
+    if mixing and per_rank % 2:
+        raise ValueError(f"Mixup/CutMix pair samples within a batch: {per_rank} per rank must be even")
     if len(train_dataset) < batch_size:
-        raise ValueError(
-            f"{len(train_dataset)} training samples make no full batch of {batch_size}"
-        )
+        raise ValueError(f"{len(train_dataset)} training samples make no full batch of {batch_size}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) \
+        if checkpoint is not None and checkpoint.is_file() else {}
+    if "metrics" in state:  # done before a requeue
+        return state["metrics"] if rank == 0 else {}
     random_seed(seed)
     model = _finetune_model(encoder, num_classes, drop_path).to(device)
-    loader = DataLoader(
-        train_dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    optimizer = create_optimizer_v2(
-        model,
-        "adamw",
-        lr=base_lr * batch_size / 256,
-        weight_decay=weight_decay,
-        layer_decay=layer_decay,
-        fused=True,
-    )
+    # One shuffled order of the whole set per epoch; rank r takes every world-th item of it, so
+    # the ranks' batches k together are that order's batch k: the same steps as one process.
+    sampler = DistributedSampler(train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(train_dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    optimizer = create_optimizer_v2(model, "adamw", lr=base_lr * batch_size / 256, weight_decay=weight_decay,
+                                    layer_decay=layer_decay, fused=True)
     warmup_steps = round(warmup_epochs * len(loader))
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=max(epochs * len(loader) - warmup_steps, 1),
-        warmup_t=warmup_steps,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(epochs * len(loader) - warmup_steps, 1),
+                                  warmup_t=warmup_steps, warmup_prefix=True, t_in_epochs=False)
     if mixing:
-        mix = Mixup(
-            mixup_alpha=mixup,
-            cutmix_alpha=cutmix,
-            label_smoothing=label_smoothing,
-            num_classes=num_classes,
-        )
+        mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
         criterion: nn.Module = SoftTargetCrossEntropy()
     else:
         mix = None
         criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-    start = time.perf_counter()
+    first_epoch, train_seconds = 0, 0.0
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, train_seconds = state["epoch"], state["train_seconds"]
+        log.info("fine-tuning resumes after epoch %d of %d (%s)", first_epoch, epochs, checkpoint)
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
     model.train()
-    step = 0
-    for _ in range(epochs):
+    step = first_epoch * len(loader)
+    for epoch in range(first_epoch, epochs):
+        start = time.perf_counter()
+        random_seed(hash((seed, rank, epoch)) % 2**31)
+        sampler.set_epoch(epoch)
+        losses = []
         for images, labels in loader:
             scheduler.step_update(step)
             images = images.to(device, non_blocking=True)
@@ -137,22 +164,33 @@ def finetune(
             if mix is not None:
                 images, labels = mix(images, labels)
             with autocast(device):
-                loss = criterion(model(images), labels)
+                loss = criterion(trained(images), labels)
             # A diverged run must not report a garbage accuracy as a result (MAE stops here too).
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
             step += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - start
-
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - start
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "train_seconds": train_seconds}
+        if rank == 0:
+            if checkpoint is not None:
+                save_atomic(state, checkpoint)
+            on_epoch(epoch + 1, sum(losses) / len(losses))
+    if rank != 0:
+        return {}
     metrics = _evaluate(model, val_loader, device)
     if num_classes < 5:
         del metrics["finetune_top5"]
-    return {**metrics, "finetune_train_seconds": train_seconds}
+    metrics = {**metrics, "finetune_train_seconds": train_seconds}
+    if checkpoint is not None:  # done: a call after a requeue returns these
+        save_atomic({**state, "metrics": metrics}, checkpoint)
+    return metrics
 
 
 def _finetune_model(
