@@ -91,9 +91,10 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
                      logger: RunLogger | None = None) -> dict[str, float]:
     """The selected protocols on a timm ViT encoder; accuracies in percent, on rank 0 (other ranks
     get {}). Every rank calls it and takes part: the features of the frozen protocols are extracted
-    in shards over the ranks, and fine-tuning trains with DDP over them. With ``work_dir`` (a run's
-    evaluation folder) each stage keeps its progress there (feature shards, the fine-tune's
-    checkpoint after every epoch), so a requeued job continues where it stopped. On rank 0,
+    in shards over the ranks, and the linear probe and fine-tuning train with DDP over them. With
+    ``work_dir`` (a run's evaluation folder) each stage keeps its progress there (feature shards,
+    the linear probe's and the fine-tune's checkpoints after every epoch), so a requeued job
+    continues where it stopped. On rank 0,
     ``stage(name, progress)`` as each stage (features, knn, linear, finetune) starts and as it goes,
     and ``logger`` gets the fine-tune's loss per epoch."""
     e, rt, root = cfg.eval, cfg.runtime, cfg.data.root
@@ -114,22 +115,24 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
                                          name=name, batch_size=e.feature_batch_size, num_workers=rt.num_workers,
                                          device=device, wait=lambda: barrier(env))
                         for split, name in zip(splits, ("train", "val"))]
-        if env.is_main:
-            (train_x, train_y), (val_x, val_y) = features
-            metrics["eval/feature_seconds"] = time.perf_counter() - start
-            if "knn" in frozen:
-                stage("knn", None)
-                metrics |= knn_classify(train_x, train_y, val_x, val_y, k=e.knn.k,
-                                        temperature=e.knn.temperature, num_classes=num_classes)
-            if "linear" in frozen:
-                stage("linear", None)
-                lp = e.linear
-                metrics |= linear_probe_on_features(
-                    train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=lp.epochs,
-                    batch_size=lp.batch_size, base_lr=lp.base_lr, warmup_epochs=lp.warmup_epochs,
-                    optimizer=lp.optimizer, device=device, seed=cfg.seed)
-            if work_dir is not None:  # several GB at ImageNet scale; the metrics are what is kept
-                shutil.rmtree(work_dir / "features", ignore_errors=True)
+        (train_x, train_y), (val_x, val_y) = features
+        metrics["eval/feature_seconds"] = time.perf_counter() - start
+        if "knn" in frozen and env.is_main:
+            stage("knn", None)
+            metrics |= knn_classify(train_x, train_y, val_x, val_y, k=e.knn.k,
+                                    temperature=e.knn.temperature, num_classes=num_classes)
+        if "linear" in frozen:
+            stage("linear", None)
+            lp = e.linear
+            metrics |= linear_probe_on_features(
+                train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=lp.epochs,
+                batch_size=lp.batch_size, base_lr=lp.base_lr, warmup_epochs=lp.warmup_epochs,
+                optimizer=lp.optimizer, device=device, seed=cfg.seed,
+                checkpoint=work_dir / "linear.pt" if work_dir is not None else None)
+        if work_dir is not None and env.is_main:  # several GB at ImageNet scale; the metrics are what is kept
+            shutil.rmtree(work_dir / "features", ignore_errors=True)
+        if not env.is_main:
+            metrics = {}
     if "finetune" in e.protocols:
         stage("finetune", 0)
         ft = e.finetune

@@ -18,6 +18,7 @@ from harness.evaluate import (
     finetune_transform,
     knn_classify,
     linear_probe,
+    linear_probe_on_features,
 )
 from harness.evaluate.shards import sharded_features
 from harness.milan.checkpoint import build_timm_vit
@@ -384,8 +385,9 @@ class _Images(torch.utils.data.Dataset):
 
 
 def test_two_ranks_extract_each_item_once_and_match_one_process(tmp_path: Path) -> None:
-    """With 2 ranks the shards cover the data set exactly once; rank 0 gets the features in data-set
-    order, equal to one process's; shards already on disk (a requeued job) are not extracted again."""
+    """With 2 ranks the shards cover the data set exactly once; every rank gets the features in
+    data-set order, equal to one process's; shards already on disk (a requeued job) are not
+    extracted again."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -407,11 +409,10 @@ def test_two_ranks_extract_each_item_once_and_match_one_process(tmp_path: Path) 
     expected, expected_labels = extract_features(encoder, loader, torch.device("cpu"))
     assert torch.equal(labels, expected_labels) and torch.allclose(features, expected, atol=1e-5)
     # shards on disk (a requeued job) are read, not extracted again: an encoder that cannot run is never called
-    assert sharded_features(None, _Images(37), rank=1, world=2, folder=tmp_path / "f", name="train",
-                            batch_size=5, num_workers=0, device=torch.device("cpu")) is None
-    resumed, _ = sharded_features(None, _Images(37), rank=0, world=2, folder=tmp_path / "f", name="train",
-                                  batch_size=5, num_workers=0, device=torch.device("cpu"))
-    assert torch.equal(resumed, features)
+    for rank in (0, 1):
+        resumed, _ = sharded_features(None, _Images(37), rank=rank, world=2, folder=tmp_path / "f", name="train",
+                                      batch_size=5, num_workers=0, device=torch.device("cpu"))
+        assert torch.equal(resumed, features)
 
 
 class _Stop(Exception):
@@ -478,3 +479,32 @@ def test_finetune_on_two_ranks_matches_one_rank_at_the_same_effective_batch(tmp_
     assert changed  # it trained
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_linear_probe_resumes_after_its_last_epoch_checkpoint_with_the_same_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed right after saving epoch 2 of 4, the probe continues with epoch 3 and ends as an
+    uninterrupted probe does; once done, a call returns the stored metrics."""
+    generator = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, 3, (96,), generator=generator)
+    features = labels.float().unsqueeze(1) + 0.3 * torch.randn(96, 16, generator=generator)
+    args = dict(num_classes=3, epochs=4, batch_size=16, base_lr=0.1, warmup_epochs=1, device=CPU, seed=3)
+    saved = linear_probe_module.save_atomic
+    epochs_saved: list[int] = []
+
+    def killed_after_epoch_2(state: dict, path: Path) -> None:
+        saved(state, path)
+        epochs_saved.append(state["epoch"])
+        if state["epoch"] == 2 and "metrics" not in state:
+            raise _Stop
+
+    monkeypatch.setattr(linear_probe_module, "save_atomic", killed_after_epoch_2)
+    with pytest.raises(_Stop):
+        linear_probe_on_features(features, labels, features, labels, checkpoint=tmp_path / "lp.pt", **args)
+    monkeypatch.setattr(linear_probe_module, "save_atomic", lambda state, path: (epochs_saved.append(state["epoch"]),
+                                                                                saved(state, path)))
+    resumed = linear_probe_on_features(features, labels, features, labels, checkpoint=tmp_path / "lp.pt", **args)
+    assert epochs_saved == [1, 2, 3, 4, 4]  # epochs 3 and 4 after the restart, then the metrics
+    whole = linear_probe_on_features(features, labels, features, labels, **args)
+    assert resumed == {**whole, "linear_train_seconds": resumed["linear_train_seconds"]}
+    assert linear_probe_on_features(None, None, None, None, checkpoint=tmp_path / "lp.pt", **args) == resumed

@@ -322,13 +322,14 @@ def test_two_ablates_at_once_submit_each_cell_once(workdir: Path, demo_assets: t
 
 def test_two_task_cell_on_cpu(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
     """A cell with 2 tasks (torch.distributed over gloo on CPU) completes with world size 2:
-    half the steps per epoch, features extracted in shards by both ranks, one log per task, and
-    only rank 0 logs metrics."""
+    half the steps per epoch, features extracted in shards by both ranks and a linear probe trained
+    with DDP on both, one log per task, and only rank 0 logs metrics."""
     data, teacher = demo_assets
     base = micro_config(data, teacher)
     base["model"] |= {"target": "pixel", "decoder": "standard", "masking": "random"}
     base["pretrain"] |= {"batch_size": 16}
-    base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
+    base["eval"] = {"protocols": ["knn", "linear"], "feature_batch_size": 100,
+                    "linear": {"epochs": 3, "batch_size": 64, "warmup_epochs": 1}}
     base["runtime"] = {"num_workers": 0, "log_every": 1, "checkpoint_every": 4}
     path = write_grid(workdir, "two_tasks", base, {"tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 2,
                                                    "time_min": 10})
@@ -338,7 +339,8 @@ def test_two_task_cell_on_cpu(workdir: Path, demo_assets: tuple[Path, Path]) -> 
     steps = TRAIN_IMAGES // (16 * 2)  # world size 2: each step takes 32 images
     results = json.loads((cell / "results.json").read_text())
     assert results["steps"] == steps and 0 <= results["metrics"]["knn_top1"] <= 100
-    assert not (cell / "eval" / "features").exists()  # both ranks' feature shards, removed once used
+    assert 0 <= results["metrics"]["linear_top1"] <= 100  # the probe trained with DDP on both ranks
+    assert not (cell / "eval").exists()  # both ranks' feature shards and the probe's checkpoint, removed
     assert loss_steps(cell) == list(range(1, steps + 1))
     logs = sorted(p.name for p in (cell / "logs").glob("*_log.out"))
     assert len(logs) == 2 and logs[0].endswith("_0_log.out") and logs[1].endswith("_1_log.out")

@@ -1,20 +1,22 @@
 """MAE/MILAN linear probing: a BatchNorm + linear head trained on frozen cls-token features."""
 
 import time
-from collections.abc import Iterator
-from itertools import islice
+from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from timm.utils import AverageMeter, accuracy
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from harness.evaluate.features import extract_features
+from harness.train.checkpoint import save_atomic
 
 
 def linear_probe(
@@ -73,32 +75,67 @@ def linear_probe_on_features(
     optimizer: Literal["lars", "sgd"] = "lars",
     device: torch.device,
     seed: int = 0,
+    checkpoint: Path | None = None,
 ) -> dict[str, float]:
     """The cached-feature probe on features already extracted (e.g. shared with k-NN).
 
     Same recipe and return value as :func:`linear_probe`; "linear_train_seconds" covers fitting
-    the head only.
+    the head only. In a torch.distributed job every rank calls it with all the features: each
+    epoch's shuffle is the same on every rank, each rank takes its share of every batch of
+    `batch_size` and the head trains with DDP (its BatchNorm normalises per rank, as in MAE's
+    probe); rank 0 evaluates, the other ranks return {}. With `checkpoint`, rank 0 saves the head,
+    optimizer and shuffle state after every epoch, and a call that finds the file continues after
+    its last epoch (a requeued job) with the same result; at the end it holds the metrics too.
     """
     if optimizer not in ("lars", "sgd"):
         raise ValueError(f"optimizer must be 'lars' or 'sgd', not {optimizer!r}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if batch_size % world:
+        raise ValueError(f"the linear-probe batch of {batch_size} does not split over {world} ranks")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) \
+        if checkpoint is not None and checkpoint.is_file() else {}
+    if "metrics" in state:  # done before a requeue
+        return state["metrics"] if rank == 0 else {}
     generator = torch.Generator().manual_seed(seed)
     head = _probe_head(train_features.shape[1], num_classes, generator).to(device)
-    start = time.perf_counter()
-    _train_head(
-        head,
-        _cached_batches(train_features.to(device), train_labels.to(device), batch_size, generator),
-        epochs,
-        max(len(train_features) // batch_size, 1),
-        warmup_epochs,
-        _head_optimizer(head, optimizer, base_lr * batch_size / 256, weight_decay),
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - start
+    opt = _head_optimizer(head, optimizer, base_lr * batch_size / 256, weight_decay)
+    first_epoch, train_seconds = 0, 0.0
+    if state:
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        first_epoch, train_seconds = state["epoch"], state["train_seconds"]
+    trained = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else head
+    features, labels = train_features.to(device), train_labels.to(device)
+    steps_per_epoch = max(len(features) // batch_size, 1)
+    schedule = _schedule(opt, epochs, steps_per_epoch, warmup_epochs)
+    head.train()
+    for epoch in range(first_epoch, epochs):
+        start = time.perf_counter()
+        for step, batch in enumerate(_epoch_batches(len(features), batch_size, generator), epoch * steps_per_epoch):
+            mine = batch[rank::world].to(device)
+            schedule.step_update(step)
+            loss = F.cross_entropy(trained(features[mine]), labels[mine])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - start
+        state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "generator": generator.get_state(),
+                 "epoch": epoch + 1, "train_seconds": train_seconds}
+        if rank == 0 and checkpoint is not None:
+            save_atomic(state, checkpoint)
+    if rank != 0:
+        return {}
     metrics = _evaluate_head(head, val_features, val_labels, batch_size, device)
     if num_classes < 5:
         del metrics["linear_top5"]
-    return {**metrics, "linear_train_seconds": train_seconds}
+    metrics = {**metrics, "linear_train_seconds": train_seconds}
+    if checkpoint is not None:  # done: a call after a requeue returns these
+        save_atomic({**state, "metrics": metrics}, checkpoint)
+    return metrics
 
 
 def _probe_head(embed_dim: int, num_classes: int, generator: torch.Generator) -> nn.Sequential:
@@ -124,47 +161,19 @@ def _head_optimizer(
     return torch.optim.SGD([decay, no_decay], lr=lr, momentum=0.9)
 
 
-def _cached_batches(
-    features: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[Iterator[tuple[Tensor, Tensor]]]:
-    """Per epoch, a fresh shuffle of the cached features in full batches (a set smaller than one
-    batch is used whole): a ragged last batch would get a noisy BatchNorm estimate."""
-    num_batches = max(len(features) // batch_size, 1)
-    while True:
-        order = torch.randperm(len(features), generator=generator).to(features.device)
-        yield (
-            (features[batch], labels[batch])
-            for batch in order[: num_batches * batch_size].split(batch_size)
-        )
+def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """One epoch: a fresh shuffle of the n cached features in full batches of indices (a set
+    smaller than one batch is used whole): a ragged last batch would get a noisy BatchNorm estimate."""
+    num_batches = max(n // batch_size, 1)
+    return list(torch.randperm(n, generator=generator)[: num_batches * batch_size].split(batch_size))
 
 
-def _train_head(
-    head: nn.Sequential,
-    batches: Iterator[Iterator[tuple[Tensor, Tensor]]],
-    epochs: int,
-    steps_per_epoch: int,
-    warmup_epochs: float,
-    optimizer: torch.optim.Optimizer,
-) -> None:
-    """Cross-entropy training in fp32 (the head is tiny), per-iteration warm-up + cosine lr."""
+def _schedule(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+              warmup_epochs: float) -> CosineLRScheduler:
+    """Per-iteration linear warm-up, then half-cycle cosine to 0."""
     warmup_steps = round(warmup_epochs * steps_per_epoch)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=max(epochs * steps_per_epoch - warmup_steps, 1),
-        warmup_t=warmup_steps,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-    head.train()
-    step = 0
-    for epoch in islice(batches, epochs):
-        for features, labels in epoch:
-            scheduler.step_update(step)
-            loss = F.cross_entropy(head(features), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+    return CosineLRScheduler(optimizer, t_initial=max(epochs * steps_per_epoch - warmup_steps, 1),
+                             warmup_t=warmup_steps, warmup_prefix=True, t_in_epochs=False)
 
 
 @torch.inference_mode()

@@ -2,8 +2,8 @@
 
 Rank ``r`` of ``w`` takes every ``w``-th item from ``r`` on: the shards cover the data set exactly
 once, without the padding a ``DistributedSampler`` adds. Each rank writes its shard to a file and
-rank 0 puts the features back in data-set order; no features go through a collective, so no rank
-waits in one for longer than the slowest rank's extraction.
+then reads them all back in data-set order; no features go through a collective, so no rank waits
+in one for longer than the slowest rank's extraction.
 """
 
 from collections.abc import Callable
@@ -34,10 +34,10 @@ def sharded_features(
     num_workers: int,
     device: torch.device,
     wait: Callable[[], None] = lambda: None,
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor]:
     """Extract this rank's shard of ``dataset`` into ``folder`` (unless an earlier attempt did),
-    ``wait()`` for the other ranks (a barrier), then, on rank 0, read every shard and return
-    (features, labels) in data-set order. Other ranks return None."""
+    ``wait()`` for the other ranks (a barrier), then read every shard and return (features,
+    labels) of the whole data set in its order."""
     path = shard_path(folder, name, rank, world)
     if not path.is_file():
         indices = list(range(rank, len(dataset), world))
@@ -48,8 +48,6 @@ def sharded_features(
             features, labels = extract_features(encoder, loader, device)
         save_atomic({"features": features, "labels": labels, "indices": torch.tensor(indices, dtype=torch.long)}, path)
     wait()
-    if rank != 0:
-        return None
     shards = [torch.load(shard_path(folder, name, r, world), weights_only=True) for r in range(world)]
     shards = [s for s in shards if s["indices"].numel()]
     order = torch.cat([s["indices"] for s in shards])
