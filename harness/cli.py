@@ -169,6 +169,9 @@ def ablate_command(
         "--cell", metavar="TEXT",
         help="Only the cells whose folder or name contains TEXT (repeatable), e.g. with --force to "
              "rerun one cell from scratch.")] = None,
+    rehearse: Annotated[bool, typer.Option(
+        "--rehearse", help="Run the grid's exact structure at micro scale (minutes) as <grid>-rehearsal, and "
+                           "wait: proves the real grid works end to end before it spends its hours.")] = False,
 ) -> None:
     """Run an ablation grid: one job per cell x seed; finished cells are skipped, failed ones resumed."""
     from harness.config import parse_assignments
@@ -181,7 +184,8 @@ def ablate_command(
 
     request = AblateRequest(grid=grid, sets=parse_assignments(set_ or []), axes=_parse_axes(axis or []),
                             seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
-                            tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()))
+                            tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()),
+                            rehearse=rehearse)
     outcome = ablate(request, echo=typer.echo)
     if outcome.waited and outcome.record is not None and outcome.record.store is not None:
         from harness.report.grid_report import write_grid_report
@@ -192,6 +196,10 @@ def ablate_command(
                               out=None, log_to_mlflow=True, runs_dir=runs_dir, echo=typer.echo)
         except UserError as err:
             typer.echo(f"report: not written ({err})")
+    if rehearse and outcome.waited:
+        from harness.launch.views import rehearsal_verdict
+
+        typer.echo(rehearsal_verdict(outcome.views, grid or "smoke"))
     if not outcome.ok:
         raise typer.Exit(1)
 

@@ -229,3 +229,47 @@ def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch
         check_configs(bad, cache_dir=tmp_path)
     with pytest.raises(ConfigError):  # failures are not remembered
         check_configs(bad, cache_dir=tmp_path)
+
+
+def test_rehearsal_keeps_the_grids_structure_and_shrinks_its_compute(tmp_path: Path) -> None:
+    """Same cells, axis values, seeds and protocols; GPU tasks become CPU tasks capped at a node's
+    CPUs; micro student and teacher, sampled data, separate names; the real grid is left as is."""
+    from harness.grid import load_grid
+    from harness.rehearsal import rehearse
+
+    data = tmp_path / "imagenet"
+    for split, n in (("train", 30), ("val", 10)):
+        for label in ("n01", "n02", "n03"):
+            (data / split / label).mkdir(parents=True)
+            for i in range(n):
+                (data / split / label / f"{i}.JPEG").write_bytes(b"")
+    grid = load_grid(Path(__file__).resolve().parents[1] / "ablations" / "milan_vitb_in1k.yaml", seeds=2,
+                     sets={"data.root": str(data)})
+    rehearsal = rehearse(grid, runs_dir=tmp_path / "runs", cpu_only=True, cpus_per_node=4)
+    small = rehearsal.grid
+    assert small.name == "milan_vitb_in1k-rehearsal" and small.experiment == "milan_vitb_in1k-rehearsal"
+    assert [(c.axes, c.seed) for c in small.cells] == [(c.axes, c.seed) for c in grid.cells]
+    assert all(c.grid == small.name for c in small.cells)
+    assert small.resources.gpus_per_node == 0 and small.resources.world_size == 4  # 8 GPUs -> 4 CPUs
+    for big, cell in zip(grid.cells, small.cells):
+        cfg = cell.config
+        assert cfg.eval.protocols == big.config.eval.protocols == ("linear", "finetune")
+        assert (cfg.model.target, cfg.model.decoder, cfg.model.masking, cfg.model.mask_ratio) == \
+            (big.config.model.target, big.config.model.decoder, big.config.model.masking, big.config.model.mask_ratio)
+        assert (cfg.model.size, cfg.model.img_size, cfg.teacher.model) == ("vit_micro_patch4", 32, "milan-clip-micro")
+        assert cfg.eval.linear.batch_size % 4 == 0 and cfg.eval.finetune.batch_size % 4 == 0
+        assert cfg.run_id() != big.run_id
+    linked = sorted((Path(small.cells[0].config.data.root) / "train").rglob("*.JPEG"))
+    assert len(linked) == 3 * 24 and all(p.is_symlink() for p in linked)
+    assert any("3 classes" in note for note in rehearsal.notes)
+
+
+def test_rehearsal_verdict_names_the_first_failed_cell_and_its_stage(tmp_path: Path) -> None:
+    record = LaunchRecord(grid="g", name="target=clip", run_id="r", cell_id="c", seed=0, axes={})
+    ok = CellView(tmp_path / "a", record, CellState.DONE)
+    failed = CellView(tmp_path / "b", record, CellState.FAILED, reason="ValueError: bad batch", stage="finetune")
+    assert views.rehearsal_verdict([ok, ok], "g").startswith("rehearsal passed: all 2 cells")
+    verdict = views.rehearsal_verdict([ok, failed, failed], "g")
+    assert verdict.startswith("rehearsal FAILED: 2 of 3 cells; the first, target=clip seed=0, at stage finetune: "
+                              "ValueError: bad batch")
+    assert "FAILED target=clip seed=0 at stage finetune: ValueError: bad batch" in views.failure_details([failed])

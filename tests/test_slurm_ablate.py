@@ -139,6 +139,38 @@ def long_pixel_cell(demo_assets: tuple[Path, Path], epochs: int, num_workers: in
     return base
 
 
+def test_the_paper_grid_rehearses_end_to_end_on_cpu_tasks(workdir: Path) -> None:
+    """`ablate milan_vitb_in1k --rehearse`: the 8 cells of the paper grid at micro scale, each on 2
+    CPU tasks (gloo) for the node's 2 CPUs instead of 8 GPUs, the demo data for the ImageNet this
+    machine lacks; every cell ends done with both protocols, in its results and in the report's
+    paper table, and nothing of it lands in the real grid's folders or experiment."""
+    proc = bench(workdir, "ablate", str(REPO / "ablations" / "milan_vitb_in1k.yaml"), "--rehearse",
+                 "--executor", "slurm", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "rehearsal: resources: 2 CPU task(s) per node with gloo instead of 8 GPUs" in out
+    assert "the grid's /datasets/imagenet is not visible from this machine" in out
+    assert "rehearsal passed: all 8 cells ran every stage" in out
+    views = collect(cell_dirs(workdir, "milan_vitb_in1k-rehearsal"))
+    assert [v.state.value for v in views] == ["done"] * 8
+    for view in views:
+        metrics = json.loads((view.folder / "results.json").read_text())["metrics"]
+        assert {"linear_top1", "finetune_top1"} <= metrics.keys()
+        logs = sorted(p.name for p in (view.folder / "logs").glob("*_log.out"))
+        assert len(logs) == 2  # one per task
+    report = (workdir / "reports" / "milan_vitb_in1k-rehearsal" / "report.md").read_text()
+    paper = report[report.index("## Reference numbers"):]
+    for metric in ("linear_top1", "finetune_top1"):
+        row = next(line for line in paper.splitlines() if line.startswith(f"| {metric}"))
+        assert re.search(r"\|\s+\d+\.\d+\s+\|\s+1\s+\|", row), row  # measured, over 1 run
+    assert not (workdir / "runs" / "milan_vitb_in1k").exists()
+    from harness.tracking.store import client
+
+    uri = views[0].record.store.reader_uri()
+    assert client(uri).get_experiment_by_name("milan_vitb_in1k") is None
+    assert client(uri).get_experiment_by_name("milan_vitb_in1k-rehearsal") is not None
+
+
 def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir: Path,
                                                                         demo_assets: tuple[Path, Path]) -> None:
     """`scontrol requeue` kills a running cell (SIGTERM to every process, its DataLoader worker

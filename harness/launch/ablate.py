@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class AblateRequest:
     tracking_uri: str | None = None
     runs_dir: Path = Path("runs")
     cells: tuple[str, ...] = ()  # only the cells whose folder or name contains one of these
+    rehearse: bool = False  # the grid at micro scale, as <grid>-rehearsal (harness.rehearsal); waits
 
 
 @dataclass
@@ -85,6 +86,9 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     start = time.perf_counter()
     grid = load_grid(find_grid_file(req.grid or DEFAULT_GRID), sets=req.sets, axes=req.axes, seeds=req.seeds)
     executor = "local" if req.grid is None and req.executor == "auto" else resolve_executor(req.executor)
+    if req.rehearse:
+        grid = _rehearsal(grid, executor, req.runs_dir, echo)
+        req = replace(req, wait=True)
     gdir = grid_dir(req.runs_dir, grid.name).absolute()
     chosen = _chosen(grid, req.cells)
     outcome = AblateOutcome(grid, executor)
@@ -109,6 +113,27 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
     _finish(gdir, batch.record, outcome.views, echo)
     echo(f"grid {grid.name} took {_elapsed(start, batch)}")
     return outcome
+
+
+def _rehearsal(grid: Grid, executor: str, runs_dir: Path, echo: Echo) -> Grid:
+    """The grid at micro scale (harness.rehearsal), after the checks of the real grid that a
+    rehearsal cannot make (its evaluation batches over its tasks)."""
+    from harness.launch.preflight import check_batches
+    from harness.rehearsal import rehearse
+
+    check_batches(grid)
+    if executor == "slurm":
+        from harness.launch import slurm
+
+        cpus, gpus = slurm.node_shape(grid.resources.partition)
+    else:
+        import torch
+
+        cpus, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
+    rehearsal = rehearse(grid, runs_dir=runs_dir, cpu_only=gpus == 0, cpus_per_node=cpus or None)
+    for note in rehearsal.notes:
+        echo(f"rehearsal: {note}")
+    return rehearsal.grid
 
 
 def _chosen(grid: Grid, selectors: Sequence[str]) -> list[int]:

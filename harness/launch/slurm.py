@@ -191,6 +191,17 @@ def partitions() -> tuple[list[str], str | None]:
     return [n.rstrip("*") for n in names], next((n.rstrip("*") for n in names if n.endswith("*")), None)
 
 
+def node_shape(partition: str | None) -> tuple[int, int]:
+    """(CPUs, GPUs) of the largest node of ``partition`` (of any partition when None), from sinfo."""
+    rows = _run(["sinfo", "--noheader", "--format=%c %G", *(["--partition", partition] if partition else [])])
+    cpus = gpus = 0
+    for line in rows.splitlines():
+        count, _, gres = line.partition(" ")
+        cpus = max(cpus, int(count.rstrip("+")) if count.rstrip("+").isdigit() else 0)
+        gpus = max(gpus, sum(int(m) for m in re.findall(r"gpu(?::[\w-]+)?:(\d+)", gres)))
+    return cpus, gpus
+
+
 def job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     """Each job id's state, from squeue (active jobs) then scontrol (recently finished); ``UNKNOWN``
     for ids Slurm does not know (any more). SlurmError when Slurm cannot be asked."""

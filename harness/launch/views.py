@@ -89,7 +89,8 @@ def failure_details(views: Sequence[CellView], lines: int = 8) -> str:
     for v in views:
         if v.state != CellState.FAILED:
             continue
-        out += [f"\nFAILED {_name(v)}: {v.reason or 'no reason recorded'}", f"  run folder: {v.folder}"]
+        stage = f" at stage {v.stage}" if v.stage and v.stage != "done" else ""
+        out += [f"\nFAILED {_name(v)}{stage}: {v.reason or 'no reason recorded'}", f"  run folder: {v.folder}"]
         for path in log_files(v.record.last if v.record else None):
             out.append(f"  log {path}:")
             out.extend(f"    | {line}" for line in tail(path, lines))
@@ -101,3 +102,15 @@ def transition(view: CellView) -> str:
     extra = headline(view.folder) if view.state == CellState.DONE else (view.reason or "")
     job = f" [{view.job_id}]" if view.job_id and not view.job_id.startswith("queued") else ""
     return f"{time.strftime('%H:%M:%S')} {view.state.value:<9} {_name(view)}{job}{'  ' + extra if extra else ''}"
+
+
+def rehearsal_verdict(views: Sequence[CellView], grid: str) -> str:
+    """The last line of ``ablate --rehearse``: the real run's command, or the first cell and stage that failed."""
+    failed = [v for v in views if v.state == CellState.FAILED]
+    if not failed:
+        return (f"rehearsal passed: all {len(views)} cells ran every stage. Run the grid itself with: "
+                f"python bench.py ablate {grid}")
+    first = failed[0]
+    stage = first.stage if first.stage and first.stage != "done" else "start-up"
+    return (f"rehearsal FAILED: {len(failed)} of {len(views)} cells; the first, {_name(first)}, at stage {stage}: "
+            f"{first.reason or 'no reason recorded'} (its log lines are above)")
