@@ -99,6 +99,31 @@ def test_finetune_protocol_runs_after_pretraining_and_from_evaluate(demo_assets,
     assert "finetune_top1" in out
 
 
+def test_evaluate_runs_every_protocol_on_a_checkpoint_in_the_authors_layout(demo_assets, tmp_path):
+    """`bench.py evaluate` on a checkpoint laid out as the authors' training code saves it (MAE's
+    checkpoint-<epoch>.pth: weights under `model`, plus optimizer, epoch, scaler and the argparse
+    Namespace of arguments), made here at micro size: linear, k-NN and fine-tune all report."""
+    import argparse
+
+    from harness.milan import build_student
+
+    data, teacher = demo_assets
+    torch.manual_seed(0)
+    student = build_student("vit_micro_patch4", img_size=32, decoder="prompting", pred_dim=48, mask_ratio=0.75)
+    checkpoint = tmp_path / "checkpoint-399.pth"
+    torch.save({"model": student.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "epoch": 399,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_micro", epochs=400)},
+               checkpoint)
+    config = micro_config(data, teacher, eval={"protocols": ["linear", "knn", "finetune"],
+                                               "finetune": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}})
+    proc = bench("evaluate", str(checkpoint), "--config", str(write_config(tmp_path / "cell.yaml", config)))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "encoder vit_micro_patch4 at 32px" in out
+    for metric in ("linear_top1", "knn_top1", "finetune_top1"):
+        assert metric in out
+
+
 def test_sigkill_partway_then_resume_has_no_gap_and_matches_an_uninterrupted_run(demo_assets, tmp_path):
     """Kill `bench.py run` with SIGKILL mid-pretraining, run it again, compare with a clean run."""
     data, teacher = demo_assets

@@ -6,6 +6,7 @@ evaluation runs on timm's plain ``VisionTransformer``, whose ``vit_base_patch16_
 matches the MAE encoder key for key, so any of these checkpoints evaluates the same way.
 """
 
+import argparse
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: give the path of a pretraining checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # The authors' training checkpoints (MAE's checkpoint-<epoch>.pth) also hold their
+        # argparse.Namespace of arguments: allowed, still without unpickling arbitrary code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         raise ConfigError(f"checkpoint {path} could not be read ({type(err).__name__}): "
                           "give a PyTorch checkpoint file") from None
