@@ -352,6 +352,30 @@ def report_bench_command(
     typer.echo(report_lines(run_benchmark(runs, steps, store)))
 
 
+@app.command("finetune-bench")
+@user_errors
+def finetune_bench_command(
+    ranks: Annotated[list[int] | None, typer.Option(
+        "--ranks", help="Numbers of ranks to compare (repeatable; default 1 and 2).")] = None,
+    size: Annotated[str, typer.Option(help="Encoder preset.")] = "vit_micro_patch4",
+    images: Annotated[int, typer.Option(min=1, help="Synthetic training images.")] = 1024,
+    batch: Annotated[int, typer.Option(min=2, help="Effective batch (split over the ranks).")] = 64,
+) -> None:
+    """Fine-tune images/s on 1 rank vs several (DDP over gloo on CPU): prints one line per count."""
+    from harness.benchmarks.finetune import run_finetune_speed
+    from harness.milan.presets import PRESETS
+
+    if size not in PRESETS:
+        raise UserError(f"unknown preset {size!r}: choose one of {', '.join(PRESETS)}")
+    for count in ranks or [1, 2]:
+        if count < 1 or batch % count:
+            raise UserError(f"--ranks {count}: the batch of {batch} must split over the ranks")
+    for count in ranks or [1, 2]:
+        result = run_finetune_speed(count, size=size, images=images, batch=batch)
+        typer.echo(f"{count} rank(s): {result.images_per_s:.1f} images/s ({result.images} images in "
+                   f"{result.seconds:.2f} s, {size}, effective batch {batch})")
+
+
 # --- speed -------------------------------------------------------------------------------------
 
 @app.command("speed")

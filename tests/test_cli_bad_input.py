@@ -117,6 +117,16 @@ def test_speed_with_non_positive_sizes(cwd: Path, option: str, value: str, least
     assert files_under(cwd) == set()
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["--ranks", "3"], "--ranks 3: the batch of 64 must split over the ranks"),
+    (["--ranks", "0"], "--ranks 0: the batch of 64 must split over the ranks"),
+    (["--size", "vit_nope"], "unknown preset 'vit_nope'"),
+])
+def test_finetune_bench_bad_input(cwd: Path, args: list[str], words: str) -> None:
+    assert_one_line_exit_2(["finetune-bench", *args], words)
+    assert files_under(cwd) == set()
+
+
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
 def test_ui_port_out_of_range(cwd: Path, port: str) -> None:
     assert_one_line_exit_2(["ui", "--port", port], f"--port {port} is not a TCP port", "1..65535")

@@ -508,3 +508,11 @@ def test_linear_probe_resumes_after_its_last_epoch_checkpoint_with_the_same_resu
     whole = linear_probe_on_features(features, labels, features, labels, **args)
     assert resumed == {**whole, "linear_train_seconds": resumed["linear_train_seconds"]}
     assert linear_probe_on_features(None, None, None, None, checkpoint=tmp_path / "lp.pt", **args) == resumed
+
+
+def test_finetune_benchmark_measures_one_and_two_ranks() -> None:
+    from harness.benchmarks.finetune import run_finetune_speed
+
+    for ranks in (1, 2):
+        result = run_finetune_speed(ranks, images=96, batch=32, epochs=1)
+        assert result.ranks == ranks and result.images == 96 and result.seconds > 0
