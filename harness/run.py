@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 from harness.cell_state import CellState
 from harness.config import RunConfig
@@ -26,7 +27,7 @@ from harness.data.datasets import (
 )
 from harness.errors import ConfigError
 from harness.evaluate import extract_features, finetune, finetune_transform, knn_classify, linear_probe_on_features
-from harness.evaluate.shards import sharded_features
+from harness.evaluate.shards import average_over_ranks, sharded_features
 from harness.milan import build_student, needs_teacher
 from harness.milan.checkpoint import build_timm_vit, load_encoder_into_timm
 from harness.milan.presets import PRESETS
@@ -91,7 +92,8 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
                      logger: RunLogger | None = None) -> dict[str, float]:
     """The selected protocols on a timm ViT encoder; accuracies in percent, on rank 0 (other ranks
     get {}). Every rank calls it and takes part: the features of the frozen protocols are extracted
-    in shards over the ranks, and the linear probe and fine-tuning train with DDP over them. With
+    in shards over the ranks, k-NN and every validation pass split the validation images over
+    them, and the linear probe and fine-tuning train with DDP over them. With
     ``work_dir`` (a run's evaluation folder) each stage keeps its progress there (feature shards,
     the linear probe's and the fine-tune's checkpoints after every epoch), so a requeued job
     continues where it stopped. On rank 0,
@@ -117,10 +119,12 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
                         for split, name in zip(splits, ("train", "val"))]
         (train_x, train_y), (val_x, val_y) = features
         metrics["eval/feature_seconds"] = time.perf_counter() - start
-        if "knn" in frozen and env.is_main:
+        if "knn" in frozen:  # each rank votes for its share of the validation images
             stage("knn", None)
-            metrics |= knn_classify(train_x, train_y, val_x, val_y, k=e.knn.k,
-                                    temperature=e.knn.temperature, num_classes=num_classes)
+            mine = slice(env.rank, None, env.world_size)
+            votes = knn_classify(train_x, train_y, val_x[mine], val_y[mine], k=e.knn.k,
+                                 temperature=e.knn.temperature, num_classes=num_classes)
+            metrics |= average_over_ranks(votes, len(val_y[mine]), device)
         if "linear" in frozen:
             stage("linear", None)
             lp = e.linear
@@ -139,8 +143,9 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
         # the student always sees ImageNet-normalised input (the teacher renormalises its own copy)
         augment = finetune_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug=ft.randaug, reprob=ft.reprob)
         train_ds = image_folder(root, cfg.data.train_split, augment)
-        val_loader = make_loader(image_folder(root, cfg.data.val_split, eval_transform(size)),
-                                 batch_size=e.feature_batch_size, shuffle=False,
+        val = image_folder(root, cfg.data.val_split, eval_transform(size))
+        val_share = Subset(val, range(env.rank, len(val), env.world_size))  # each rank validates its share
+        val_loader = make_loader(val_share, batch_size=e.feature_batch_size, shuffle=False,
                                  num_workers=rt.num_workers, drop_last=False, seed=cfg.seed)
 
         def epoch_done(epoch: int, loss: float) -> None:

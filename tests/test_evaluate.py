@@ -516,3 +516,48 @@ def test_finetune_benchmark_measures_one_and_two_ranks() -> None:
     for ranks in (1, 2):
         result = run_finetune_speed(ranks, images=96, batch=32, epochs=1)
         assert result.ranks == ranks and result.images == 96 and result.seconds > 0
+
+
+def _knn_shard(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from harness.evaluate.shards import average_over_ranks
+    from harness.train.distributed import init_distributed, shutdown
+
+    env = init_distributed(CPU, timeout_min=1)
+    train, train_labels, test, test_labels = _knn_problem()
+    mine = slice(rank, None, world)
+    votes = knn_classify(train, train_labels, test[mine], test_labels[mine], k=5, num_classes=6)
+    combined = average_over_ranks(votes, len(test_labels[mine]), CPU)
+    torch.save(combined, f"{out}.{rank}")
+    shutdown(env)
+
+
+def _knn_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    centres = torch.randn(6, 8, generator=generator)
+    train_labels, test_labels = torch.randint(0, 6, (120,), generator=generator), torch.randint(0, 6, (37,), generator=generator)
+    noise = lambda n: 0.9 * torch.randn(n, 8, generator=generator)  # noqa: E731
+    return centres[train_labels] + noise(120), train_labels, centres[test_labels] + noise(37), test_labels
+
+
+def test_knn_split_over_two_ranks_gives_the_whole_sets_accuracy(tmp_path: Path) -> None:
+    """Each rank votes for its share of the validation items (19 and 18 of 37); the combined
+    accuracies, on every rank, are those of one process voting for all 37."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = 29800 + os.getpid() % 1000
+    procs = [ctx.Process(target=_knn_shard, args=(r, 2, port, str(tmp_path / "knn"))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    train, train_labels, test, test_labels = _knn_problem()
+    whole = knn_classify(train, train_labels, test, test_labels, k=5, num_classes=6)
+    for rank in range(2):
+        combined = torch.load(tmp_path / f"knn.{rank}", weights_only=True)
+        assert combined.keys() == whole.keys()
+        for key in whole:
+            assert combined[key] == pytest.approx(whole[key])
+    assert 20 < whole["knn_top1"] < 100

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from harness.evaluate.features import autocast
+from harness.evaluate.shards import average_over_ranks
 from harness.train.checkpoint import save_atomic
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,9 @@ def finetune(
     soft-target loss (plain label-smoothed cross-entropy when both are 0); no gradient clipping.
 
     In a torch.distributed job every rank calls it: the model trains with DDP, each rank on its
-    share of every shuffled batch of `batch_size` (the effective batch), and rank 0 evaluates; the
-    other ranks return {}. Random state (Mixup, drop path, augmentation workers) is seeded from
+    share of every shuffled batch of `batch_size` (the effective batch); each rank evaluates its
+    `val_loader` (its share of the validation set) and the accuracies are combined. Rank 0
+    returns them, the other ranks {}. Random state (Mixup, drop path, augmentation workers) is seeded from
     `seed`, the rank and the epoch at each epoch's start, as MAE seeds with `seed + rank`.
 
     With `checkpoint`, rank 0 saves the model and optimizer there after every epoch, and a call that
@@ -182,9 +184,10 @@ def finetune(
             if checkpoint is not None:
                 save_atomic(state, checkpoint)
             on_epoch(epoch + 1, sum(losses) / len(losses))
+    # each rank evaluates what its val_loader holds (in a job: its share of the validation set)
+    metrics = average_over_ranks(_evaluate(model, val_loader, device), len(val_loader.dataset), device)
     if rank != 0:
         return {}
-    metrics = _evaluate(model, val_loader, device)
     if num_classes < 5:
         del metrics["finetune_top5"]
     metrics = {**metrics, "finetune_train_seconds": train_seconds}

@@ -1,4 +1,5 @@
-"""Feature extraction sharded over a job's ranks, kept on disk so that a requeued job does not redo it.
+"""Evaluation spread over a job's ranks: feature extraction in shards kept on disk (so that a
+requeued job does not redo it), and per-rank accuracies combined into the whole set's.
 
 Rank ``r`` of ``w`` takes every ``w``-th item from ``r`` on: the shards cover the data set exactly
 once, without the padding a ``DistributedSampler`` adds. Each rank writes its shard to a file and
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -59,3 +61,15 @@ def sharded_features(
     features[order] = torch.cat([s["features"] for s in shards])
     labels[order] = torch.cat([s["labels"] for s in shards])
     return features, labels
+
+
+def average_over_ranks(metrics: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """Each rank's averages over its ``count`` items -> the averages over every rank's items, on
+    every rank (one all-reduce). Outside a torch.distributed job, ``metrics`` as they are."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    totals = torch.tensor([metrics[k] * count for k in keys] + [count], dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")  # NCCL reduces CUDA tensors
+    dist.all_reduce(totals)
+    return {k: (totals[i] / totals[-1]).item() if totals[-1] else float("nan") for i, k in enumerate(keys)}
