@@ -357,6 +357,23 @@ def test_finetune_transform_survives_posterize_at_full_magnitude() -> None:
         transform(image)
 
 
+def _run_ranks(target, world: int, *args: object, timeout: float = 180) -> None:
+    """``target(rank, world, port, *args)`` in ``world`` spawned processes (one gloo group); each must exit 0."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, world, port, *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout)
+        assert proc.exitcode == 0
+
+
 def _extract_shard(rank: int, world: int, port: int, folder: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from harness.train.distributed import barrier, init_distributed, shutdown
@@ -388,17 +405,7 @@ def test_two_ranks_extract_each_item_once_and_match_one_process(tmp_path: Path) 
     """With 2 ranks the shards cover the data set exactly once; every rank gets the features in
     data-set order, equal to one process's; shards already on disk (a requeued job) are not
     extracted again."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = 29600 + os.getpid() % 1000
-    procs = [ctx.Process(target=_extract_shard, args=(r, 2, port, str(tmp_path / "f"), str(tmp_path / "out.pt")))
-             for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=180)
-        assert proc.exitcode == 0
+    _run_ranks(_extract_shard, 2, str(tmp_path / "f"), str(tmp_path / "out.pt"))
     shards = [torch.load(tmp_path / "f" / f"train-{r}of2.pt", weights_only=True) for r in range(2)]
     indices = sorted(i for s in shards for i in s["indices"].tolist())
     assert indices == list(range(37)) and len(shards[0]["indices"]) == 19 and len(shards[1]["indices"]) == 18
@@ -462,16 +469,7 @@ def _finetune_rank(rank: int, world: int, port: int, folder: str) -> None:
 def test_finetune_on_two_ranks_matches_one_rank_at_the_same_effective_batch(tmp_path: Path) -> None:
     """DDP over 2 gloo ranks, 4 images each per step, takes the same steps as one process with
     batches of 8: same weights after two epochs (deterministic data, no mixing, no drop path)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = 29700 + os.getpid() % 1000
-    procs = [ctx.Process(target=_finetune_rank, args=(r, 2, port, str(tmp_path / "two"))) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=180)
-        assert proc.exitcode == 0
+    _run_ranks(_finetune_rank, 2, str(tmp_path / "two"))
     finetune(tiny_vit(), checkpoint=tmp_path / "one" / "ft.pt", **_finetune_args(epochs=2))
     two = torch.load(tmp_path / "two" / "ft.pt", weights_only=True)["model"]
     one = torch.load(tmp_path / "one" / "ft.pt", weights_only=True)["model"]
@@ -543,16 +541,7 @@ def _knn_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 def test_knn_split_over_two_ranks_gives_the_whole_sets_accuracy(tmp_path: Path) -> None:
     """Each rank votes for its share of the validation items (19 and 18 of 37); the combined
     accuracies, on every rank, are those of one process voting for all 37."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = 29800 + os.getpid() % 1000
-    procs = [ctx.Process(target=_knn_shard, args=(r, 2, port, str(tmp_path / "knn"))) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        assert proc.exitcode == 0
+    _run_ranks(_knn_shard, 2, str(tmp_path / "knn"))
     train, train_labels, test, test_labels = _knn_problem()
     whole = knn_classify(train, train_labels, test, test_labels, k=5, num_classes=6)
     for rank in range(2):
