@@ -41,7 +41,9 @@ def rehearse(grid: Grid, *, runs_dir: Path, cpu_only: bool, cpus_per_node: int |
     data_root = _data(grid, (runs_dir / f"{grid.name}{SUFFIX}" / "data").absolute(), notes)
     resources = _resources(grid.resources, cpu_only, cpus_per_node, notes)
     world = resources.world_size
-    if any(c.config.model.target == "clip" or c.config.model.masking == "semantic" for c in grid.cells):
+    from harness.milan import needs_teacher  # torch, timm, open_clip: imported only to rehearse
+
+    if any(needs_teacher(c.config.model.target, c.config.model.masking) for c in grid.cells):
         teacher = grid.cells[0].config.teacher
         notes.append(f"teacher: a random-init {TEACHER['model']} (patch 4 at 32 px) instead of {teacher.model} "
                      f"({teacher.pretrained}); preflight of the real grid checks its weights where they are on disk")
