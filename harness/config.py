@@ -50,7 +50,8 @@ class DataConfig(_Frozen):
 
 
 class PretrainConfig(_Frozen):
-    epochs: float = Field(400, gt=0)
+    # 0: no pretraining; the run evaluates the untrained encoder (a grid's random-init reference)
+    epochs: float = Field(400, ge=0)
     warmup_epochs: float = Field(40, ge=0)
     batch_size: int = Field(64, gt=0)  # per device, per step
     accum_steps: int = Field(1, gt=0)

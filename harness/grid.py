@@ -21,6 +21,8 @@ Layout (every field but ``name`` optional)::
       teacher:                       # a label and named variants (dotted overrides)
         b16: {teacher.model: ViT-B-16-quickgelu, teacher.pretrained: openai}
     seeds: 3                         # 0..2, or a list [0, 5]
+    random_init: true                # per seed (and student size) a reference run of the untrained encoder
+    margin: 0.5                      # the report's equivalence margin, in points of the headline metric
     include: [{mask_ratio: 0.75}]    # keep only cells matching a rule (axis name or short name)
     exclude: [{teacher: b16, mask_ratio: [0.5]}]   # then drop cells matching a rule
     paper_setting: false             # the report adds the paper's reference numbers
@@ -57,6 +59,11 @@ from harness.errors import ConfigError, did_you_mean
 # Baselines of MILAN's three switches (the MAE side of each); other axes use their first value.
 MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "standard",
                                    "model.masking": "random"}
+# A cell that pretrains for 0 epochs evaluates the untrained encoder: the grid's reference of
+# what pretraining adds ("pretrained vs random init" in the report).
+RANDOM_INIT_NAME = "random init"
+# The report's default equivalence margin: effects whose whole interval lies within it are negligible.
+DEFAULT_MARGIN = 0.5
 # The headline metric is the first of these a grid's cells measure (the report's default).
 HEADLINE_METRICS = ("linear_top1", "finetune_top1", "knn_top1", "final_loss")
 # Shipped grids live here; `bench.py ablate NAME` also finds ablations/NAME.yaml.
@@ -134,6 +141,9 @@ class GridFile(_Frozen):
     base: dict[str, Any] = {}  # run-config overrides: nested sections or dotted keys
     axes: dict[str, AxisSpec] = {}
     seeds: int | list[int] = 1
+    # one run per seed (and student size) that evaluates the untrained encoder: cheap, no pretraining
+    random_init: bool = True
+    margin: float = Field(DEFAULT_MARGIN, gt=0)  # equivalence margin of the report's verdicts
     include: list[Rule] = []
     exclude: list[Rule] = []
     paper_setting: bool = False  # the paper's recipe: the report adds its reference numbers
@@ -198,9 +208,14 @@ class Cell:
         return dict(self.axes)
 
     @property
+    def is_random_init(self) -> bool:
+        """The grid's reference run: the untrained encoder, evaluated without pretraining."""
+        return self.config.pretrain.epochs == 0
+
+    @property
     def name(self) -> str:
         """``target=clip decoder=prompting masking=semantic`` (the tracking run's cell name)."""
-        return cell_name(self.axis_values)
+        return RANDOM_INIT_NAME if self.is_random_init else cell_name(self.axis_values)
 
     @property
     def run_name(self) -> str:
@@ -331,7 +346,32 @@ def build_grid(data: Mapping[str, Any], path: Path | None = None, *,
             cells.append(Cell(spec.name, tuple(values.items()), seed, cfg, cfg.run_id(), cfg.cell_id()))
     if not cells:
         raise ConfigError(f"{where}: include/exclude leave no cells: loosen the rules")
+    if spec.random_init:
+        cells += _random_init_cells(spec.name, cells, seeds, seen, where)
     return Grid(spec, path, grid_axes, tuple(cells))
+
+
+def _random_init_cells(grid: str, cells: Sequence[Cell], seeds: Sequence[int], seen: dict[str, str],
+                       where: str) -> list[Cell]:
+    """Per seed and student architecture of the grid, a cell that evaluates the untrained encoder:
+    the cell's config with no pretraining and the MAE side of MILAN's switches (so no teacher)."""
+    students: dict[tuple[Any, ...], RunConfig] = {}
+    for cell in cells:
+        m = cell.config.model
+        students.setdefault((m.size, m.img_size), cell.config)
+    references = []
+    for config in students.values():
+        for seed in seeds:
+            data = config.to_dict()
+            data["seed"] = seed
+            data["pretrain"] |= {"epochs": 0, "warmup_epochs": 0}
+            data["model"] |= {short_axis(name): value for name, value in MILAN_BASELINES.items()}
+            cfg = parse_config(data, source=f"{where}: {RANDOM_INIT_NAME}")
+            if cfg.run_id() in seen:  # an axis already has a 0-epoch cell with this config
+                continue
+            seen[cfg.run_id()] = f"{RANDOM_INIT_NAME} seed={seed}"
+            references.append(Cell(grid, (), seed, cfg, cfg.run_id(), cfg.cell_id()))
+    return references
 
 
 def _base_config(spec: GridFile, path: Path | None, where: str, sets: Mapping[str, Any]) -> dict[str, Any]:

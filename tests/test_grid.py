@@ -19,7 +19,8 @@ MILAN_AXES = {"model.target": ["pixel", "clip"], "model.decoder": ["standard", "
 
 
 def grid(**fields) -> dict:
-    return {"name": "g", "base": BASE, **fields}
+    """A grid without its random-init reference cells (tested on their own below)."""
+    return {"name": "g", "base": BASE, "random_init": False, **fields}
 
 
 def write(tmp_path: Path, data: dict, name: str = "g.yaml") -> Path:
@@ -45,7 +46,8 @@ def test_ids_are_the_configs_ids_and_stable_across_key_order(tmp_path: Path) -> 
     assert cell.run_id == cell.config.run_id() and cell.cell_id == cell.config.cell_id()
     # the same grid written with every mapping in reverse order, base given as dotted keys
     reordered = {"axes": dict(reversed(MILAN_AXES.items())), "base": {"data.root": "data/demo",
-                 "model.img_size": 32, "model.size": "vit_micro_patch4"}, "name": "g"}
+                 "model.img_size": 32, "model.size": "vit_micro_patch4"}, "name": "g",
+                 "random_init": False}
     again = load_grid(write(tmp_path, reordered))
     assert {c.run_id for c in again.cells} == {c.run_id for c in g.cells}
     assert build_grid(grid(axes=MILAN_AXES)).cells == g.cells  # deterministic
@@ -102,7 +104,7 @@ def test_base_config_file_and_command_line_changes(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump({**BASE, "pretrain": {"epochs": 3, "warmup_epochs": 0.1}}))
     path = write(tmp_path, {"name": "g", "base_config": "configs/run.yaml", "base": {"pretrain.epochs": 2},
-                            "axes": {"model.target": ["pixel", "clip"]}})
+                            "axes": {"model.target": ["pixel", "clip"]}, "random_init": False})
     g = load_grid(path)
     assert g.cells[0].config.pretrain.epochs == 2 and g.cells[0].config.model.size == "vit_micro_patch4"
     changed = load_grid(path, sets={"pretrain.epochs": 0.5}, axes={"model.mask_ratio": [0.6, 0.9]}, seeds=2)
@@ -121,16 +123,34 @@ def test_axis_option_selects_variants(tmp_path: Path) -> None:
 
 def test_shipped_grids_expand() -> None:
     smoke = load_grid(REPO / "ablations" / "smoke.yaml")
-    assert len(smoke.cells) == 8 and smoke.baselines == MILAN_BASELINES
-    assert smoke.cells[-1].config.teacher.model == "milan-clip-tiny"  # from configs/smoke.yaml
+    seeds = len(set(c.seed for c in smoke.cells))
+    assert len(smoke.cells) == 9 * seeds and smoke.baselines == MILAN_BASELINES  # 8 cells + random init per seed
+    assert smoke.cells[-1].is_random_init and sum(c.is_random_init for c in smoke.cells) == seeds
+    assert smoke.cells[0].config.teacher.model == "milan-clip-tiny"  # from configs/smoke.yaml
     paper = load_grid(REPO / "ablations" / "milan_vitb_in1k.yaml")
-    cfg: RunConfig = paper.cells[-1].config
+    cfg: RunConfig = paper.cells[-2].config
+    assert paper.cells[-1].is_random_init and paper.cells[-1].config.eval == cfg.eval
     p = cfg.pretrain
     assert (p.batch_size * paper.resources.tasks * p.accum_steps, p.epochs, p.warmup_epochs) == (4096, 400, 40)
     assert (cfg.teacher.model, cfg.teacher.pretrained, paper.resources.gpus_per_node) == ("ViT-B-16-quickgelu", "openai", 8)
     assert paper.spec.paper_setting and set(cfg.eval.protocols) == {"linear", "finetune"}
     other = load_grid(REPO / "ablations" / "mask_ratio_decoder.yaml")
-    assert len(other.cells) == 17 and other.baselines["decoder_width"] == "narrow"
+    assert len(other.cells) == 18 and other.baselines["decoder_width"] == "narrow"
+
+
+def test_random_init_reference_per_seed_and_student_size() -> None:
+    g = build_grid({**grid(axes={**MILAN_AXES, "model.size": ["vit_micro_patch4", "vit_mini_patch4"]}),
+                    "random_init": True, "seeds": 2})
+    references = [c for c in g.cells if c.is_random_init]
+    assert len(g.cells) == 16 * 2 + 4 and len(references) == 4  # 2 seeds x 2 student sizes
+    assert {(c.config.model.size, c.seed) for c in references} == {
+        (size, seed) for size in ("vit_micro_patch4", "vit_mini_patch4") for seed in (0, 1)}
+    for ref in references:  # the untrained encoder: no pretraining, MAE side of the switches (no teacher)
+        assert ref.name == "random init" and ref.axes == () and ref.config.pretrain.epochs == 0
+        assert (ref.config.model.target, ref.config.model.masking) == ("pixel", "random")
+        assert ref.folder.startswith("random_init_s") and ref.run_name == f"random init seed={ref.seed}"
+    assert len({c.run_id for c in g.cells}) == len(g.cells)  # ids stay unique
+    assert not any(c.is_random_init for c in build_grid(grid(axes=MILAN_AXES)).cells)  # random_init: false
 
 
 def test_find_grid_file_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +185,7 @@ def test_find_grid_file_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
      r"include/exclude leave no cells"),
     (grid(axes={"seed": [1, 2]}), r"vary seeds with `seeds:`"),
     (grid(base={"model": {"sise": "x"}}), r"/g.yaml: base: unknown config key 'model.sise': did you mean model.size\?$"),
-    (grid(base={"pretrain": {"epochs": -1}}), r"/g.yaml: base: pretrain.epochs: .*greater than 0"),
+    (grid(base={"pretrain": {"epochs": -1}}), r"/g.yaml: base: pretrain.epochs: .*greater than or equal to 0"),
     ({**grid(), "axis": {}}, r"/g.yaml: unknown grid field 'axis': did you mean axes\?$"),
     ({**grid(), "resources": {"gpu_per_node": 8}}, r"unknown grid field 'resources.gpu_per_node': did you mean resources.gpus_per_node\?"),
     ({**grid(), "resources": {"time_min": 2}}, r"resources.time_min: .*greater than or equal to 3"),

@@ -109,7 +109,8 @@ def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.dev
         from harness.errors import ConfigError
         raise ConfigError(f"the training split has {len(dataset)} images, fewer than one step "
                           f"({images_per_step}): lower pretrain.batch_size or pretrain.accum_steps")
-    total_steps = max(1, math.ceil(p.epochs * steps_per_epoch))
+    # 0 epochs: the untrained encoder is saved as it is (a grid's random-init reference)
+    total_steps = max(1, math.ceil(p.epochs * steps_per_epoch)) if p.epochs else 0
     warmup_steps = round(p.warmup_epochs * steps_per_epoch)
     peak_lr = p.lr or scaled_lr(p.base_lr, images_per_step)
 
@@ -200,6 +201,10 @@ def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.dev
                              "clock": clock, "config": cfg.to_dict()}, ckpt_path)
             barrier(env)
     progress.close()
+    if total_steps == 0 and env.is_main:
+        save_atomic({"model": model.student.state_dict(), "optimizer": optimizer.state_dict(), "step": 0,
+                     "total_steps": 0, "rng": rng_state(), "clock": clock, "config": cfg.to_dict()}, ckpt_path)
+    barrier(env)
 
     timed = clock["timed_seconds"] > 0
     result = PretrainResult(
