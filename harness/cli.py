@@ -142,6 +142,18 @@ def _parse_axes(pairs: list[str]) -> dict[str, list[Any]]:
     return axes
 
 
+def _positive_margin(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not a margin: give a positive number of points, e.g. 0.5")
+    return value
+
+
+MarginOption = Annotated[float | None, typer.Option(
+    callback=_positive_margin, metavar="POINTS",
+    help="Equivalence margin of the verdicts, in points of the headline metric: an effect whose whole "
+         "95% interval lies within ±POINTS is negligible (default: the grid file's margin, else 0.5).")]
+
+
 @app.command("ablate")
 @user_errors
 def ablate_command(
@@ -169,6 +181,7 @@ def ablate_command(
         "--cell", metavar="TEXT",
         help="Only the cells whose folder or name contains TEXT (repeatable), e.g. with --force to "
              "rerun one cell from scratch.")] = None,
+    margin: MarginOption = None,
     rehearse: Annotated[bool, typer.Option(
         "--rehearse", help="Run the grid's exact structure at micro scale (minutes) as <grid>-rehearsal, and "
                            "wait: proves the real grid works end to end before it spends its hours.")] = False,
@@ -193,7 +206,7 @@ def ablate_command(
         try:  # a report that cannot be built does not fail the grid
             write_grid_report(outcome.record.experiment, tracking_uri=outcome.record.store.reader_uri(),
                               metric=outcome.grid.headline_metric, formats=("md", "csv", "tex", "html"),
-                              out=None, log_to_mlflow=True, runs_dir=runs_dir, echo=typer.echo)
+                              margin=margin, out=None, log_to_mlflow=True, runs_dir=runs_dir, echo=typer.echo)
         except UserError as err:
             typer.echo(f"report: not written ({err})")
     if rehearse and outcome.waited:
@@ -291,14 +304,16 @@ def report_command(
         "--log/--no-log", help="Also log report.md, tables and figures to the grid's newest parent run.")] = True,
     runs_dir: Annotated[Path, typer.Option(
         help="Where `bench.py ablate` recorded the grid's store (<runs>/<grid>/grid.json).")] = Path("runs"),
+    margin: MarginOption = None,
 ) -> None:
-    """Tables, figures and report.md for a grid's runs in MLflow (failed cells included)."""
+    """Tables, figures and report.md for a grid's runs in MLflow (failed cells included), with a
+    verdict for every effect."""
     from harness.report.grid_report import REPORTS_DIR, write_grid_report
     from harness.report.tables import parse_formats
 
     formats = parse_formats(format_)
     ensure_writable_dir(out or REPORTS_DIR, "--out" if out else "reports folder")
-    write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=formats,
+    write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=formats, margin=margin,
                       out=out, log_to_mlflow=log_to_mlflow, runs_dir=runs_dir, echo=typer.echo,
                       warn=lambda line: typer.secho(line, err=True))
 

@@ -166,6 +166,14 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
 
 # --- the run -----------------------------------------------------------------------------------
 
+def device_hours(seconds: float, device: torch.device, env: DistEnv) -> dict[str, float]:
+    """What a run cost: GPU-hours on GPUs, CPU core-hours (ranks x torch threads) on CPUs. The
+    pretraining time counts every attempt; the evaluation's, the attempt that finished it."""
+    if device.type == "cuda":
+        return {"gpu_hours": seconds * env.world_size / 3600}
+    return {"cpu_core_hours": seconds * env.world_size * torch.get_num_threads() / 3600}
+
+
 def run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None = None,
         job_fields: dict[str, Any] | None = None) -> RunResult:
     """Pretrain then evaluate ``cfg`` in ``run_dir``; continues an interrupted run. ``job_fields``
@@ -194,8 +202,8 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
         result = pretrain(cfg, run_dir, logger, device, env)
         metrics: dict[str, float] = {
             "final_loss": result.final_loss, "images_per_s": result.images_per_s,
-            "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
-            "device_hours": result.train_seconds * env.world_size / 3600}
+            "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds}
+        eval_start = time.perf_counter()
         if cfg.eval.protocols:
             def stage(name: str, progress: int | None) -> None:
                 if env.is_main:  # status shows "finetune 3": the stage, and its epochs done
@@ -208,6 +216,7 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
             if env.is_main:
                 logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
                 logger.flush()
+        metrics |= device_hours(result.train_seconds + time.perf_counter() - eval_start, device, env)
         barrier(env)
     except TrainingFailed as err:
         if env.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from harness.report import (
     ReportError,
     build_report,
     cell_table,
-    main_effects,
+    estimate_effects,
     reference_table,
     write_tables,
 )
@@ -97,23 +98,47 @@ def runs() -> pd.DataFrame:
     return make_runs(MILAN_AXES)
 
 
+def main_effects_of(runs: pd.DataFrame) -> pd.DataFrame:
+    """The main effects of estimate_effects, indexed by (axis short name, levels)."""
+    effects = estimate_effects(runs, "linear_top1")
+    return effects[effects["order"] == 1].set_index(["effect", "levels"])
+
+
 def test_main_effects_recover_planted_effects(runs: pd.DataFrame) -> None:
-    effects = main_effects(runs, "linear_top1").set_index(["axis", "value"])
-    for axis, value in [("model.target", "clip"), ("model.decoder", "prompting"),
-                        ("model.masking", "semantic")]:
-        row = effects.loc[(axis, value)]
-        assert row["mean"] == pytest.approx(EFFECTS[axis, value], abs=0.05)
-        assert row["std"] < 0.05  # seed offsets cancel because runs are paired by seed
-        assert row["n"] == len(SEEDS)
-        assert row["pairs"] == len(SEEDS) * 4  # 4 combinations of the two other axes
-        assert row["baseline"] == MILAN_AXES[axis][0]
+    effects = main_effects_of(runs)
+    for (axis, value), levels in [(("model.target", "clip"), "clip − pixel"),
+                                  (("model.decoder", "prompting"), "prompting − standard"),
+                                  (("model.masking", "semantic"), "semantic − random")]:
+        row = effects.loc[(axis.split(".")[-1], levels)]
+        assert row["estimate"] == pytest.approx(EFFECTS[axis, value], abs=0.05)
+        # the seed offsets (0.3) are blocked out: the interval is as narrow as the run noise
+        assert row["ci_high"] - row["ci_low"] < 0.1
+        assert row["n_seeds"] == len(SEEDS) and row["verdict"] == "resolved +"
 
 
-def test_main_effects_only_count_complete_pairs(runs: pd.DataFrame) -> None:
+def test_main_effects_with_a_failed_run(runs: pd.DataFrame) -> None:
     runs = fail(runs, "cell7", 0, "NaN loss")  # clip/prompting/semantic, seed 0
-    effects = main_effects(runs, "linear_top1").set_index(["axis", "value"])
-    assert effects.loc[("model.target", "clip"), "pairs"] == len(SEEDS) * 4 - 1
-    assert effects.loc[("model.target", "clip"), "mean"] == pytest.approx(5.0, abs=0.05)
+    row = main_effects_of(runs).loc[("target", "clip − pixel")]
+    assert row["estimate"] == pytest.approx(5.0, abs=0.05) and row["verdict"] == "resolved +"
+
+
+def test_random_init_reference_row_and_effect(runs: pd.DataFrame, tmp_path: Path) -> None:
+    references = pd.DataFrame({"cell_id": "ref", "cell": "random init", "seed": list(SEEDS), "status": "done",
+                               "role": "random_init", "gpu_hours": 0.1,
+                               "linear_top1": [30.0 + SEED_OFFSET[s] for s in SEEDS]})
+    both = pd.concat([runs.assign(role="cell"), references], ignore_index=True)
+    both.attrs = runs.attrs
+    effects = estimate_effects(both, "linear_top1").set_index("effect")
+    pretrained = runs.groupby("cell_id")["linear_top1"].mean().mean()
+    row = effects.loc["pretrained vs random init"]
+    assert row["estimate"] == pytest.approx(pretrained - 30.0, abs=0.05) and row["verdict"] == "resolved +"
+    assert effects.loc["target", "estimate"] == pytest.approx(5.0, abs=0.05)  # the reference is no cell
+    table = cell_table(both, "linear_top1")
+    assert table["cell"].iloc[-1] == "random init"  # the reference row comes last
+    assert table["cell"].iloc[0] == "target=pixel decoder=standard masking=random"
+    report = build_report(both, None, tmp_path, formats=("csv",)).report.read_text()
+    assert re.search(r"\| pretrained vs random init +\| mean of 8 cells − random init +\| +[0-9.]+ \|", report)
+    assert re.search(r"\| random init +\| +3 \| 30.00 ± 0.30", report)
 
 
 def test_cell_table_delta_n_and_std(runs: pd.DataFrame) -> None:
@@ -153,20 +178,17 @@ def test_grid_without_baseline_cell_gives_nan_deltas(runs: pd.DataFrame) -> None
     table = cell_table(partial, "linear_top1")
     assert len(table) == 4
     assert table["delta_vs_baseline"].isna().all()
-    effects = main_effects(partial, "linear_top1").set_index(["axis", "value"])
-    assert effects.loc[("model.target", "clip"), "pairs"] == 0
-    assert np.isnan(effects.loc[("model.target", "clip"), "mean"])
-    assert effects.loc[("model.decoder", "prompting"), "mean"] == pytest.approx(2, abs=0.05)
+    effects = main_effects_of(partial)
+    assert "target" not in effects.index.get_level_values("effect")  # no pixel cell: not estimable
+    assert effects.loc[("decoder", "prompting − standard"), "estimate"] == pytest.approx(2, abs=0.05)
 
 
 def test_three_valued_axis() -> None:
     axes = {**MILAN_AXES, "model.mask_ratio": [0.75, 0.5, 0.9]}
     runs = make_runs(axes)
-    effects = main_effects(runs, "linear_top1").set_index(["axis", "value"])
-    assert effects.loc[("model.mask_ratio", 0.5), "mean"] == pytest.approx(-1.5, abs=0.05)
-    assert effects.loc[("model.mask_ratio", 0.9), "mean"] == pytest.approx(-0.5, abs=0.05)
-    assert effects.loc[("model.mask_ratio", 0.5), "pairs"] == len(SEEDS) * 8
-    assert effects.loc[("model.target", "clip"), "pairs"] == len(SEEDS) * 12
+    effects = main_effects_of(runs)
+    assert effects.loc[("mask_ratio", "0.5 − 0.75"), "estimate"] == pytest.approx(-1.5, abs=0.05)
+    assert effects.loc[("mask_ratio", "0.9 − 0.75"), "estimate"] == pytest.approx(-0.5, abs=0.05)
     table = cell_table(runs, "linear_top1")
     assert len(table) == 24
     # Axis values in grid order with the baseline first: 0.75, 0.5, 0.9.
@@ -216,9 +238,9 @@ def test_build_report_writes_everything(tmp_path: Path) -> None:
     runs = fail(make_runs(MILAN_AXES, paper_setting=True), "cell1", 2, "preempted twice")
     result = build_report(runs, make_curves(runs), tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in result.files}
-    tables = {f"tables/{t}.{fmt}" for t in ("cells", "main_effects", "reference")
+    tables = {f"tables/{t}.{fmt}" for t in ("cells", "effects", "reference")
               for fmt in ("md", "csv", "tex", "html")}
-    figures = {f"figures/{f}.png" for f in ("metric_by_cell", "main_effects", "loss_curves",
+    figures = {f"figures/{f}.png" for f in ("metric_by_cell", "effects", "loss_curves",
                                             "cost")}
     assert names == {"report.md"} | tables | figures
     assert all(p.stat().st_size > 0 for p in result.files)
@@ -229,11 +251,18 @@ def test_build_report_writes_everything(tmp_path: Path) -> None:
     for figure in figures:
         assert f"]({figure})" in report
     assert "## Reference numbers" in report and "85.40" in report
+    # the verdicts in words come first, then the effects table with every column the issue names
+    assert report.index("**Verdicts**") < report.index("## Effects and verdicts") < report.index("per cell")
+    assert "Matters: **target** (clip − pixel) +5.00" in report
+    effects = pd.read_csv(tmp_path / "tables" / "effects.csv")
+    assert {"effect", "levels", "estimate", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "n_seeds",
+            "mde"} <= set(effects.columns)
+    assert len(effects) == 7  # 3 main effects, 3 two-way interactions, the three-way one
 
 
 def test_build_report_without_curves(runs: pd.DataFrame, tmp_path: Path) -> None:
     result = build_report(runs, None, tmp_path, formats=("csv",))
     assert "loss_curves.png" not in {p.name for p in result.figures}
-    assert sorted(p.name for p in result.tables) == ["cells.csv", "main_effects.csv"]
+    assert sorted(p.name for p in result.tables) == ["cells.csv", "effects.csv"]
     report = result.report.read_text()
     assert "## Training loss" not in report and "## Reference numbers" not in report

@@ -278,7 +278,7 @@ def _backfill(cell_views: Sequence[CellView], store: Store, echo: Echo) -> None:
 def _start_tracking(record: GridRecord, grid: Grid, executor: str) -> GridRecord:
     """Store schema + experiment once, before any job; one parent run per invocation."""
     from harness.tracking.runs import start_parent_run
-    from harness.tracking.schema import git_commit_of
+    from harness.tracking.schema import GRID_FILE, GRID_MARGIN, git_commit_of
     from harness.tracking.store import prepare_store
 
     uri = record.store.writer_uri()
@@ -286,7 +286,7 @@ def _start_tracking(record: GridRecord, grid: Grid, executor: str) -> GridRecord
     parent = start_parent_run(uri, experiment_id, grid=grid.name, axes=grid.axes_spec(),
                               paper_setting=grid.spec.paper_setting,
                               tags={"executor": executor, "git_commit": git_commit_of() or "unknown",
-                                    "grid_file": str(grid.path)})
+                                    GRID_FILE: str(grid.path), GRID_MARGIN: grid.spec.margin})
     return record.model_copy(update={"experiment_id": experiment_id, "parent_run_id": parent})
 
 

@@ -19,14 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.grid import DEFAULT_MARGIN
+from harness.report.effects import estimate_effects
 from harness.report.figures import (
     metric_label,
     plot_cost,
+    plot_effects,
     plot_loss_curves,
-    plot_main_effects,
     plot_metric_by_cell,
 )
 from harness.report.tables import (
+    DEVICE_HOURS_COLUMNS,
     REFERENCE_TOP1,
     STATUS_ORDER,
     TABLE_FORMATS,
@@ -36,18 +39,22 @@ from harness.report.tables import (
     check_metric,
     cost_by_cell,
     finished_values,
-    main_effects,
     reference_table,
     render_table,
     write_tables,
 )
+from harness.report.verdicts import headline
 
 __all__ = ["ReportError", "ReportResult", "build_report"]
 
 # Columns shown in report.md (the written tables keep every column).
 REPORT_CELL_COLUMNS = ["cell", "n", "mean ± std", "delta_vs_baseline", "status",
-                       "gpu_hours", "images_per_s"]
-REPORT_EFFECT_COLUMNS = ["axis", "baseline", "value", "mean ± std", "n", "pairs"]
+                       *DEVICE_HOURS_COLUMNS, "images_per_s"]
+REPORT_EFFECT_COLUMNS = ["effect", "levels", "estimate", "ci_low", "ci_high", "p_holm", "verdict",
+                         "n_seeds", "mde", "seeds_needed"]
+# The effects table's columns, in the order written (every format)
+EFFECT_TABLE_COLUMNS = ["effect", "levels", "estimate", "ci_low", "ci_high", "p_value", "p_holm",
+                        "verdict", "n_seeds", "mde", "seeds_needed", "se", "df", "order", "method"]
 REPORT_REFERENCE_COLUMNS = ["metric", *REFERENCE_TOP1, "measured", "n", "delta_vs_authors_code"]
 
 
@@ -58,6 +65,8 @@ class ReportResult:
     report: Path
     tables: tuple[Path, ...]
     figures: tuple[Path, ...]
+    effects: pd.DataFrame  # estimate_effects' frame, for the terminal
+    headline: str  # the verdicts in words, as at the top of report.md
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -71,6 +80,7 @@ def build_report(
     *,
     metric: str = "linear_top1",
     formats: Iterable[str] = TABLE_FORMATS,
+    margin: float | None = None,
 ) -> ReportResult:
     """Write tables, figures and report.md for `runs` (and loss `curves`) under out_dir.
 
@@ -79,24 +89,30 @@ def build_report(
     Drawing is CPU-bound Python, so this is what brings a 1,000-run report under its time
     goal on two cores.
 
+    `margin` (points of `metric`) is the verdicts' equivalence margin: by default the grid's
+    (``runs.attrs["margin"]``), else DEFAULT_MARGIN.
+
     Raises ReportError when `metric` is not a column with at least one value.
     """
     check_metric(runs, metric)
     out_dir = Path(out_dir)
     formats = tuple(formats)
-    tables = {"cells": cell_table(runs, metric), "main_effects": main_effects(runs, metric)}
+    margin = margin or runs.attrs.get("margin") or DEFAULT_MARGIN
+    effects = estimate_effects(runs, metric, margin=margin)
+    tables = {"effects": effects[EFFECT_TABLE_COLUMNS], "cells": cell_table(runs, metric)}
     reference = reference_table(runs)
     if reference is not None:
         tables["reference"] = reference
-    jobs = _figure_jobs(runs, curves, metric, tables["main_effects"], out_dir / "figures")
+    jobs = _figure_jobs(runs, curves, metric, effects, out_dir / "figures")
     with _FigureRenderer(jobs) as renderer:
         table_paths = write_tables(tables, out_dir / "tables", formats)
         figure_paths = renderer.results()
+    words = headline(effects, runs, metric_label(metric))
     report = out_dir / "report.md"
     report.write_text(
-        _render_report(runs, metric, tables, figure_paths, formats, out_dir), encoding="utf-8"
+        _render_report(runs, metric, tables, figure_paths, formats, out_dir, words), encoding="utf-8"
     )
-    return ReportResult(report, tuple(table_paths), tuple(figure_paths.values()))
+    return ReportResult(report, tuple(table_paths), tuple(figure_paths.values()), effects, words)
 
 
 FigureJob = tuple[Callable[..., Path], tuple]
@@ -114,8 +130,8 @@ def _figure_jobs(
     jobs: dict[str, FigureJob] = {}
     if finished_values(runs, metric).notna().any():
         jobs["cells"] = (plot_metric_by_cell, (runs, metric, fig_dir / "metric_by_cell.png"))
-    if effects["mean"].notna().any():
-        jobs["main_effects"] = (plot_main_effects, (effects, metric, fig_dir / "main_effects.png"))
+    if effects["estimate"].notna().any():
+        jobs["effects"] = (plot_effects, (effects, metric, fig_dir / "effects.png"))
     if curves is not None and curves["loss"].notna().any():
         jobs["curves"] = (plot_loss_curves, (curves, fig_dir / "loss_curves.png"))
     if cost_by_cell(runs).notna().any().any():
@@ -124,8 +140,8 @@ def _figure_jobs(
 
 
 # Figures by drawing time on a 1,000-run grid: cost ~2.0 s, cells ~1.7 s, curves ~1.0 s,
-# main effects ~0.5 s (CPU seconds, 2-core machine).
-SUBMIT_ORDER = ("cost", "cells", "curves", "main_effects")
+# effects ~0.5 s (CPU seconds, 2-core machine).
+SUBMIT_ORDER = ("cost", "cells", "curves", "effects")
 
 
 def _default_workers() -> int:
@@ -195,16 +211,23 @@ class _FigureRenderer:
 HOW_TO_READ: dict[str, str] = {
     "cells": "one row per cell; mean ± std over finished seeds (n); delta_vs_baseline = "
     "cell mean − baseline-cell mean; status lists runs that did not finish and why; cost = "
-    "total GPU-hours and mean images/s.",
-    "main_effects": "average change in the metric when one axis moves from its baseline to "
-    "the value shown, every other axis held fixed; runs are paired by seed, mean ± std is "
-    "over seeds (n), pairs = complete pairs used.",
+    "total device-hours (GPU-hours, or CPU core-hours on CPUs) and mean images/s; the last row, "
+    "random init, is the untrained encoder evaluated without pretraining.",
+    "effects": "estimate = change in the metric; a main effect (one axis) is the mean change "
+    "when the axis moves from its baseline to the value shown, over the other axes' values; an "
+    "interaction (a × b) is half the difference of a's effect between b's two values (Box, "
+    "Hunter & Hunter's convention); pretrained vs random init is the mean over the grid's cells "
+    "minus the untrained encoder. ci_low/ci_high: 95% interval; p_holm: p-value adjusted over "
+    "all effects (Holm); verdict: resolved ± (p_holm < 0.05), negligible (interval inside ± the "
+    "margin; takes precedence), not resolved; mde: the effect resolved with 80% power at the "
+    "seeds run; seeds_needed: seeds in all for an effect the size of the margin.",
     "reference": "published top-1 (%) from the spec beside the measured MILAN cell "
     "(clip / prompting / semantic); delta is measured − authors' code.",
     "curves": "mean loss over seeds (with a ±sd band for small grids); pixel and CLIP "
     "losses are different quantities, so each target has its own facet and y scale.",
-    "cost": "total GPU-hours spent per cell (failed runs included) and mean training "
-    "throughput; the baseline cell is in red.",
+    "cost": "device-hours per cell (GPU-hours on GPUs, CPU core-hours on CPUs: wall time of "
+    "pretraining and evaluation x devices) and mean training throughput; the baseline cell is in "
+    "red.",
 }
 
 
@@ -215,6 +238,7 @@ def _render_report(
     figures: Mapping[str, Path],
     formats: tuple[str, ...],
     out_dir: Path,
+    words: str,
 ) -> str:
     embeds = {
         key: f"![{key}]({path.relative_to(out_dir).as_posix()})" for key, path in figures.items()
@@ -230,19 +254,19 @@ def _render_report(
             embeds.get(key, ""),
         ]
 
-    effects = tables["main_effects"]
+    effects = tables["effects"]
     sections = [
         _header(runs, metric),
+        words,
         *section(
-            f"Headline: {metric_label(metric)} per cell", "cells",
-            _baseline_note(runs, tables["cells"]),
-            render_table(_columns(tables["cells"], REPORT_CELL_COLUMNS), "md"),
+            "Effects and verdicts", "effects",
+            render_table(_effect_rows(effects), "md") if len(effects) else
+            "No effects: no axis has finished runs at two of its values.",
         ),
         *section(
-            "Main effects", "main_effects",
-            render_table(_columns(effects, REPORT_EFFECT_COLUMNS), "md")
-            if effects["mean"].notna().any()
-            else "No main effects: no axis has a non-baseline value with complete pairs.",
+            f"{metric_label(metric)} per cell", "cells",
+            _baseline_note(runs, tables["cells"]),
+            render_table(_cost_digits(_columns(tables["cells"], REPORT_CELL_COLUMNS)), "md"),
         ),
     ]
     if "reference" in tables:
@@ -278,6 +302,21 @@ def _baseline_note(runs: pd.DataFrame, cells: pd.DataFrame) -> str:
         return ""
     baseline = ", ".join(f"{axis}={value}" for axis, value in axis_baselines(runs).items())
     return f"No finished baseline cell ({baseline}) in this grid, so deltas are empty."
+
+
+def _effect_rows(effects: pd.DataFrame) -> pd.DataFrame:
+    """The effects as report.md shows them: p-values to 2 significant digits (a fixed 2 decimals
+    would print a decisive 0.0003 as 0.00)."""
+    shown = effects[REPORT_EFFECT_COLUMNS].copy()
+    shown["p_holm"] = shown["p_holm"].map(lambda p: "–" if pd.isna(p) else f"{p:.2g}")
+    shown["seeds_needed"] = shown["seeds_needed"].astype(object).where(shown["seeds_needed"].notna(), "–")
+    return shown
+
+
+def _cost_digits(table: pd.DataFrame) -> pd.DataFrame:
+    """Device-hours to 3 significant digits: a CPU cell's 0.0047 core-hours is not 0.00."""
+    columns = [c for c in DEVICE_HOURS_COLUMNS if c in table]
+    return table.assign(**{c: table[c].map(lambda h: "–" if pd.isna(h) else f"{h:.3g}") for c in columns})
 
 
 def _columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

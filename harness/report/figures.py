@@ -18,8 +18,10 @@ import seaborn.objects as so
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
+from harness.report.effects import VERDICTS
 from harness.report.tables import (
     check_metric,
     cost_by_cell,
@@ -48,10 +50,12 @@ METRIC_LABELS: dict[str, str] = {
     "images_per_s": "throughput (images/s)",
     "peak_memory_mb": "peak memory (MB)",
     "gpu_hours": "compute (GPU-hours)",
+    "cpu_core_hours": "compute (CPU core-hours)",
 }
 # Facet title and x label (with unit) per cost column.
 COST_LABELS: dict[str, tuple[str, str]] = {
-    "gpu_hours": ("total compute, all runs", "GPU-hours (wall time x devices)"),
+    "gpu_hours": ("total compute, all runs", "GPU-hours (wall time x GPUs)"),
+    "cpu_core_hours": ("total compute, all runs", "CPU core-hours (wall time x cores)"),
     "images_per_s": ("training throughput, mean over runs", "images/s"),
 }
 # Pixel and CLIP losses are different quantities; the facets say which one is shown.
@@ -150,6 +154,14 @@ def _row_labels(cells: pd.DataFrame, axes: list[str]) -> pd.Series:
     """
     if not axes:
         return cells["cell"]
+    reference = cells[axes].isna().all(axis=1)  # the random-init row: labelled by its name
+    if reference.all():
+        return cells["cell"]
+    labels = _axis_labels(cells[~reference], axes)
+    return pd.concat([labels, cells.loc[reference, "cell"]]).reindex(cells.index)
+
+
+def _axis_labels(cells: pd.DataFrame, axes: list[str]) -> pd.Series:
     text = cells[axes].astype(str)
     widths = text.apply(lambda col: col.str.len().max())
     padded = text.apply(lambda col: col.str.ljust(widths[col.name]))
@@ -225,7 +237,8 @@ def plot_metric_by_cell(runs: pd.DataFrame, metric: str, path: str | Path) -> Pa
 
 
 def plot_cost(runs: pd.DataFrame, path: str | Path) -> Path:
-    """Total GPU-hours and mean throughput per cell, side by side, baseline in red."""
+    """Total device-hours (GPU-hours, or CPU core-hours on CPUs) and mean throughput per cell,
+    side by side, baseline in red."""
     cost = cost_by_cell(runs)
     quantities = list(cost.columns)
     cells = _cell_rows(runs)
@@ -254,32 +267,34 @@ def plot_cost(runs: pd.DataFrame, path: str | Path) -> Path:
 
 # --- other figures -------------------------------------------------------------------
 
+# Forest-plot colour of each verdict: resolved effects stand out, open ones stay muted.
+VERDICT_COLORS: dict[str, str] = dict(zip(VERDICTS, ("#2a9d3f", "#d1495b", "#8c8c8c", "#4c72b0", "#c7c7c7")))
 
-def plot_main_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
-    """Main effects (a `main_effects` table): mean ± sd over seeds per axis value.
 
-    One row per non-baseline axis value, coloured by axis, with a dashed zero line.
-    """
-    data = effects.assign(
-        label=effects["axis"] + ": " + effects["baseline"].astype(str) + " → "
-        + effects["value"].astype(str),
-        lo=effects["mean"] - effects["std"],
-        hi=effects["mean"] + effects["std"],
-    )
-    fig = _figure(8, _rows_height(len(data)))
-    _draw(
-        so.Plot(data, x="mean", y="label", color="axis")
-        .add(so.Range(linewidth=2), xmin="lo", xmax="hi", legend=False)
-        .add(so.Dot(pointsize=7), legend=False)  # the row labels already name the axis
-        .scale(y=so.Nominal(order=list(data["label"])))
-        .label(x=f"change in {metric_label(metric)}", y="axis: baseline → value"),
-        fig,
-    )
-    fig.axes[0].axvline(0, color=".25", lw=1, ls="--")
-    fig.suptitle(
-        f"Main effects on {metric}: mean ± sd over seeds\n"
-        "paired on seed and the other axes' values"
-    )
+def plot_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """Forest plot of an `estimate_effects` frame: one row per effect, its estimate as a dot and
+    its 95% interval as a line (none where it has none), coloured by verdict; zero as a dashed
+    line and the equivalence margin as a grey band."""
+    margin = effects.attrs.get("margin")
+    rows = effects.reset_index(drop=True)
+    labels = [f"{effect}: {levels}" for effect, levels in zip(rows["effect"], rows["levels"])]
+    fig = _figure(8, _rows_height(len(rows)))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]  # the first effect at the top
+    colors = rows["verdict"].map(VERDICT_COLORS).fillna("black")
+    if margin:
+        ax.axvspan(-margin, margin, color=".92", zorder=0)
+    ax.axvline(0, color=".25", lw=1, ls="--", zorder=1)
+    ax.hlines(y, rows["ci_low"], rows["ci_high"], colors=colors, lw=2, zorder=2)
+    ax.scatter(rows["estimate"], y, c=colors, s=36, zorder=3)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel(f"effect on {metric_label(metric)}")
+    present = [v for v in VERDICTS if v in set(rows["verdict"])]
+    ax.legend([Line2D([], [], color=VERDICT_COLORS[v], marker="o", lw=2) for v in present], present,
+              loc="best", fontsize=8, title="verdict", title_fontsize=8)
+    band = f"; grey band: ±{margin:g} (negligible)" if margin else ""
+    fig.suptitle(f"Effects on {metric}: estimate and 95% interval{band}\n{effects.attrs.get('method', '')}",
+                 fontsize=10)
     return _save(fig, path)
 
 

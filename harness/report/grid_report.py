@@ -47,11 +47,13 @@ def write_grid_report(
     out: Path | None,
     log_to_mlflow: bool,
     runs_dir: Path,
+    margin: float | None = None,
     echo: Echo = print,
     warn: Echo | None = None,
 ) -> None:
     """Tables, figures and report.md for the runs of ``grid`` (a name, grid YAML or experiment)
-    under ``out`` (default ``reports/<grid>/``); one summary line goes to ``echo``, notes and
+    under ``out`` (default ``reports/<grid>/``), with verdicts at ``margin`` (default: the grid's);
+    the verdict table, the verdicts in words and one summary line go to ``echo``, notes and
     warnings to ``warn`` (default ``echo``). Bad input raises a one-line UserError."""
     from harness.report.build import build_report
     from harness.report.ingest import load_runs
@@ -73,9 +75,13 @@ def write_grid_report(
                             f"`bench.py ablate` first")
         out_dir = out or REPORTS_DIR / runs.attrs.get("grid", name)
         try:
-            result = build_report(runs, curves, out_dir, metric=metric, formats=formats)
+            result = build_report(runs, curves, out_dir, metric=metric, formats=formats, margin=margin)
         except ReportError as err:
             raise UserError(str(err)) from None
+        from harness.report.effects import format_effects_for_terminal
+
+        echo(format_effects_for_terminal(result.effects))
+        echo(result.headline.replace("**", ""))
         counts = runs["status"].value_counts()
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         echo(f"{result.report}: {runs['cell_id'].nunique()} cells, {len(runs)} runs ({summary}); "

@@ -3,14 +3,16 @@
 ``load_runs(uri, grid_or_experiment) -> (runs, curves)``:
 
 * ``runs``: one row per cell x seed (the runs tagged ``role=cell`` in the grid's experiment)
-  with ``cell_id``, ``cell``, ``seed``, ``status``, ``failure_reason``, one column
+  with ``cell_id``, ``cell``, ``seed``, ``status``, ``failure_reason``, ``role`` (``random_init`` for
+  the grid's untrained-encoder reference, whose ``pretrain.epochs`` is 0, else ``cell``), one column
   per config field (params typed back: numbers, bools, None; lists stay text), one per axis
   (typed like the grid's values), the report metrics (``linear_top1``, ``knn_top1``,
-  ``finetune_top1``, ``final_loss``, ``images_per_s``, ``peak_memory_mb``, ``gpu_hours`` =
-  the ``device_hours`` metric) plus any other top-level metric (``linear_top5``, ...), and
+  ``finetune_top1``, ``final_loss``, ``images_per_s``, ``peak_memory_mb``, ``gpu_hours``,
+  ``cpu_core_hours``) plus any other top-level metric (``linear_top5``, ...), and
   ``mlflow_run_id``, ``run_name``, ``parent_run_id``, ``start_time``, ``end_time``.
   ``runs.attrs`` holds ``axes``, ``axis_baselines`` and ``paper_setting`` from the newest parent
-  run's ``grid.axes`` / ``grid.paper_setting`` tags, ``grid``, ``metrics``, ``experiment_id``,
+  run's ``grid.axes`` / ``grid.paper_setting`` tags, ``margin`` and ``grid_file`` from its
+  ``grid.margin`` / ``grid_file`` tags (None when absent), ``grid``, ``metrics``, ``experiment_id``,
   ``parent_run_id`` (the newest ``ablate`` run, where the report is logged) and
   ``duplicates_dropped``.
   Failed, preempted, running and pending cells are rows like the others. A cell x seed run
@@ -42,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from harness.cell_state import CellState
+from harness.report.tables import CELL_ROLE, RANDOM_INIT
 from harness.run_folder import METRICS_FILE, read_results, read_status
 from harness.tracking import schema
 from harness.tracking.store import check_store, client, find_experiment, is_http
@@ -157,7 +160,8 @@ def _typed(values: Iterable[Any]) -> pd.Series:
 def _parent_metadata(info: pd.DataFrame, tags: pd.DataFrame, experiment_name: str) -> dict[str, Any]:
     parents = info[tags.get(schema.ROLE, pd.Series(index=info.index, dtype=object)).eq(schema.ROLE_PARENT)]
     if parents.empty:
-        return {"grid": experiment_name, "axes_spec": [], "paper_setting": False, "parent_run_id": None}
+        return {"grid": experiment_name, "axes_spec": [], "paper_setting": False, "parent_run_id": None,
+                "margin": None, "grid_file": None}
     newest = parents.sort_values("start_time", ascending=False).index[0]
     row = tags.loc[newest]
     return {
@@ -165,6 +169,8 @@ def _parent_metadata(info: pd.DataFrame, tags: pd.DataFrame, experiment_name: st
         "axes_spec": schema.parse_axes(row.get(schema.GRID_AXES) if isinstance(row.get(schema.GRID_AXES), str) else None),
         "paper_setting": str(row.get(schema.GRID_PAPER_SETTING, "false")).lower() == "true",
         "parent_run_id": newest,
+        "margin": pd.to_numeric(row.get(schema.GRID_MARGIN), errors="coerce"),
+        "grid_file": row.get(schema.GRID_FILE) if isinstance(row.get(schema.GRID_FILE), str) else None,
     }
 
 
@@ -227,6 +233,8 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
         "start_time": pd.to_datetime(info["start_time"], unit="ms", utc=True),
         "end_time": pd.to_datetime(info["end_time"], unit="ms", utc=True),
     }
+    epochs = config.get("pretrain.epochs")
+    frame["role"] = np.where(epochs == 0, RANDOM_INIT, CELL_ROLE) if epochs is not None else CELL_ROLE
     config = {k: v for k, v in config.items() if k not in axes and k not in frame}
     runs = pd.concat([frame, pd.DataFrame(axes, index=info.index), pd.DataFrame(results, index=info.index),
                       pd.DataFrame(config, index=info.index), pd.DataFrame(meta_cols, index=info.index)],
@@ -243,6 +251,8 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
         "metrics": [*REPORT_METRICS, *[m for m in extras if m in available]],
         "grid": meta["grid"],
         "paper_setting": meta["paper_setting"],
+        "margin": None if pd.isna(meta["margin"]) else float(meta["margin"]),
+        "grid_file": meta["grid_file"],
         "experiment": experiment_name,
         "experiment_id": str(experiment_id),
         "parent_run_id": meta["parent_run_id"],

@@ -18,6 +18,10 @@ from pandas.api.types import is_numeric_dtype
 from harness.errors import UserError
 
 DONE = "done"
+# The `role` column: a grid cell, or the grid's reference run of the untrained encoder.
+CELL_ROLE, RANDOM_INIT = "cell", "random_init"
+# Cost columns per run, first present wins: GPU-hours where the runs used GPUs, else CPU core-hours.
+DEVICE_HOURS_COLUMNS: tuple[str, ...] = ("gpu_hours", "cpu_core_hours")
 # Order in which statuses are listed in summaries: finished first, then the ones that
 # need attention, then the ones that will resolve by themselves.
 STATUS_ORDER: tuple[str, ...] = ("done", "failed", "preempted", "running", "pending")
@@ -105,30 +109,49 @@ def ordered_cells(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: cell_id, axis values, cell name and `is_baseline`.
 
     Rows are sorted axis by axis (grid order) with each axis's baseline value first, so
-    the baseline cell, when the grid has one, is the first row.
+    the baseline cell, when the grid has one, is the first row; the random-init reference
+    (no axis values) comes last.
     """
     axes = grid_axes(runs)
     cells = runs.drop_duplicates("cell_id")[["cell_id", *axes, "cell"]]
     levels = {axis: axis_levels(runs, axis) for axis in axes}
     if axes:
+        # missing values (the reference row) sort last, not as code -1
         cells = cells.sort_values(
-            axes, key=lambda s: pd.Series(pd.Categorical(s, levels[s.name]).codes, s.index),
-            kind="stable",
+            axes, kind="stable",
+            key=lambda s: pd.Series(pd.Categorical(s, levels[s.name]).codes, s.index).replace(-1, len(levels[s.name])),
         )
     baseline = pd.Series(axis_baselines(runs), dtype=object)
     is_baseline = cells[axes].eq(baseline).all(axis=1) if axes else True
+    if "role" in runs:
+        is_baseline &= cells["cell_id"].map(runs.groupby("cell_id")["role"].first()).ne(RANDOM_INIT)
     return cells.assign(is_baseline=is_baseline).reset_index(drop=True)
 
 
+def cell_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of grid cells, without the random-init reference."""
+    return runs[runs["role"].ne(RANDOM_INIT)] if "role" in runs else runs
+
+
+def device_hours(runs: pd.DataFrame) -> pd.Series | None:
+    """Per run, what it cost in the unit the grid ran on (the series' name: ``gpu_hours`` when any
+    run used GPUs, else ``cpu_core_hours``); None when no run reports a cost."""
+    for column in DEVICE_HOURS_COLUMNS:
+        if column in runs and runs[column].notna().any():
+            return runs[column]
+    return None
+
+
 def cost_by_cell(runs: pd.DataFrame) -> pd.DataFrame:
-    """Cost per cell_id: total gpu_hours (all runs: failed ones cost too), mean images/s.
+    """Cost per cell_id: total device-hours (:func:`device_hours`: ``gpu_hours`` or
+    ``cpu_core_hours``, all runs that report one), mean images/s.
 
     Each cost column is optional in the runs contract, so only present ones are returned.
     """
     grouped = runs.groupby("cell_id", sort=False)
     cost = {}
-    if "gpu_hours" in runs:
-        cost["gpu_hours"] = grouped["gpu_hours"].sum(min_count=1)
+    if (hours := device_hours(runs)) is not None:
+        cost[hours.name] = hours.groupby(runs["cell_id"], sort=False).sum(min_count=1)
     if "images_per_s" in runs:
         cost["images_per_s"] = grouped["images_per_s"].mean()
     return pd.DataFrame(cost, index=pd.Index(runs["cell_id"].unique(), name="cell_id"))
@@ -197,52 +220,6 @@ def cell_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table
 
 
-# --- main effects --------------------------------------------------------------------
-
-EFFECT_COLUMNS = ["axis", "value", "baseline", "mean", "std", "n", "pairs", "mean ± std"]
-
-
-def main_effects(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean change in `metric` when one axis moves from its baseline to each other value.
-
-    For each axis and value v, runs are paired on seed and the values of every other
-    axis; a pair counts only when both runs finished. Each seed's effect is the mean
-    difference over its pairs (i.e. averaged over the other axes' combinations); the
-    table reports mean and std over seeds, n seeds, and the number of pairs used.
-    """
-    check_metric(runs, metric)
-    done = runs.assign(_value=finished_values(runs, metric)).dropna(subset=["_value"])
-    frames = [_axis_effects(runs, done, axis) for axis in grid_axes(runs)]
-    effects = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=EFFECT_COLUMNS
-    )
-    effects.attrs = {"metric": metric}
-    return effects
-
-
-def _axis_effects(runs: pd.DataFrame, done: pd.DataFrame, axis: str) -> pd.DataFrame:
-    """main_effects rows for one axis (one per non-baseline value, even with no pairs)."""
-    baseline, *values = axis_levels(runs, axis)
-    others = [a for a in grid_axes(runs) if a != axis]
-    # One row per (other-axis combination, seed), one column per value of `axis`.
-    wide = done.groupby([*others, "seed", axis])["_value"].mean().unstack(axis)
-    wide = wide.reindex(columns=pd.Index([baseline, *values], name=axis))
-    diffs = wide[values].sub(wide[baseline], axis=0).stack().dropna()
-    per_seed = diffs.groupby(level=[axis, "seed"]).agg(["mean", "size"])
-    summary = (
-        per_seed.groupby(level=axis)
-        .agg(mean=("mean", "mean"), std=("mean", "std"), n=("mean", "size"),
-             pairs=("size", "sum"))
-        .reindex(values)
-    )
-    summary[["n", "pairs"]] = summary[["n", "pairs"]].fillna(0).astype(int)
-    return summary.rename_axis("value").reset_index().assign(
-        axis=axis,
-        baseline=baseline,
-        **{"mean ± std": lambda t: format_mean_std(t["mean"], t["std"])},
-    )[EFFECT_COLUMNS]
-
-
 # --- reference numbers ---------------------------------------------------------------
 
 
@@ -309,7 +286,9 @@ def render_table(table: pd.DataFrame, fmt: str) -> str:
     if fmt == "md":
         # tabulate only treats None as missing, so NaN would print as "nan".
         cleaned = table.astype(object).where(table.notna(), None)
-        return cleaned.to_markdown(index=False, floatfmt=".2f", missingval="–") + "\n"
+        # text columns stay as written (tabulate would reformat "1.4e-05" as 0.00)
+        text = [i for i, column in enumerate(table.columns) if not is_numeric_dtype(table[column])]
+        return cleaned.to_markdown(index=False, floatfmt=".2f", missingval="–", disable_numparse=text) + "\n"
     if fmt == "tex":
         # escape=True: axis names and metrics contain "_" which LaTeX would reject.
         return table.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True)

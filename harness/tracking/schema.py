@@ -2,7 +2,8 @@
 
 * One experiment per grid; one parent run per ``ablate`` invocation (``role=ablate``, named
   ``"<grid> <UTC time>"``); its ``grid.axes`` tag gives the report the axes (grid order, levels,
-  baselines) and ``grid.paper_setting`` whether to add the paper's numbers.
+  baselines), ``grid.paper_setting`` whether to add the paper's numbers, ``grid.margin`` the
+  verdicts' equivalence margin and ``grid_file`` the grid YAML (the report's ``--seeds`` command).
 * One child run per cell x seed (``role=cell``, ``mlflow.parentRunId``), named ``"<cell> seed=<seed>"``,
   kept across requeues and resubmissions. Params: the flattened config (:func:`encode_param`).
   Tags: :func:`cell_tags`, then from the job ``status`` (a :class:`~harness.cell_state.CellState`),
@@ -33,6 +34,7 @@ class TrackingError(UserError):
 
 ROLE, ROLE_PARENT, ROLE_CELL = "role", "ablate", "cell"
 GRID, GRID_AXES, GRID_PAPER_SETTING = "grid", "grid.axes", "grid.paper_setting"
+GRID_MARGIN, GRID_FILE = "grid.margin", "grid_file"  # the report's equivalence margin; the grid YAML
 CELL_ID = "cell_id"
 CONFIG_RUN_ID = "config_run_id"
 SEED = "seed"
@@ -54,7 +56,8 @@ LOSS_KEY, LR_KEY = "train/loss", "train/lr"
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
     "linear_top1": ("linear_top1",), "knn_top1": ("knn_top1",), "finetune_top1": ("finetune_top1",),
     "final_loss": ("final_loss",), "images_per_s": ("images_per_s", "train/images_per_s"),
-    "peak_memory_mb": ("peak_memory_mb", "train/peak_memory_mb"), "gpu_hours": ("device_hours",),
+    "peak_memory_mb": ("peak_memory_mb", "train/peak_memory_mb"), "gpu_hours": ("gpu_hours",),
+    "cpu_core_hours": ("cpu_core_hours",),
 }
 
 MAX_TAG_CHARS = 5000  # MLflow's limit is 8000; failure reasons are cut well before

@@ -1,0 +1,112 @@
+"""The report's verdicts in words: the headline paragraph of ``report.md`` and the command and
+cost of the seeds that would settle what is still open.
+
+Input: the ``effects`` frame of :func:`harness.report.effects.estimate_effects` (its ``attrs``
+carry the margin, alpha, method and ``seeds_to_resolve``) and the ``runs`` frame (cost, seeds,
+``attrs["grid_file"]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from harness.report.tables import DONE, device_hours
+
+RESOLVED = ("resolved +", "resolved -")
+NEGLIGIBLE = "negligible"
+# Unit of each device-hours column, in words
+HOURS_UNITS = {"gpu_hours": "GPU-hours", "cpu_core_hours": "CPU core-hours"}
+
+
+@dataclass(frozen=True)
+class SeedsPlan:
+    """What settling the open effects would take: ``seeds`` in all (None: more than the
+    analysis's cap), the command, and the extra cost (None when no run reports one)."""
+
+    seeds: int | None
+    current: int
+    command: str
+    extra_hours: float | None
+    unit: str
+
+
+def cost_so_far(runs: pd.DataFrame) -> tuple[float | None, str]:
+    """The grid's device-hours over every run that reports one (failed ones cost too), and the unit."""
+    hours = device_hours(runs)
+    if hours is None:
+        return None, "device-hours"
+    return float(hours.sum()), HOURS_UNITS[hours.name]
+
+
+def seeds_plan(effects: pd.DataFrame, runs: pd.DataFrame) -> SeedsPlan | None:
+    """The seeds (counting the ones run) that would resolve every open effect at the margin, the
+    ``bench.py ablate`` command that adds them (finished runs are skipped, never rerun) and what
+    the new runs would cost at the mean cost of each cell's runs so far; None when nothing is open."""
+    open_effects = effects[~effects["verdict"].isin([*RESOLVED, NEGLIGIBLE])]
+    if open_effects.empty:
+        return None
+    current = int(runs.loc[runs["status"].eq(DONE), "seed"].nunique())
+    target = effects.attrs.get("seeds_to_resolve")
+    grid = runs.attrs.get("grid_file") or runs.attrs.get("grid", "GRID")
+    seeds = int(target) if target is not None and not pd.isna(target) else None
+    command = f"python bench.py ablate {grid} --seeds {seeds if seeds else 'N'}"
+    hours = device_hours(runs)
+    extra = None
+    if hours is not None and seeds is not None:
+        per_seed = hours.groupby(runs["cell_id"]).mean().sum()  # one more run of every cell
+        extra = float(per_seed * max(seeds - current, 0))
+    unit = HOURS_UNITS[hours.name] if hours is not None else "device-hours"
+    return SeedsPlan(seeds, current, command, extra, unit)
+
+
+def _effect_words(row: pd.Series) -> str:
+    if pd.isna(row["ci_low"]):
+        return f"**{row['effect']}** ({row['levels']}) {row['estimate']:+.2f}"
+    return (f"**{row['effect']}** ({row['levels']}) {row['estimate']:+.2f} "
+            f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]")
+
+
+def headline(effects: pd.DataFrame, runs: pd.DataFrame, metric_words: str) -> str:
+    """The paragraph at the top of report.md: what matters, by how much and how surely; what is
+    not established; what establishing it would cost."""
+    if effects.empty:
+        return "No effects could be estimated: no axis has finished runs at two of its values."
+    a = effects.attrs
+    n_seeds = int(runs.loc[runs["status"].eq(DONE), "seed"].nunique())
+    family = int(effects["p_value"].notna().sum())
+    lines = [
+        f"**Verdicts** on {metric_words}, from {n_seeds} seed{'s' if n_seeds != 1 else ''}: "
+        f"{a['method']}; 95% intervals; Holm-adjusted over {family} effects at α = {a['alpha']:g}; "
+        f"negligible means the whole interval lies within ±{a['margin']:g} points."
+    ]
+    resolved = effects[effects["verdict"].isin(RESOLVED)]
+    negligible = effects[effects["verdict"].eq(NEGLIGIBLE)]
+    open_effects = effects[~effects["verdict"].isin([*RESOLVED, NEGLIGIBLE])]
+    if len(resolved):
+        lines.append("Matters: " + "; ".join(
+            f"{_effect_words(r)}, p_holm {r['p_holm']:.2g}" for _, r in resolved.iterrows()) + ".")
+    else:
+        lines.append("Nothing is resolved: no effect differs from zero after the Holm adjustment.")
+    if len(negligible):
+        lines.append("Negligible: " + "; ".join(_effect_words(r) for _, r in negligible.iterrows()) + ".")
+    if len(open_effects):
+        lines.append("Not established: " + "; ".join(
+            f"{_effect_words(r)} ({r['verdict']})" for _, r in open_effects.iterrows()) + ".")
+        plan = seeds_plan(effects, runs)
+        if plan is not None:
+            lines.append(_plan_words(plan, a.get("power", 0.8), a["margin"]))
+    total, unit = cost_so_far(runs)
+    if total is not None:
+        lines.append(f"This grid has cost {total:.3g} {unit} so far.")
+    return " ".join(lines)
+
+
+def _plan_words(plan: SeedsPlan, power: float, margin: float) -> str:
+    if plan.seeds is None:
+        return (f"Resolving the open effects at ±{margin:g} points would take more seeds than the analysis "
+                "searches: shrink the noise (more evaluation data, longer pretraining) instead.")
+    cost = f", about {plan.extra_hours:.3g} {plan.unit} more" if plan.extra_hours is not None else ""
+    return (f"An effect of {margin:g} points would be resolved with {power:.0%} power at {plan.seeds} seeds "
+            f"({plan.seeds - plan.current} more{cost}): `{plan.command}`.")
