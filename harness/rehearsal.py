@@ -68,7 +68,9 @@ def _micro(cfg: RunConfig, data_root: str, world: int) -> RunConfig:
     data["model"] |= STUDENT
     data["teacher"] |= TEACHER
     data["data"] |= {"root": data_root, "train_split": "train", "val_split": "val"}
-    data["pretrain"] |= {"epochs": 1, "warmup_epochs": 0, "batch_size": 16, "accum_steps": 1}
+    # one epoch; the random-init reference keeps its 0
+    data["pretrain"] |= {"epochs": min(cfg.pretrain.epochs, 1), "warmup_epochs": 0, "batch_size": 16,
+                         "accum_steps": 1}
     evaluation = data["eval"]
     evaluation["feature_batch_size"] = 64
     evaluation["linear"] |= {"epochs": 2, "warmup_epochs": 0, "batch_size": 16 * world}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import shlex
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -198,7 +199,7 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
     if todo:
         if req.force:
             _clear([now[chosen.index(i)] for i in todo], echo)
-        record = _start_tracking(record, grid, executor)
+        record = _start_tracking(record, grid, executor, _grid_options(req))
         launches = _launch_records(gdir, cells, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
     return _Batch(record, cells, launches, setup_seconds)
@@ -275,10 +276,21 @@ def _backfill(cell_views: Sequence[CellView], store: Store, echo: Echo) -> None:
     echo(f"sent MLflow what {len(behind)} finished cell(s) logged while it was unreachable")
 
 
-def _start_tracking(record: GridRecord, grid: Grid, executor: str) -> GridRecord:
+def _grid_options(req: AblateRequest) -> str:
+    """The command-line changes that made this grid (``--set``, ``--axis``, ``--rehearse``), as shell
+    text: the report's ``--seeds`` command repeats them so that it names the same cells."""
+    from harness.config import format_value
+
+    parts = [f"--set {shlex.quote(f'{key}={format_value(value)}')}" for key, value in req.sets.items()]
+    parts += [f"--axis {shlex.quote(name + '=' + ','.join(format_value(v) for v in values))}"
+              for name, values in req.axes.items()]
+    return " ".join(parts + (["--rehearse"] if req.rehearse else []))
+
+
+def _start_tracking(record: GridRecord, grid: Grid, executor: str, options: str) -> GridRecord:
     """Store schema + experiment once, before any job; one parent run per invocation."""
     from harness.tracking.runs import start_parent_run
-    from harness.tracking.schema import GRID_FILE, GRID_MARGIN, git_commit_of
+    from harness.tracking.schema import GRID_FILE_TAG, GRID_MARGIN, GRID_OPTIONS, git_commit_of
     from harness.tracking.store import prepare_store
 
     uri = record.store.writer_uri()
@@ -286,7 +298,8 @@ def _start_tracking(record: GridRecord, grid: Grid, executor: str) -> GridRecord
     parent = start_parent_run(uri, experiment_id, grid=grid.name, axes=grid.axes_spec(),
                               paper_setting=grid.spec.paper_setting,
                               tags={"executor": executor, "git_commit": git_commit_of() or "unknown",
-                                    GRID_FILE: str(grid.path), GRID_MARGIN: grid.spec.margin})
+                                    GRID_FILE_TAG: str(grid.path), GRID_MARGIN: grid.spec.margin,
+                                    GRID_OPTIONS: options})
     return record.model_copy(update={"experiment_id": experiment_id, "parent_run_id": parent})
 
 

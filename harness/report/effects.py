@@ -406,7 +406,7 @@ def estimate_effects(runs: pd.DataFrame, metric: str, *, margin: float = 0.5, al
     axes = grid_axes(runs)
     design = _design(runs, metric)
     contrasts = _contrasts(design, axes)
-    attrs = {"metric": metric, "margin": margin, "alpha": alpha, "power": power}
+    attrs = {"metric": metric, "margin": margin, "alpha": alpha, "power": power, "max_seeds": max_seeds}
     if not contrasts:
         effects = pd.DataFrame(columns=EFFECT_COLUMNS)
         effects.attrs = {**attrs, "method": "no estimable effect", "residual_sd": np.nan,

@@ -293,8 +293,9 @@ def plot_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
     ax.legend([Line2D([], [], color=VERDICT_COLORS[v], marker="o", lw=2) for v in present], present,
               loc="best", fontsize=8, title="verdict", title_fontsize=8)
     band = f"; grey band: ±{margin:g} (negligible)" if margin else ""
-    fig.suptitle(f"Effects on {metric}: estimate and 95% interval{band}\n{effects.attrs.get('method', '')}",
-                 fontsize=10)
+    level = 100 * (1 - effects.attrs.get("alpha", 0.05))
+    fig.suptitle(f"Effects on {metric}: estimate and {level:g}% interval{band}\n"
+                 f"{effects.attrs.get('method', '')}", fontsize=10)
     return _save(fig, path)
 
 

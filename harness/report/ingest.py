@@ -11,8 +11,8 @@
   ``cpu_core_hours``) plus any other top-level metric (``linear_top5``, ...), and
   ``mlflow_run_id``, ``run_name``, ``parent_run_id``, ``start_time``, ``end_time``.
   ``runs.attrs`` holds ``axes``, ``axis_baselines`` and ``paper_setting`` from the newest parent
-  run's ``grid.axes`` / ``grid.paper_setting`` tags, ``margin`` and ``grid_file`` from its
-  ``grid.margin`` / ``grid_file`` tags (None when absent), ``grid``, ``metrics``, ``experiment_id``,
+  run's ``grid.axes`` / ``grid.paper_setting`` tags, ``margin``, ``grid_file`` and ``grid_options``
+  from its ``grid.margin`` / ``grid_file`` / ``grid.options`` tags (None, None, "" when absent), ``grid``, ``metrics``, ``experiment_id``,
   ``parent_run_id`` (the newest ``ablate`` run, where the report is logged) and
   ``duplicates_dropped``.
   Failed, preempted, running and pending cells are rows like the others. A cell x seed run
@@ -161,7 +161,7 @@ def _parent_metadata(info: pd.DataFrame, tags: pd.DataFrame, experiment_name: st
     parents = info[tags.get(schema.ROLE, pd.Series(index=info.index, dtype=object)).eq(schema.ROLE_PARENT)]
     if parents.empty:
         return {"grid": experiment_name, "axes_spec": [], "paper_setting": False, "parent_run_id": None,
-                "margin": None, "grid_file": None}
+                "margin": None, "grid_file": None, "grid_options": ""}
     newest = parents.sort_values("start_time", ascending=False).index[0]
     row = tags.loc[newest]
     return {
@@ -170,7 +170,8 @@ def _parent_metadata(info: pd.DataFrame, tags: pd.DataFrame, experiment_name: st
         "paper_setting": str(row.get(schema.GRID_PAPER_SETTING, "false")).lower() == "true",
         "parent_run_id": newest,
         "margin": pd.to_numeric(row.get(schema.GRID_MARGIN), errors="coerce"),
-        "grid_file": row.get(schema.GRID_FILE) if isinstance(row.get(schema.GRID_FILE), str) else None,
+        "grid_file": row.get(schema.GRID_FILE_TAG) if isinstance(row.get(schema.GRID_FILE_TAG), str) else None,
+        "grid_options": row.get(schema.GRID_OPTIONS) if isinstance(row.get(schema.GRID_OPTIONS), str) else "",
     }
 
 
@@ -253,6 +254,7 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
         "paper_setting": meta["paper_setting"],
         "margin": None if pd.isna(meta["margin"]) else float(meta["margin"]),
         "grid_file": meta["grid_file"],
+        "grid_options": meta["grid_options"],
         "experiment": experiment_name,
         "experiment_id": str(experiment_id),
         "parent_run_id": meta["parent_run_id"],

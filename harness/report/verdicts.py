@@ -3,7 +3,7 @@ cost of the seeds that would settle what is still open.
 
 Input: the ``effects`` frame of :func:`harness.report.effects.estimate_effects` (its ``attrs``
 carry the margin, alpha, method and ``seeds_to_resolve``) and the ``runs`` frame (cost, seeds,
-``attrs["grid_file"]``).
+``attrs["grid_file"]`` and ``attrs["grid_options"]``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from harness.report.effects import ONE_SEED
 from harness.report.tables import DONE, device_hours
 
 RESOLVED = ("resolved +", "resolved -")
@@ -22,8 +23,8 @@ HOURS_UNITS = {"gpu_hours": "GPU-hours", "cpu_core_hours": "CPU core-hours"}
 
 @dataclass(frozen=True)
 class SeedsPlan:
-    """What settling the open effects would take: ``seeds`` in all (None: more than the
-    analysis's cap), the command, and the extra cost (None when no run reports one)."""
+    """What settling the open effects would take: ``seeds`` in all (None: as many as the
+    analysis searches are not enough), the command, and the extra cost (None when no run reports one)."""
 
     seeds: int | None
     current: int
@@ -49,9 +50,14 @@ def seeds_plan(effects: pd.DataFrame, runs: pd.DataFrame) -> SeedsPlan | None:
         return None
     current = int(runs.loc[runs["status"].eq(DONE), "seed"].nunique())
     target = effects.attrs.get("seeds_to_resolve")
+    if target is None or pd.isna(target):
+        # only effects without an interval are open (one seed): a second seed gives them one
+        target = max(current + 1, 2) if open_effects["verdict"].eq(ONE_SEED).any() else None
     grid = runs.attrs.get("grid_file") or runs.attrs.get("grid", "GRID")
-    seeds = int(target) if target is not None and not pd.isna(target) else None
-    command = f"python bench.py ablate {grid} --seeds {seeds if seeds else 'N'}"
+    options = runs.attrs.get("grid_options") or ""
+    capped = target is not None and target >= effects.attrs.get("max_seeds", float("inf"))
+    seeds = int(target) if target is not None and not capped else None
+    command = " ".join(filter(None, ["python bench.py ablate", grid, options, f"--seeds {seeds or 'N'}"]))
     hours = device_hours(runs)
     extra = None
     if hours is not None and seeds is not None:

@@ -3,7 +3,8 @@
 * One experiment per grid; one parent run per ``ablate`` invocation (``role=ablate``, named
   ``"<grid> <UTC time>"``); its ``grid.axes`` tag gives the report the axes (grid order, levels,
   baselines), ``grid.paper_setting`` whether to add the paper's numbers, ``grid.margin`` the
-  verdicts' equivalence margin and ``grid_file`` the grid YAML (the report's ``--seeds`` command).
+  verdicts' equivalence margin, ``grid_file`` and ``grid.options`` the grid YAML and its ``--set`` /
+  ``--axis`` options (the report's ``--seeds`` command).
 * One child run per cell x seed (``role=cell``, ``mlflow.parentRunId``), named ``"<cell> seed=<seed>"``,
   kept across requeues and resubmissions. Params: the flattened config (:func:`encode_param`).
   Tags: :func:`cell_tags`, then from the job ``status`` (a :class:`~harness.cell_state.CellState`),
@@ -34,7 +35,8 @@ class TrackingError(UserError):
 
 ROLE, ROLE_PARENT, ROLE_CELL = "role", "ablate", "cell"
 GRID, GRID_AXES, GRID_PAPER_SETTING = "grid", "grid.axes", "grid.paper_setting"
-GRID_MARGIN, GRID_FILE = "grid.margin", "grid_file"  # the report's equivalence margin; the grid YAML
+# the report's equivalence margin; the grid YAML and the --set/--axis options it ran with (its --seeds command)
+GRID_MARGIN, GRID_FILE_TAG, GRID_OPTIONS = "grid.margin", "grid_file", "grid.options"
 CELL_ID = "cell_id"
 CONFIG_RUN_ID = "config_run_id"
 SEED = "seed"
