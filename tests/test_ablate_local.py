@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -28,8 +29,9 @@ def invoke(*args: str) -> tuple[int, str]:
 
 def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
         demo_assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No GRID: ablations/smoke.yaml (here a 2-cell stand-in in a fresh folder), the local
-    executor, waiting, the default SQLite store in the cwd, and reports/smoke/report.md."""
+    """No GRID: ablations/smoke.yaml (here a 2-cell stand-in in a fresh folder, plus its random-init
+    reference), the local executor, waiting, the default SQLite store in the cwd, and
+    reports/smoke/report.md."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "ablations").mkdir()
@@ -39,11 +41,13 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
 
     code, out = invoke("ablate")
     assert code == 0, out
-    assert "2 to submit with the local executor" in out
-    assert "running 2 cells here, 2 at a time with 1 torch thread(s) each" in out
+    assert "3 to submit with the local executor" in out
+    assert "running 3 cells here, 2 at a time with 1 torch thread(s) each" in out
     report = tmp_path / "reports" / "smoke" / "report.md"
-    assert report.is_file() and f"{Path('reports/smoke/report.md')}: 2 cells, 2 runs (2 done)" in out
-    assert "target=clip" in report.read_text()
+    assert report.is_file() and f"{Path('reports/smoke/report.md')}: 3 cells, 3 runs (3 done)" in out
+    assert "target=clip" in report.read_text() and "random init" in report.read_text()
+    # one seed, one two-level axis: no interval is possible, and the report says so
+    assert "not resolved: one seed" in out and "--seeds 2" in out
     assert re.search(r"grid smoke took \d+\.\d s\n", out)  # the assets were made already: no set-up part
     assert (tmp_path / "mlflow.db").is_file()
     cells = sorted((tmp_path / "runs" / "smoke").glob("target-*"))
@@ -58,13 +62,14 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     from harness.report.ingest import load_runs
 
     runs, _ = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
-    assert sorted(runs["status"]) == ["done", "done"] and runs["linear_top1"].notna().all()
+    assert sorted(runs["status"]) == ["done"] * 3 and runs["linear_top1"].notna().all()
+    assert sorted(runs["role"]) == ["cell", "cell", "random_init"]
 
     # idempotent: nothing is rerun, the report is rebuilt from the store
     code, again = invoke("ablate")
-    assert code == 0 and "2 cells (2 done); 0 to submit" in again, again
+    assert code == 0 and "3 cells (3 done); 0 to submit" in again, again
     code, status = invoke("status", "smoke")
-    assert code == 0 and "grid smoke: 2 done" in status and "linear_top1=" in status
+    assert code == 0 and "grid smoke: 3 done" in status and "linear_top1=" in status
 
     # a failed cell is resubmitted and resumes in its own folder and MLflow run
     failed = cells[0]
@@ -84,6 +89,45 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     assert code == 0 and "1 cells (1 done); 1 to restart" in out, out
     assert len(json.loads((cells[0] / "launch.json").read_text())["submissions"]) == 1  # a fresh folder
     assert (cells[1] / "results.json").read_bytes() == other_results
+
+
+def test_two_seed_grid_gives_effects_with_intervals_verdicts_and_forest_plot(
+        demo_assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's path: a real 2x2 grid with 2 seeds (and its random-init reference per seed) ends
+    with tables/effects.* (every column), the forest plot, a verdict table in the terminal and the
+    verdicts in words at the top of report.md."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    grid = {"name": "effects", "base": micro_config(*demo_assets), "seeds": 2, "margin": 2.5,
+            "axes": {"model.target": ["pixel", "clip"], "model.masking": ["random", "semantic"]},
+            "resources": {"cpus_per_task": 1, "time_min": 10}}
+    (tmp_path / "effects.yaml").write_text(yaml.safe_dump(grid))
+    code, out = invoke("ablate", "effects.yaml", "--executor", "local")
+    assert code == 0, out
+    assert "10 to submit" in out  # 4 cells x 2 seeds + the untrained encoder per seed
+    folder = tmp_path / "reports" / "effects"
+    effects = pd.read_csv(folder / "tables" / "effects.csv")
+    assert list(effects["effect"]) == ["pretrained vs random init", "target", "masking", "target × masking"]
+    assert {"effect", "levels", "estimate", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "n_seeds",
+            "mde"} <= set(effects.columns)
+    assert (effects["n_seeds"] == 2).all() and effects[["ci_low", "ci_high", "p_value", "mde"]].notna().all().all()
+    assert (effects["ci_low"] <= effects["estimate"]).all() and (effects["estimate"] <= effects["ci_high"]).all()
+    assert set(effects["verdict"]) <= {"resolved +", "resolved -", "negligible", "not resolved"}
+    for fmt in ("md", "tex", "html"):
+        assert (folder / "tables" / f"effects.{fmt}").stat().st_size > 0
+    assert (folder / "figures" / "effects.png").stat().st_size > 10_000
+    report = (folder / "report.md").read_text()
+    assert "**Verdicts** on linear-probe top-1 (%), from 2 seeds: OLS with seed as block" in report
+    assert "within ±2.5 points" in report  # the grid file's margin
+    assert "CPU core-hours so far" in report  # cost in the unit the grid ran on, not zeros
+    assert "pretrained vs random init" in out and "p_holm" in out  # the terminal verdict table
+    if (effects["verdict"] == "not resolved").any():  # the command that would settle it
+        assert re.search(r"`python bench\.py ablate effects\.yaml --seeds \d+`", report)
+
+    # --margin overrides the grid's; nothing is rerun
+    code, again = invoke("report", "effects", "--margin", "100", "--no-log")
+    assert code == 0 and "within ±100 points" in again, again
+    assert set(pd.read_csv(folder / "tables" / "effects.csv")["verdict"]) == {"negligible"}
 
 
 def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, Path], tmp_path: Path,

@@ -71,7 +71,9 @@ def poll(what: Callable[[], object], timeout: float, every: float = 1.0) -> obje
 
 def write_grid(workdir: Path, name: str, base: dict, resources: dict, axes: dict | None = None) -> Path:
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "base": base, "axes": axes or {}, "resources": resources}))
+    # launch-mechanics grids: without the random-init reference (the shipped grids below keep it)
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "axes": axes or {}, "resources": resources,
+                                    "random_init": False}))
     return path
 
 
@@ -93,20 +95,24 @@ def store_of(cell: Path):
 
 
 def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
-    """The 2x2x2 smoke grid (shrunk to micro cells) as one job array: all 8 cells finish with
-    their evaluation metrics, in the run folders and in their MLflow runs."""
+    """The 2x2x2 smoke grid (shrunk to micro cells, one seed) as one job array: all 8 cells and the
+    random-init reference finish with their evaluation metrics, in the run folders and in their
+    MLflow runs, and the report has a verdict for every effect."""
     data, teacher = demo_assets
     overrides = {"model.size": "vit_micro_patch4", "teacher.model": "milan-clip-micro",
                  "teacher.pretrained": teacher, "data.root": data, "pretrain.batch_size": 32,
                  "eval.linear.epochs": 5, "eval.feature_batch_size": 100, "runtime.num_workers": 0}
     sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+    sets += ["--seeds", "1"]
     proc = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", "--wait", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "submitted 8 cells as Slurm job array" in proc.stdout and "grid smoke took" in proc.stdout
-    assert "[8 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
+    assert "submitted 9 cells as Slurm job array" in proc.stdout and "grid smoke took" in proc.stdout
+    assert "[9 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
+    # one seed of a complete 2x2x2 factorial: Lenth's pseudo standard error, and it says so
+    assert "Lenth" in proc.stdout and "pretrained vs random init" in proc.stdout
 
     views = collect(cell_dirs(workdir, "smoke"))
-    assert [v.state.value for v in views] == ["done"] * 8
+    assert [v.state.value for v in views] == ["done"] * 9
     array_ids = {v.record.last.job_id.split("_")[0] for v in views}
     assert len(array_ids) == 1  # one job array
     for view in views:
@@ -119,14 +125,14 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     uri = views[0].record.store.reader_uri()
     assert uri.startswith("http://") and views[0].record.store.backend.startswith("sqlite:///")
     runs, curves = load_runs(uri, "smoke")
-    assert len(runs) == 8 and set(runs["status"]) == {"done"}
+    assert len(runs) == 9 and set(runs["status"]) == {"done"} and (runs["role"] == "random_init").sum() == 1
     assert runs["linear_top1"].notna().all() and runs["knn_top1"].notna().all()
     assert set(runs["cell"]) == {v.record.name for v in views}
-    assert curves["loss"].notna().all() and curves["cell_id"].nunique() == 8
+    assert curves["loss"].notna().all() and curves["cell_id"].nunique() == 8  # the reference never trains
 
     # a second ablate finds everything done and submits nothing
     again = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", *sets)
-    assert again.returncode == 0 and "8 cells (8 done); 0 to submit" in again.stdout, again.stdout
+    assert again.returncode == 0 and "9 cells (9 done); 0 to submit" in again.stdout, again.stdout
 
 
 def long_pixel_cell(demo_assets: tuple[Path, Path], epochs: int, num_workers: int) -> dict:
@@ -150,9 +156,9 @@ def test_the_paper_grid_rehearses_end_to_end_on_cpu_tasks(workdir: Path) -> None
     out = proc.stdout
     assert "rehearsal: resources: 2 CPU task(s) per node with gloo instead of 8 GPUs" in out
     assert "the grid's /datasets/imagenet is not visible from this machine" in out
-    assert "rehearsal passed: all 8 cells ran every stage" in out
+    assert "rehearsal passed: all 9 cells ran every stage" in out
     views = collect(cell_dirs(workdir, "milan_vitb_in1k-rehearsal"))
-    assert [v.state.value for v in views] == ["done"] * 8
+    assert [v.state.value for v in views] == ["done"] * 9  # the 8 cells and the random-init reference
     for view in views:
         metrics = json.loads((view.folder / "results.json").read_text())["metrics"]
         assert {"linear_top1", "finetune_top1"} <= metrics.keys()
