@@ -142,14 +142,15 @@ def _parse_axes(pairs: list[str]) -> dict[str, list[Any]]:
     return axes
 
 
-def _positive_margin(value: float | None) -> float | None:
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value:g} is not a margin: give a positive number of points, e.g. 0.5")
-    return value
+def _check_margin(value: float | None) -> None:
+    """A UserError (one line, exit 2) from inside the command: a click callback's BadParameter
+    would print click's multi-line usage box instead."""
+    if value is not None and not 0 < value < float("inf"):
+        raise UserError(f"--margin {value:g} is not a margin: give a positive number of points, e.g. 0.5")
 
 
 MarginOption = Annotated[float | None, typer.Option(
-    callback=_positive_margin, metavar="POINTS",
+    metavar="POINTS",
     help="Equivalence margin of the verdicts, in points of the headline metric: an effect whose whole "
          "95% interval lies within ±POINTS is negligible (default: the grid file's margin, else 0.5).")]
 
@@ -190,6 +191,7 @@ def ablate_command(
     from harness.config import parse_assignments
     from harness.report.grid_report import REPORTS_DIR
 
+    _check_margin(margin)
     ensure_writable_dir(runs_dir, "--runs-dir")
     if not dry_run:
         ensure_writable_dir(REPORTS_DIR, "reports folder")
@@ -258,7 +260,7 @@ def data_demo(
 def teacher_demo(
     data: Annotated[Path, typer.Option(help="Demo dataset (made if missing).")] = Path("data/demo"),
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("data/demo-teacher/milan-clip-tiny.pt"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    epochs: Annotated[int, typer.Option(help="Training epochs (30 gives the README's 24.7% zero-shot).")] = 30,
     force: Annotated[bool, typer.Option(help="Retrain even if the checkpoint exists.")] = False,
 ) -> None:
     """Train a tiny open_clip model on the demo captions; report its zero-shot accuracy."""
@@ -311,6 +313,7 @@ def report_command(
     from harness.report.grid_report import REPORTS_DIR, write_grid_report
     from harness.report.tables import parse_formats
 
+    _check_margin(margin)
     formats = parse_formats(format_)
     ensure_writable_dir(out or REPORTS_DIR, "--out" if out else "reports folder")
     write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=formats, margin=margin,

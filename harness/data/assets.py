@@ -31,7 +31,7 @@ def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]
     if needs_teacher and not DEMO_TEACHER.is_file():
         from harness.data.demo_teacher import train_demo_teacher
 
-        echo(f"training the demo CLIP teacher into {DEMO_TEACHER} (first run only; about 7 minutes on two cores) ...")
+        echo(f"training the demo CLIP teacher into {DEMO_TEACHER} (first run only; about a minute on two cores) ...")
         report = train_demo_teacher(DEMO_DATA, DEMO_TEACHER, echo=echo)
         echo(f"demo teacher: zero-shot top-1 {report.zero_shot_top1:.1f}% (chance {report.chance_top1:.1f}%), "
              f"{report.seconds:.0f} s")
