@@ -41,9 +41,12 @@ def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, demo_assets: tupl
                        "--axis", "model.decoder=standard,prompting")
     assert code == 0, out
     assert "nothing is submitted (dry run)" in out and "preflight: ok" in out
-    assert "16 cells; CPU cells: no GPU-hours" in out
+    # 8 cells x 2 seeds, and per seed the random-init reference (one student size)
+    assert "18 cells; CPU cells: no GPU-hours" in out
     rows = [line for line in out.splitlines() if "target=" in line]
     assert len(rows) == 16
+    references = [line for line in out.splitlines() if "random init" in line]
+    assert len(references) == 2 and all(line.split()[-2:] == ["missing", "submit"] for line in references)
     assert "target=pixel mask_ratio=0.5 decoder=standard" in rows[0] and rows[0].split()[-2:] == ["missing", "submit"]
     assert not (cwd / "runs" / "g").exists() and not (cwd / "mlflow.db").exists()
 
@@ -70,7 +73,10 @@ def test_gpu_hours_scale_with_epochs_and_skip_cpu_cells() -> None:
             "pretrain": {"epochs": 100, "warmup_epochs": 1}, "data": {"root": "/nowhere"}}
     gpu = build_grid({"name": "g", "base": base, "axes": {"pretrain.epochs": [100, 200]},
                       "resources": {"gpus_per_node": 8}, "estimate": {"train_images": 1000}})
-    low, high = gpu_hours(gpu).values()
+    hours = gpu_hours(gpu)
+    [reference] = [cell for cell in gpu.cells if cell.is_random_init]
+    assert hours[reference.run_id] == 0  # the random-init reference does not pretrain
+    low, high = (hours[cell.run_id] for cell in gpu.cells if not cell.is_random_init)
     assert high == pytest.approx(2 * low) and low > 0
     assert set(gpu_hours(build_grid({"name": "c", "base": base})).values()) == {"cpu"}
 
@@ -115,7 +121,8 @@ def test_unreachable_tracking_store_submits_nothing(cwd: Path, demo_assets: tupl
 def test_status_of_a_grid_never_submitted_and_of_nothing(cwd: Path) -> None:
     write_grid(cwd / "g.yaml", base={"data": {"root": "x"}}, axes={"model.target": ["pixel", "clip"]})
     code, out = invoke("status", str(cwd / "g.yaml"))
-    assert code == 0 and "grid g: 2 missing" in out
+    assert code == 0 and "grid g: 3 missing" in out  # 2 cells and the random-init reference
+    assert "random_init_s0_" in out
     code, out = invoke("status")
     assert code == 2 and "no grid has been submitted under runs" in out
 
@@ -124,22 +131,35 @@ def test_debug_executor_runs_in_process(cwd: Path, demo_assets: tuple[Path, Path
     base = micro_config(*demo_assets)
     base["model"] |= {"target": "pixel", "masking": "random"}
     base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
-    grid = write_grid(cwd / "g.yaml", base=base)
+    grid = write_grid(cwd / "g.yaml", base=base, margin=0.75)
     code, out = invoke("ablate", str(grid), "--executor", "debug")
     assert code == 0, out
     [cell] = list((cwd / "runs" / "g").glob("baseline_*"))
     assert "knn_top1" in json.loads((cell / "results.json").read_text())["metrics"]
+    [reference] = list((cwd / "runs" / "g").glob("random_init_*"))
+    assert "knn_top1" in json.loads((reference / "results.json").read_text())["metrics"]
+    assert "pretrained vs random init" in out  # the verdict table at the end of ablate
     launch = json.loads((cell / "launch.json").read_text())
     assert launch["submissions"][-1]["executor"] == "debug"
     assert (cwd / "reports" / "g" / "report.md").is_file()
 
     # --force: a fresh folder and a new MLflow run for the same cell
     (cell / "marker").touch()
-    code, out = invoke("ablate", str(grid), "--executor", "debug", "--force")
-    assert code == 0 and "1 cells (1 done); 1 to restart" in out, out
+    # (a --set that keeps the config: same cells; the parent run records it)
+    code, out = invoke("ablate", str(grid), "--executor", "debug", "--force", "--set", "runtime.log_every=2")
+    assert code == 0 and "2 cells (2 done); 2 to restart" in out, out  # the cell and its reference
     assert not (cell / "marker").exists() and (cell / "results.json").is_file()
     again = json.loads((cell / "launch.json").read_text())
     assert again["mlflow_run_id"] != launch["mlflow_run_id"] and len(again["submissions"]) == 1
+    # the newest parent run's grid.margin / grid_file / grid.options tags, as the report reads them
+    from harness.report.ingest import load_runs
+    from harness.tracking.store import sqlite_uri
+
+    runs, _ = load_runs(sqlite_uri(cwd / "mlflow.db"), "g")
+    assert runs.attrs["margin"] == 0.75 and runs.attrs["grid_file"] == str(grid)
+    assert runs.attrs["grid_options"] == "--set runtime.log_every=2"
+    assert sorted(runs["role"]) == ["cell", "random_init"]
+    assert "--set runtime.log_every=2 --seeds 2" in out  # the verdicts' --seeds command repeats it
 
 
 def test_an_unknown_cell_selector_submits_nothing(cwd: Path) -> None:

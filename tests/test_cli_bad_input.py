@@ -137,3 +137,13 @@ def test_ui_for_a_server_that_does_not_answer(cwd: Path) -> None:
     assert_one_line_exit_2(["ui", "--tracking-uri", "http://127.0.0.1:9"],
                            "MLflow server http://127.0.0.1:9 is not reachable", "--tracking-uri")
     assert files_under(cwd) == set()
+
+
+@pytest.mark.parametrize("command", ["report", "ablate"])
+@pytest.mark.parametrize("margin", ["-1", "0", "nan", "inf"])
+def test_a_non_positive_margin(cwd: Path, command: str, margin: str) -> None:
+    """--margin is the verdicts' equivalence margin: a positive number of points, checked before
+    any store is opened or any cell is planned."""
+    assert_one_line_exit_2([command, "smoke", "--margin", margin, "--tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}"],
+                           f"--margin {margin}", "is not a margin", "give a positive number of points")
+    assert files_under(cwd) == set()

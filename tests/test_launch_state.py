@@ -188,13 +188,16 @@ def test_plan_table_shows_cells_estimates_and_status(tmp_path: Path) -> None:
                        "axes": {"model.decoder": ["standard", "prompting"]},
                        "resources": {"gpus_per_node": 8}, "estimate": {"train_images": 1281167}})
     found = collect([tmp_path / c.folder for c in grid.cells])
-    hours = {grid.cells[0].run_id: 332.5, grid.cells[1].run_id: None}
-    text = views.plan_table(grid, found, hours, ["submit", "submit"])
+    reference = grid.cells[2]
+    assert reference.is_random_init  # the grid's random-init reference comes after its cells
+    hours = {grid.cells[0].run_id: 332.5, grid.cells[1].run_id: None, reference.run_id: 0.0}
+    text = views.plan_table(grid, found, hours, ["submit", "submit", "submit"])
     lines = text.splitlines()
     assert lines[0].split() == ["#", "cell", "seed", "run", "id", "resources", "GPU-h", "status", "ablate", "would"]
     assert "decoder=standard" in lines[2] and "1x8 GPU, 1 cpu/task, 60 min" in lines[2] and "332.5" in lines[2]
     assert lines[3].split()[-3:] == ["?", "missing", "submit"]
-    assert lines[-1].startswith("2 cells; total 332.5 GPU-hours of pretraining (evaluation not included), "
+    assert "random init" in lines[4] and lines[4].split()[-3:] == ["0.0", "missing", "submit"]
+    assert lines[-1].startswith("3 cells; total 332.5 GPU-hours of pretraining (evaluation not included), "
                                 "assuming 40 TFLOP/s sustained per GPU")
 
 
@@ -218,12 +221,12 @@ def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch
     grid = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "seeds": 3,
                        "axes": {"model.mask_ratio": [0.5, 0.75]}})
     check_configs(grid, cache_dir=tmp_path)
-    assert len(calls) == 2  # seeds share a signature
+    assert len(calls) == 3  # seeds share a signature: two cells and the random-init reference
     check_configs(grid, cache_dir=tmp_path)
-    assert len(calls) == 2  # remembered
+    assert len(calls) == 3  # remembered
     os.utime(data / "train", ns=(1, 1))  # the tree changed: check again
     check_configs(grid, cache_dir=tmp_path)
-    assert len(calls) == 4
+    assert len(calls) == 6
     bad = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "axes": {"model.mask_ratio": [0.5, 0.9]}})
     with pytest.raises(ConfigError, match=r"^cell mask_ratio=0.9: shapes do not fit$"):
         check_configs(bad, cache_dir=tmp_path)

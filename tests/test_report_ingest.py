@@ -15,12 +15,12 @@ from harness.cell_state import CellState
 from harness.cli import app
 from harness.config import RunConfig
 from harness.files import write_json_atomic
-from harness.grid import cell_name
+from harness.grid import RANDOM_INIT_NAME, cell_name
 from harness.report import ingest
 from harness.report.ingest import load_runs, sample_indices
 from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
 from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
-from harness.tracking.schema import TrackingError, cell_tags
+from harness.tracking.schema import GRID_FILE_TAG, GRID_MARGIN, GRID_OPTIONS, TrackingError, cell_tags
 from harness.tracking.server import free_port
 from harness.tracking.store import client, prepare_store, sqlite_uri
 from harness.tracking.sync import sync_run
@@ -44,16 +44,21 @@ def linear(target: str, masking: str, seed: int) -> float:
 
 
 def log_cell(uri: str, exp_id: str, parent: str, target: str, masking: str, seed: int, *,
-             state: CellState, runs_root: Path, top1: float | None = None, reason: str | None = None) -> str:
+             state: CellState, runs_root: Path, top1: float | None = None, reason: str | None = None,
+             random_init: bool = False) -> str:
     """One cell as ``ablate`` and its job leave it: a pending run tagged with its run folder, then
     (unless pending) the folder a job writes (status.json, metrics.jsonl with a line torn by a
     kill at the end, results.json) mirrored into the run by ``sync_run``. The ELSEWHERE run's
-    ``run_dir`` tag names a folder this machine cannot see."""
+    ``run_dir`` tag names a folder this machine cannot see. ``random_init``: the grid's reference
+    cell as ``build_grid`` makes it (no axis values, ``pretrain.epochs`` 0, named "random init")."""
     values = {"model.target": target, "model.masking": masking}
-    cfg = RunConfig().with_overrides({**values, "seed": seed, "model.mask_ratio": 0.75})
+    overrides = {"pretrain.epochs": 0, "pretrain.warmup_epochs": 0} if random_init else {}
+    cfg = RunConfig().with_overrides({**values, "seed": seed, "model.mask_ratio": 0.75, **overrides})
     run_dir = runs_root / f"{target}-{masking}-{seed}-{time.monotonic_ns()}"
     tagged_dir = Path("/nonexistent/cluster-scratch") / run_dir.name if (target, masking, seed) == ELSEWHERE else run_dir
-    cell = cell_name(values)
+    cell = RANDOM_INIT_NAME if random_init else cell_name(values)
+    if random_init:
+        values = {}
     tags = cell_tags(cfg, grid=GRID, cell=cell, axis_values=values, executor="local", git_commit="t",
                      run_dir=tagged_dir)
     [run_id] = create_cell_runs(uri, exp_id, parent_run_id=parent,
@@ -69,7 +74,7 @@ def log_cell(uri: str, exp_id: str, parent: str, target: str, masking: str, seed
     if state == CellState.DONE:
         metrics = {"linear_top1": top1 if top1 is not None else linear(target, masking, seed),
                    "knn_top1": 40.0 + seed, "final_loss": 0.05, "images_per_s": 410.0 + seed,
-                   "peak_memory_mb": 1000.0, "device_hours": 0.5, "train_seconds": 1800.0, "linear_top5": 90.0}
+                   "peak_memory_mb": 1000.0, "gpu_hours": 0.5, "train_seconds": 1800.0, "linear_top5": 90.0}
         logger.log_metrics(metrics, N_STEPS)
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "steps": N_STEPS})
     with (run_dir / METRICS_FILE).open("a") as f:
@@ -133,16 +138,19 @@ def test_runs_frame_matches_the_report_contract(grid_store):
     uri, ids = grid_store
     runs, _ = load_runs(uri, GRID)
     assert len(runs) == 8  # 2 x 2 cells x 2 seeds: the re-runs are not counted twice
-    for column in ["cell_id", "cell", "seed", "status", "failure_reason", "model.target", "model.masking",
+    for column in ["cell_id", "cell", "seed", "status", "failure_reason", "role", "model.target", "model.masking",
                    "linear_top1", "knn_top1", "finetune_top1", "final_loss", "images_per_s",
                    "peak_memory_mb", "gpu_hours", "linear_top5", "mlflow_run_id", "parent_run_id"]:
         assert column in runs, column
     assert runs.attrs["axes"] == ["model.target", "model.masking"]
     assert runs.attrs["axis_baselines"] == {"model.target": "pixel", "model.masking": "random"}
     assert runs.attrs["grid"] == GRID and runs.attrs["paper_setting"] is False
+    # parents without grid.margin / grid_file / grid.options tags (older ablate): the defaults
+    assert runs.attrs["margin"] is None and runs.attrs["grid_file"] is None and runs.attrs["grid_options"] == ""
+    assert runs["role"].eq("cell").all()  # no 0-epoch run: no random-init reference
     assert runs.attrs["parent_run_id"] == ids["second"]
-    assert runs.attrs["metrics"][:7] == ["linear_top1", "knn_top1", "finetune_top1", "final_loss",
-                                         "images_per_s", "peak_memory_mb", "gpu_hours"]
+    assert runs.attrs["metrics"][:8] == ["linear_top1", "knn_top1", "finetune_top1", "final_loss",
+                                         "images_per_s", "peak_memory_mb", "gpu_hours", "cpu_core_hours"]
     assert "linear_top5" in runs.attrs["metrics"] and "train_seconds" in runs.attrs["metrics"]
     assert runs["cell_id"].nunique() == 4 and runs.groupby("cell_id")["cell"].nunique().eq(1).all()
     # grid order: baseline values first
@@ -250,6 +258,38 @@ def test_status_without_a_usable_status_tag(tmp_path):
     assert curves.empty and list(curves.columns) == ["cell_id", "cell", "seed", "target", "step", "loss"]
 
 
+def test_random_init_role_and_parent_grid_tags(tmp_path):
+    """A run whose ``pretrain.epochs`` param is 0 is the grid's random-init reference (role
+    ``random_init``), the others are cells; the newest parent run's ``grid.margin``, ``grid_file``
+    and ``grid.options`` tags come back as ``runs.attrs`` ``margin``, ``grid_file``, ``grid_options``."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    exp_id = prepare_store(uri, GRID)
+    old = start_parent_run(uri, exp_id, grid=GRID, axes=AXES, tags={
+        "executor": "local", GRID_MARGIN: 2.0, GRID_FILE_TAG: "ablations/old.yaml", GRID_OPTIONS: "--set seed=3"})
+    log_cell(uri, exp_id, old, "pixel", "random", 0, state=CellState.DONE, runs_root=tmp_path)
+    time.sleep(0.01)
+    options = "--set 'pretrain.epochs=2' --axis model.masking=random,semantic"
+    parent = start_parent_run(uri, exp_id, grid=GRID, axes=AXES, tags={
+        "executor": "local", GRID_MARGIN: 0.25, GRID_FILE_TAG: "ablations/ingest-grid.yaml", GRID_OPTIONS: options})
+    for target, masking in itertools.product(["pixel", "clip"], ["random", "semantic"]):
+        log_cell(uri, exp_id, parent, target, masking, 0, state=CellState.DONE, runs_root=tmp_path)
+    for seed in (0, 1):
+        log_cell(uri, exp_id, parent, "pixel", "random", seed, state=CellState.DONE, runs_root=tmp_path,
+                 random_init=True, top1=20.0 + seed)
+    runs, _ = load_runs(uri, GRID)
+    assert runs.attrs["parent_run_id"] == parent  # the newest parent's tags, not the older one's
+    assert runs.attrs["margin"] == 0.25 and isinstance(runs.attrs["margin"], float)
+    assert runs.attrs["grid_file"] == "ablations/ingest-grid.yaml"
+    assert runs.attrs["grid_options"] == options
+    reference = runs[runs["role"] == "random_init"]
+    assert len(reference) == 2 and sorted(reference["seed"]) == [0, 1]
+    assert reference["pretrain.epochs"].eq(0).all() and reference["cell"].eq(RANDOM_INIT_NAME).all()
+    assert sorted(reference["linear_top1"]) == [20.0, 21.0]
+    cells = runs[runs["role"] == "cell"]
+    assert len(cells) == 4 and cells["pretrain.epochs"].gt(0).all() and cells["cell_id"].nunique() == 4
+    assert len(runs) == 6 and set(runs["role"]) == {"cell", "random_init"}
+
+
 def test_experiment_by_id_and_unknown_names(grid_store):
     uri, ids = grid_store
     runs, _ = load_runs(uri, ids["experiment_id"])
@@ -282,6 +322,11 @@ def test_report_command_end_to_end(grid_store, tmp_path):
     assert "CUDA out of memory" in report  # failed cells appear, with their reason
     assert (out / "tables" / "cells.csv").is_file() and not (out / "tables" / "cells.tex").exists()
     assert (out / "figures" / "loss_curves.png").is_file()
+    # effects with verdicts replace the main effects
+    assert report.startswith("# ") and "**Verdicts**" in report.split("\n## ", 1)[0]
+    assert (out / "tables" / "effects.csv").is_file() and (out / "figures" / "effects.png").is_file()
+    assert not list(out.rglob("main_effects*"))
+    assert "±0.5 points" in report  # the default margin: these parents carry no grid.margin
     cells = pd.read_csv(out / "tables" / "cells.csv")
     assert len(cells) == 4
     logged = {f.path for f in client(uri).list_artifacts(ids["second"], "report")}
@@ -294,9 +339,10 @@ def test_report_command_accepts_a_grid_yaml(grid_store, tmp_path):
     grid_file = tmp_path / "some-file.yaml"
     grid_file.write_text(f"name: {GRID}\naxes: {{}}\n")
     result = invoke("report", str(grid_file), "--tracking-uri", uri, "--out", str(tmp_path / "r"),
-                    "--no-log", "--metric", "knn_top1")
+                    "--no-log", "--metric", "knn_top1", "--margin", "1.5")
     assert result.exit_code == 0, result.output
-    assert "k-NN top-1" in (tmp_path / "r" / "report.md").read_text()
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "k-NN top-1" in report and "±1.5 points" in report and "±0.5 points" not in report
 
 
 @pytest.mark.parametrize("case", ["unknown grid", "unknown metric", "dead server", "no store", "bad format",

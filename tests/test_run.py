@@ -1,6 +1,7 @@
 """One cell end to end (`bench.py run`): pretrain -> evaluate, resume after SIGKILL, failures, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -68,6 +69,9 @@ def test_micro_cell_pretrains_evaluates_and_evaluate_reads_its_checkpoint(demo_a
     assert result.state == "done"
     for key in ("linear_top1", "linear_top5", "knn_top1", "final_loss", "images_per_s", "peak_memory_mb"):
         assert key in result.metrics and result.metrics[key] == result.metrics[key]  # present, not NaN
+    # cost on CPU: core-hours over pretraining and evaluation, at least the pretraining time's
+    assert result.metrics["cpu_core_hours"] >= result.metrics["train_seconds"] / 3600 > 0
+    assert "gpu_hours" not in result.metrics and "device_hours" not in result.metrics
     steps = 300 // 32  # 10 classes x 30 images, batch 32, one epoch
     assert logged_steps(tmp_path / "run") == list(range(1, steps + 1))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
@@ -80,6 +84,33 @@ def test_micro_cell_pretrains_evaluates_and_evaluate_reads_its_checkpoint(demo_a
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "encoder vit_micro_patch4 at 32px" in out and "linear_top1" in out
+
+
+def test_zero_epochs_evaluates_the_untrained_encoder(demo_assets, tmp_path):
+    """``pretrain.epochs: 0`` (a grid's random-init reference): no training step, the untrained
+    encoder is evaluated by every protocol, and the run reports its cost in CPU core-hours."""
+    data, teacher = demo_assets
+    config = micro_config(data, teacher, pretrain={"epochs": 0, "warmup_epochs": 0},
+                          model={"target": "pixel", "masking": "random"})
+    cfg = load_config(write_config(tmp_path / "cell.yaml", config))
+    result = run(cfg, tmp_path / "run")
+    assert result.state == "done", result.failure_reason
+    for key in ("linear_top1", "linear_top5", "knn_top1"):
+        assert key in result.metrics and 0.0 <= result.metrics[key] <= 100.0, key
+    assert logged_steps(tmp_path / "run") == []  # no training step
+    assert result.metrics["cpu_core_hours"] > 0 and "gpu_hours" not in result.metrics
+    assert "device_hours" not in result.metrics
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "done" and status.get("step", 0) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
+    assert checkpoint["step"] == checkpoint["total_steps"] == 0
+    assert result.metrics["train_seconds"] == 0 and math.isnan(result.metrics["final_loss"])  # no loss to report
+    # the saved (and evaluated) encoder is the initialisation: the seed's fresh student, unchanged
+    from harness.train.pretrain import build_model
+
+    torch.manual_seed(cfg.seed * 1000)  # pretrain's seeding, rank 0
+    for key, value in build_model(cfg).student.state_dict().items():
+        torch.testing.assert_close(checkpoint["model"][key], value, rtol=0, atol=0, msg=key)
 
 
 def test_finetune_protocol_runs_after_pretraining_and_from_evaluate(demo_assets, tmp_path):
