@@ -200,7 +200,7 @@ def ablate_command(
     request = AblateRequest(grid=grid, sets=parse_assignments(set_ or []), axes=_parse_axes(axis or []),
                             seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
                             tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()),
-                            rehearse=rehearse)
+                            rehearse=rehearse, margin=margin)
     outcome = ablate(request, echo=typer.echo)
     if outcome.waited and outcome.record is not None and outcome.record.store is not None:
         from harness.report.grid_report import write_grid_report

@@ -101,7 +101,7 @@ def test_two_seed_grid_gives_effects_with_intervals_verdicts_and_forest_plot(
     grid = {"name": "effects", "base": micro_config(*demo_assets), "seeds": 2, "margin": 2.5,
             "axes": {"model.target": ["pixel", "clip"], "model.masking": ["random", "semantic"]},
             "resources": {"cpus_per_task": 1, "time_min": 10}}
-    (tmp_path / "effects.yaml").write_text(yaml.safe_dump(grid))
+    (tmp_path / "effects.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))  # axes in this order
     code, out = invoke("ablate", "effects.yaml", "--executor", "local")
     assert code == 0, out
     assert "10 to submit" in out  # 4 cells x 2 seeds + the untrained encoder per seed

@@ -92,7 +92,7 @@ def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
         for step in range(1, 11):
             logger.log_metrics({"train/loss": 1 / step}, step)
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": {"linear_top1": float(cells[spec["run_name"]]),
-                                                               "device_hours": 0.1}, "steps": 10})
+                                                               "cpu_core_hours": 0.1}, "steps": 10})
         write_status(run_dir, CellState.DONE, stage="done", step=10)
         sync_run(run_dir, uri, run_id)
     set_state(uri, parent, CellState.DONE)

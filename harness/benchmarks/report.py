@@ -151,7 +151,7 @@ GOAL_S = 5.0
 # MLflow metric key of each report column that populate() writes (report column -> metric)
 SUMMARY_KEYS = {"linear_top1": "linear_top1", "knn_top1": "knn_top1", "finetune_top1": "finetune_top1",
                 "final_loss": "final_loss", "images_per_s": "images_per_s",
-                "peak_memory_mb": "peak_memory_mb", "gpu_hours": "device_hours"}
+                "peak_memory_mb": "peak_memory_mb", "gpu_hours": "gpu_hours"}
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class AblateRequest:
     runs_dir: Path = Path("runs")
     cells: tuple[str, ...] = ()  # only the cells whose folder or name contains one of these
     rehearse: bool = False  # the grid at micro scale, as <grid>-rehearsal (harness.rehearsal); waits
+    margin: float | None = None  # the verdicts' margin instead of the grid file's (recorded for later reports)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
     if todo:
         if req.force:
             _clear([now[chosen.index(i)] for i in todo], echo)
-        record = _start_tracking(record, grid, executor, _grid_options(req))
+        record = _start_tracking(record, grid, executor, _grid_options(req), req.margin or grid.spec.margin)
         launches = _launch_records(gdir, cells, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
     return _Batch(record, cells, launches, setup_seconds)
@@ -287,7 +288,7 @@ def _grid_options(req: AblateRequest) -> str:
     return " ".join(parts + (["--rehearse"] if req.rehearse else []))
 
 
-def _start_tracking(record: GridRecord, grid: Grid, executor: str, options: str) -> GridRecord:
+def _start_tracking(record: GridRecord, grid: Grid, executor: str, options: str, margin: float) -> GridRecord:
     """Store schema + experiment once, before any job; one parent run per invocation."""
     from harness.tracking.runs import start_parent_run
     from harness.tracking.schema import GRID_FILE_TAG, GRID_MARGIN, GRID_OPTIONS, git_commit_of
@@ -298,7 +299,7 @@ def _start_tracking(record: GridRecord, grid: Grid, executor: str, options: str)
     parent = start_parent_run(uri, experiment_id, grid=grid.name, axes=grid.axes_spec(),
                               paper_setting=grid.spec.paper_setting,
                               tags={"executor": executor, "git_commit": git_commit_of() or "unknown",
-                                    GRID_FILE_TAG: str(grid.path), GRID_MARGIN: grid.spec.margin,
+                                    GRID_FILE_TAG: str(grid.path), GRID_MARGIN: margin,
                                     GRID_OPTIONS: options})
     return record.model_copy(update={"experiment_id": experiment_id, "parent_run_id": parent})
 

@@ -82,10 +82,11 @@ def headline(effects: pd.DataFrame, runs: pd.DataFrame, metric_words: str) -> st
     a = effects.attrs
     n_seeds = int(runs.loc[runs["status"].eq(DONE), "seed"].nunique())
     family = int(effects["p_value"].notna().sum())
+    tested = (f"95% intervals; Holm-adjusted over {family} effects at α = {a['alpha']:g}" if family else
+              "no effect has an interval")
     lines = [
         f"**Verdicts** on {metric_words}, from {n_seeds} seed{'s' if n_seeds != 1 else ''}: "
-        f"{a['method']}; 95% intervals; Holm-adjusted over {family} effects at α = {a['alpha']:g}; "
-        f"negligible means the whole interval lies within ±{a['margin']:g} points."
+        f"{a['method']}; {tested}; negligible means the whole interval lies within ±{a['margin']:g} points."
     ]
     resolved = effects[effects["verdict"].isin(RESOLVED)]
     negligible = effects[effects["verdict"].eq(NEGLIGIBLE)]
