@@ -98,13 +98,16 @@ def build_report(
     out_dir = Path(out_dir)
     formats = tuple(formats)
     margin = margin or runs.attrs.get("margin") or DEFAULT_MARGIN
-    effects = estimate_effects(runs, metric, margin=margin)
-    tables = {"effects": effects[EFFECT_TABLE_COLUMNS], "cells": cell_table(runs, metric)}
-    reference = reference_table(runs)
-    if reference is not None:
-        tables["reference"] = reference
-    jobs = _figure_jobs(runs, curves, metric, effects, out_dir / "figures")
-    with _FigureRenderer(jobs) as renderer:
+    fig_dir = out_dir / "figures"
+    with _FigureRenderer(_figure_jobs(runs, curves, metric, fig_dir)) as renderer:
+        # the statistics run while the workers draw the other figures
+        effects = estimate_effects(runs, metric, margin=margin)
+        if effects["estimate"].notna().any():
+            renderer.add("effects", (plot_effects, (effects, metric, fig_dir / "effects.png")))
+        tables = {"effects": effects[EFFECT_TABLE_COLUMNS], "cells": cell_table(runs, metric)}
+        reference = reference_table(runs)
+        if reference is not None:
+            tables["reference"] = reference
         table_paths = write_tables(tables, out_dir / "tables", formats)
         figure_paths = renderer.results()
     words = headline(effects, runs, metric_label(metric))
@@ -122,16 +125,13 @@ def _figure_jobs(
     runs: pd.DataFrame,
     curves: pd.DataFrame | None,
     metric: str,
-    effects: pd.DataFrame,
     fig_dir: Path,
 ) -> dict[str, FigureJob]:
-    """Each figure whose data exists, keyed by the report section that embeds it (in the
-    order the report shows them)."""
+    """Each figure of the runs whose data exists, keyed by the report section that embeds it
+    (the forest plot is added once the effects are estimated)."""
     jobs: dict[str, FigureJob] = {}
     if finished_values(runs, metric).notna().any():
         jobs["cells"] = (plot_metric_by_cell, (runs, metric, fig_dir / "metric_by_cell.png"))
-    if effects["estimate"].notna().any():
-        jobs["effects"] = (plot_effects, (effects, metric, fig_dir / "effects.png"))
     if curves is not None and curves["loss"].notna().any():
         jobs["curves"] = (plot_loss_curves, (curves, fig_dir / "loss_curves.png"))
     if cost_by_cell(runs).notna().any().any():
@@ -161,7 +161,7 @@ class _FigureRenderer:
 
     def __init__(self, jobs: Mapping[str, FigureJob]) -> None:
         self.jobs = dict(jobs)
-        self.workers = min(len(self.jobs), _default_workers())
+        self.workers = min(len(self.jobs) + 1, _default_workers())  # + the forest plot, added later
         self.pool = None
         self.futures: dict[str, Future] = {}
 
@@ -180,6 +180,12 @@ class _FigureRenderer:
             except (OSError, ValueError):
                 self._close()
         return self
+
+    def add(self, key: str, job: FigureJob) -> None:
+        """One more figure, drawn by a free worker (the pool forked all of them at its first job)."""
+        self.jobs[key] = job
+        if self.pool is not None:
+            self.futures[key] = self.pool.submit(job[0], *job[1])
 
     def results(self) -> dict[str, Path]:
         paths = {}

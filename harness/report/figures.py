@@ -37,6 +37,7 @@ PNG_COMPRESS_LEVEL = 1
 ROW_HEIGHT_IN = 0.22  # per category row on horizontal plots: keeps tick labels apart
 X_AXIS_HEIGHT_IN = 0.6  # tick labels and label of a row figure's x axis
 COLUMN_GAP = "  "  # between axis-value columns of the row labels
+MONO_CHAR_IN = 0.07  # width of one 8 pt monospace character, inches (DejaVu Sans Mono: 0.6 em)
 TITLE_CHARS = 70  # wrap width of title lines: fits the narrowest (8 in) figure
 ROLE_COLORS = {"baseline": "#c44e52", "other": "#4c72b0"}
 # Above this many cells a per-cell legend is unreadable; the lines stay, the legend goes.
@@ -267,6 +268,9 @@ def plot_cost(runs: pd.DataFrame, path: str | Path) -> Path:
 
 # --- other figures -------------------------------------------------------------------
 
+# A forest plot shows every effect up to this many; beyond, interactions of three or more axes
+# only where resolved (the table has them all).
+MAX_FOREST_ROWS = 40
 # Forest-plot colour of each verdict: resolved effects stand out, open ones stay muted.
 VERDICT_COLORS: dict[str, str] = dict(zip(VERDICTS, ("#2a9d3f", "#d1495b", "#8c8c8c", "#4c72b0", "#c7c7c7")))
 
@@ -277,8 +281,15 @@ def plot_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
     line and the equivalence margin as a grey band."""
     margin = effects.attrs.get("margin")
     rows = effects.reset_index(drop=True)
+    hidden = 0
+    if len(rows) > MAX_FOREST_ROWS:  # unreadable, and slow to draw: higher orders stay in the table
+        shown = (rows["order"] <= 2) | rows["verdict"].isin(VERDICTS[:2])
+        rows, hidden = rows[shown].reset_index(drop=True), int((~shown).sum())
     labels = [f"{effect}: {levels}" for effect, levels in zip(rows["effect"], rows["levels"])]
-    fig = _figure(8, _rows_height(len(rows)))
+    # margins from the measured widest label, as the row figures do: constrained layout took
+    # 2 s on a 124-effect grid
+    longest = max(map(len, labels), default=0)
+    fig = _figure(max(8.0, 4.5 + MONO_CHAR_IN * longest), _rows_height(len(rows)), layout=None)
     ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]  # the first effect at the top
     colors = rows["verdict"].map(VERDICT_COLORS).fillna("black")
@@ -287,15 +298,18 @@ def plot_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
     ax.axvline(0, color=".25", lw=1, ls="--", zorder=1)
     ax.hlines(y, rows["ci_low"], rows["ci_high"], colors=colors, lw=2, zorder=2)
     ax.scatter(rows["estimate"], y, c=colors, s=36, zorder=3)
-    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8, fontfamily="monospace")
     ax.set_xlabel(f"effect on {metric_label(metric)}")
     present = [v for v in VERDICTS if v in set(rows["verdict"])]
     ax.legend([Line2D([], [], color=VERDICT_COLORS[v], marker="o", lw=2) for v in present], present,
               loc="best", fontsize=8, title="verdict", title_fontsize=8)
     band = f"; grey band: ±{margin:g} (negligible)" if margin else ""
+    if hidden:
+        band += f"\n{hidden} interactions of 3+ axes, none resolved, are not drawn: see tables/effects"
     level = 100 * (1 - effects.attrs.get("alpha", 0.05))
-    fig.suptitle(f"Effects on {metric}: estimate and {level:g}% interval{band}\n"
-                 f"{effects.attrs.get('method', '')}", fontsize=10)
+    title = fig.suptitle(f"Effects on {metric}: estimate and {level:g}% interval{band}\n"
+                         f"{effects.attrs.get('method', '')}", fontsize=10)
+    _fit_row_margins(fig, title)
     return _save(fig, path)
 
 
