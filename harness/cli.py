@@ -241,7 +241,7 @@ def data_demo(
     seed: int = 0,
     image_size: int = 32,
     train_per_class: int = 300,
-    val_per_class: int = 60,
+    val_per_class: int = 150,
 ) -> None:
     """Generate the deterministic demo dataset (train/ and val/, ten shape classes, captions)."""
     ensure_writable_dir(root, "demo dataset folder")

@@ -161,7 +161,7 @@ def make_demo_dataset(
     *,
     image_size: int = 32,
     train_per_class: int = 300,
-    val_per_class: int = 60,
+    val_per_class: int = 150,
     seed: int = 0,
 ) -> DemoDatasetInfo:
     """Generate the demo dataset at ``root`` (or reuse it if already generated with these arguments).
