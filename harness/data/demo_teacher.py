@@ -89,11 +89,11 @@ def zero_shot_top1(model, tokenizer, loader: DataLoader, classes: list[str], dev
 
 
 # Zero-shot top-1 on the v2 demo val split (chance 10%), each a full run with its own cosine
-# schedule: 12.7% after 5 epochs, 15.2% after 20, 24.7% after 30. About 15 s an epoch on two
-# idle cores. `make demo` trains 5 (its 10-minute budget, install included, holds no more; the
-# demo's CLIP targets then come from a weak teacher, and its report's verdict on the target
-# says so); `bench.py teacher demo --epochs 30` trains the better one.
-DEFAULT_EPOCHS = 5
+# schedule: 12.7% after 5 epochs, 15.2% after 20, 24.7% after 30 (on its first 60 images per
+# class; 10.8% after 5 on all 150). About 12 s an epoch on two idle cores. `make demo` trains 3:
+# its 10-minute budget, install included, holds no more, so the demo's CLIP targets come from a
+# near-chance teacher (the README says so); `bench.py teacher demo --epochs 30` trains the better one.
+DEFAULT_EPOCHS = 3
 
 
 def train_demo_teacher(data_root: Path, out: Path, *, model: str = "milan-clip-tiny",
