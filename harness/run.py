@@ -166,7 +166,7 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
 
 # --- the run -----------------------------------------------------------------------------------
 
-def device_hours(seconds: float, device: torch.device, env: DistEnv) -> dict[str, float]:
+def run_cost(seconds: float, device: torch.device, env: DistEnv) -> dict[str, float]:
     """What a run cost: GPU-hours on GPUs, CPU core-hours (ranks x torch threads) on CPUs. The
     pretraining time counts every attempt; the evaluation's, the attempt that finished it."""
     if device.type == "cuda":
@@ -216,7 +216,7 @@ def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.
             if env.is_main:
                 logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
                 logger.flush()
-        metrics |= device_hours(result.train_seconds + time.perf_counter() - eval_start, device, env)
+        metrics |= run_cost(result.train_seconds + time.perf_counter() - eval_start, device, env)
         barrier(env)
     except TrainingFailed as err:
         if env.is_main:
