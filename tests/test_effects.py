@@ -3,10 +3,8 @@ rates, and Lenth and power numbers that match the textbook and statsmodels."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,16 @@ import pytest
 from scipy import stats
 from statsmodels.stats.power import TTestPower
 
+from harness.benchmarks.calibration import (
+    AXES,
+    BASE,
+    METRIC,
+    Grid,
+    false_resolution_rate,
+    interval_coverage,
+    planted_means,
+    power_to_resolve,
+)
 from harness.report.effects import (
     EFFECT_COLUMNS,
     NEGLIGIBLE,
@@ -32,159 +40,35 @@ from harness.report.effects import (
 )
 from harness.report.figures import plot_effects
 
-AXES = {
-    "model.target": ["pixel", "clip"],
-    "model.decoder": ["standard", "prompting"],
-    "model.masking": ["random", "semantic"],
-}
-METRIC = "linear_top1"
-BASE = 50.0
-RANDOM_INIT_MEAN = 20.0
-RESOLVED = [RESOLVED_UP, RESOLVED_DOWN]
-# Effect name -> its axes, for every main effect and interaction of AXES.
-FACTORIAL_EFFECTS = {
-    " × ".join(axis.split(".")[-1] for axis in subset): subset
-    for order in range(1, len(AXES) + 1)
-    for subset in itertools.combinations(AXES, order)
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cheap_garbage_collection() -> Iterator[None]:
-    """statsmodels' Holm branch of multipletests calls gc.collect() on every call
-    (statsmodels PR #8671), about 50 ms with pandas, scipy and statsmodels loaded, which
-    would dominate thousands of simulated grids. Freezing what is already allocated makes
-    each collection scan only new objects."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
-# --- synthetic grids -------------------------------------------------------------------
-
-
-class Grid:
-    """A full factorial grid's runs frame (one run per cell x seed, cells in
-    itertools.product order of `axes`, plus one random-init run per seed), refilled with
-    fresh values by `runs`: built once, so that simulating thousands of grids measures
-    estimate_effects rather than frame construction."""
-
-    def __init__(self, axes: Mapping[str, list[object]], seeds: int, *,
-                 random_init: bool = True) -> None:
-        cells = pd.DataFrame(itertools.product(*axes.values()), columns=list(axes))
-        cells["cell"] = cells.astype(str).agg(" ".join, axis=1)
-        cells["cell_id"] = [f"c{i}" for i in range(len(cells))]
-        cells["role"] = "cell"
-        if random_init:  # its axis columns hold junk: the contract says to ignore them
-            cells = cells.astype(object)
-            cells.loc[len(cells)] = {**{axis: "untrained" for axis in axes},
-                                     "cell": "random init", "cell_id": "ri",
-                                     "role": "random_init"}
-        self.frame = cells.merge(pd.DataFrame({"seed": range(seeds)}), how="cross")
-        self.frame["status"] = "done"
-        self.frame.attrs = {"axes": list(axes),
-                            "axis_baselines": {axis: v[0] for axis, v in axes.items()},
-                            "metrics": [METRIC]}
-        self.seeds = seeds
-        self.random_init = random_init
-        self.treatment = np.arange(len(self.frame)) // seeds  # cross join: seeds vary fastest
-        self.seed = np.arange(len(self.frame)) % seeds
-
-    def runs(self, cell_means: np.ndarray, rng: np.random.Generator, *, seed_sd: float = 0.0,
-             noise_sd: float = 1.0) -> pd.DataFrame:
-        """Each run: its cell mean + its seed's offset (shared by every run of that seed,
-        a block effect) + Gaussian noise."""
-        means = np.r_[cell_means, RANDOM_INIT_MEAN] if self.random_init else cell_means
-        offset = rng.normal(0, seed_sd, self.seeds)
-        values = (means[self.treatment] + offset[self.seed]
-                  + rng.normal(0, noise_sd, len(self.frame)))
-        return self.frame.assign(**{METRIC: values})
-
-
-def coding() -> pd.DataFrame:
-    """±1 coding of every cell of AXES (product order), one column per axis."""
-    return pd.DataFrame(itertools.product((-1, 1), repeat=len(AXES)), columns=list(AXES))
-
-
-def true_effect_matrix() -> pd.DataFrame:
-    """Effects of the 2^3 grid as rows of weights over its cell means, by the textbook
-    formula (sum of ±cell means / 2^(k-1)), written independently of the module's
-    contrast builder. The random-init effect is the mean of the cell means, less the
-    random-init mean (added by the caller)."""
-    signs = coding()
-    rows = {name: signs[list(axes)].prod(axis=1) / 4 for name, axes in FACTORIAL_EFFECTS.items()}
-    rows[RANDOM_INIT_EFFECT] = pd.Series(1 / len(signs), signs.index)
-    return pd.DataFrame(rows).T
-
-
-def planted_means(effects: Mapping[str, float]) -> np.ndarray:
-    """Cell means around BASE with the given effects (BHH convention), every other zero."""
-    signs = coding()
-    planted = sum((effect / 2 * signs[list(FACTORIAL_EFFECTS[name])].prod(axis=1)
-                   for name, effect in effects.items()), start=pd.Series(0.0, signs.index))
-    return BASE + planted.to_numpy(dtype=float)
-
-
-def simulate(n_grids: int, seeds: int, cell_means: Callable[[np.random.Generator], np.ndarray],
-             rng: np.random.Generator, *, seed_sd: float = 0.0,
-             ) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
-    """(true cell means, estimate_effects) of `n_grids` simulated grids of AXES."""
-    grid = Grid(AXES, seeds)
-    for _ in range(n_grids):
-        means = cell_means(rng)
-        yield means, estimate_effects(grid.runs(means, rng, seed_sd=seed_sd), METRIC)
-
 
 def by_effect(effects: pd.DataFrame) -> pd.DataFrame:
     return effects.set_index("effect")
 
 
-# --- calibration by simulation ---------------------------------------------------------
+# --- calibration by simulation (the grids and figures of `bench.py calibrate`) ---------
 
 
 def test_intervals_cover_true_effects_95_percent() -> None:
-    rng = np.random.default_rng(1)
-    covered = []
-    effect_weights = true_effect_matrix()
-    random_init = effect_weights.index == RANDOM_INIT_EFFECT
-    for means, effects in simulate(1000, 3, lambda r: BASE + r.normal(0, 2, 8), rng,
-                                   seed_sd=1.0):
-        truth = pd.Series(effect_weights.to_numpy() @ means - random_init * RANDOM_INIT_MEAN,
-                          effect_weights.index)[effects["effect"]].to_numpy()
-        covered.append((effects["ci_low"] <= truth) & (truth <= effects["ci_high"]))
-    coverage = np.mean(np.concatenate(covered))
+    coverage = interval_coverage(1000, np.random.default_rng(1))
     assert 0.93 <= coverage <= 0.97, coverage
 
 
 def test_null_grid_rarely_resolves_any_effect_with_three_seeds() -> None:
-    rng = np.random.default_rng(2)
-    false_resolutions = [
-        effects.loc[effects["order"] >= 1, "verdict"].isin(RESOLVED).any()
-        for _, effects in simulate(1000, 3, lambda r: np.full(8, BASE), rng, seed_sd=1.0)
-    ]
-    assert np.mean(false_resolutions) <= 0.05, np.mean(false_resolutions)
+    rate = false_resolution_rate(1000, 3, np.random.default_rng(2))
+    assert rate <= 0.05, rate
 
 
 def test_three_sd_main_effect_is_resolved_with_three_seeds() -> None:
-    rng = np.random.default_rng(3)
-    means = planted_means({"target": 3.0})
     # 3 noise sd is about 7 standard errors at 3 seeds: 500 grids tell 90% apart from
     # the nearly 100% expected
-    resolved = [
-        by_effect(effects).at["target", "verdict"] == RESOLVED_UP
-        for _, effects in simulate(500, 3, lambda r: means, rng, seed_sd=1.0)
-    ]
-    assert np.mean(resolved) >= 0.9, np.mean(resolved)
+    power = power_to_resolve(500, np.random.default_rng(3), effect=3.0)
+    assert power >= 0.9, power
 
 
 def test_null_grid_rarely_resolves_any_effect_with_one_seed_through_lenth() -> None:
-    rng = np.random.default_rng(4)
-    false_resolutions = []
-    for _, effects in simulate(1000, 1, lambda r: np.full(8, BASE), rng):
-        factorial = effects[effects["order"] >= 1]
-        assert (factorial["method"] == "Lenth PSE").all()
-        false_resolutions.append(factorial["verdict"].isin(RESOLVED).any())
-    assert np.mean(false_resolutions) <= 0.05, np.mean(false_resolutions)
+    # false_resolution_rate raises if the one-seed effects did not go through Lenth
+    rate = false_resolution_rate(1000, 1, np.random.default_rng(4))
+    assert rate <= 0.05, rate
 
 
 # --- verdicts --------------------------------------------------------------------------
