@@ -358,7 +358,8 @@ def _random_init_cells(grid: str, cells: Sequence[Cell], seeds: Sequence[int], s
     students: dict[tuple[Any, ...], RunConfig] = {}
     for cell in cells:
         m = cell.config.model
-        students.setdefault((m.size, m.img_size), cell.config)
+        if cell.config.eval.protocols:  # an encoder that is never evaluated is no reference
+            students.setdefault((m.size, m.img_size), cell.config)
     references = []
     for config in students.values():
         for seed in seeds:

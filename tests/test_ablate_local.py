@@ -135,7 +135,7 @@ def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, 
     """A cell that crashes ends failed (exit code 1) with its reason and the tail of its log."""
     monkeypatch.chdir(tmp_path)
     grid = {"name": "broken", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
-            "axes": {"pretrain.batch_size": [1000]}, "resources": {"time_min": 10}}
+            "axes": {"pretrain.batch_size": [1000]}, "resources": {"time_min": 10}, "random_init": False}
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(grid))
     code, out = invoke("ablate", str(path), "--executor", "local",
@@ -167,7 +167,7 @@ def test_sigterm_with_busy_dataloader_workers_is_requeued_not_failed(
     base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
     base["runtime"] = {"num_workers": 2, "log_every": 1, "checkpoint_every": 10}
     path = tmp_path / "stop.yaml"
-    path.write_text(yaml.safe_dump({"name": "stop", "base": base, "resources": {"time_min": 10}}))
+    path.write_text(yaml.safe_dump({"name": "stop", "base": base, "resources": {"time_min": 10}, "random_init": False}))
     store = tmp_path / "mlflow.db"
     command = [sys.executable, str(REPO / "bench.py"), "ablate", str(path), "--executor", "local",
                "--tracking-uri", f"sqlite:///{store}"]
@@ -219,7 +219,7 @@ def test_two_local_ablates_at_once_run_each_cell_once(demo_assets: tuple[Path, P
     import sys
 
     grid = {"name": "twice", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
-            "axes": {"model.target": ["pixel", "clip"]}, "resources": {"time_min": 10}}
+            "axes": {"model.target": ["pixel", "clip"]}, "resources": {"time_min": 10}, "random_init": False}
     path = tmp_path / "twice.yaml"
     path.write_text(yaml.safe_dump(grid))
     command = [sys.executable, str(REPO / "bench.py"), "ablate", str(path), "--executor", "local",

@@ -260,6 +260,14 @@ def test_build_report_writes_everything(tmp_path: Path) -> None:
     assert len(effects) == 7  # 3 main effects, 3 two-way interactions, the three-way one
 
 
+def test_grid_without_axes_writes_an_empty_effects_table(tmp_path: Path) -> None:
+    """One cell and no axes: no effect to estimate, and the report says so instead of failing."""
+    runs = make_runs({})
+    result = build_report(runs, None, tmp_path)
+    assert (tmp_path / "tables" / "effects.md").is_file() and len(result.effects) == 0
+    assert "No effects could be estimated" in result.report.read_text()
+
+
 def test_build_report_without_curves(runs: pd.DataFrame, tmp_path: Path) -> None:
     result = build_report(runs, None, tmp_path, formats=("csv",))
     assert "loss_curves.png" not in {p.name for p in result.figures}

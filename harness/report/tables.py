@@ -287,8 +287,10 @@ def render_table(table: pd.DataFrame, fmt: str) -> str:
         # tabulate only treats None as missing, so NaN would print as "nan".
         cleaned = table.astype(object).where(table.notna(), None)
         # text columns stay as written (tabulate would reformat "1.4e-05" as 0.00)
+        # (tabulate sizes this list by the data rows: an empty table takes none)
         text = [i for i, column in enumerate(table.columns) if not is_numeric_dtype(table[column])]
-        return cleaned.to_markdown(index=False, floatfmt=".2f", missingval="–", disable_numparse=text) + "\n"
+        numparse = {"disable_numparse": text} if len(table) and text else {}
+        return cleaned.to_markdown(index=False, floatfmt=".2f", missingval="–", **numparse) + "\n"
     if fmt == "tex":
         # escape=True: axis names and metrics contain "_" which LaTeX would reject.
         return table.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True)

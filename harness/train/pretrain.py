@@ -105,7 +105,7 @@ def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.dev
     dataset = image_folder(cfg.data.root, cfg.data.train_split, pretrain_transform(cfg.model.img_size))
     images_per_step = p.batch_size * env.world_size * p.accum_steps
     steps_per_epoch = len(dataset) // images_per_step
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and p.epochs:  # the untrained reference takes no step
         from harness.errors import ConfigError
         raise ConfigError(f"the training split has {len(dataset)} images, fewer than one step "
                           f"({images_per_step}): lower pretrain.batch_size or pretrain.accum_steps")
