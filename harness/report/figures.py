@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
-from harness.report.effects import VERDICTS
+from harness.report.effects import RESOLVED_DOWN, RESOLVED_UP, VERDICTS
 from harness.report.tables import (
     check_metric,
     cost_by_cell,
@@ -283,7 +283,7 @@ def plot_effects(effects: pd.DataFrame, metric: str, path: str | Path) -> Path:
     rows = effects.reset_index(drop=True)
     hidden = 0
     if len(rows) > MAX_FOREST_ROWS:  # unreadable, and slow to draw: higher orders stay in the table
-        shown = (rows["order"] <= 2) | rows["verdict"].isin(VERDICTS[:2])
+        shown = (rows["order"] <= 2) | rows["verdict"].isin([RESOLVED_UP, RESOLVED_DOWN])
         rows, hidden = rows[shown].reset_index(drop=True), int((~shown).sum())
     labels = [f"{effect}: {levels}" for effect, levels in zip(rows["effect"], rows["levels"])]
     # margins from the measured widest label, as the row figures do: constrained layout took

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from harness.report.effects import ONE_SEED
+from harness.report.effects import NEGLIGIBLE, ONE_SEED, RESOLVED_DOWN, RESOLVED_UP
 from harness.report.tables import DONE, device_hours
 
-RESOLVED = ("resolved +", "resolved -")
-NEGLIGIBLE = "negligible"
+RESOLVED = (RESOLVED_UP, RESOLVED_DOWN)
 # Unit of each device-hours column, in words
 HOURS_UNITS = {"gpu_hours": "GPU-hours", "cpu_core_hours": "CPU core-hours"}
 
