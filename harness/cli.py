@@ -186,8 +186,13 @@ def ablate_command(
     rehearse: Annotated[bool, typer.Option(
         "--rehearse", help="Run the grid's exact structure at micro scale (minutes) as <grid>-rehearsal, and "
                            "wait: proves the real grid works end to end before it spends its hours.")] = False,
+    share: Annotated[bool, typer.Option(
+        "--share/--no-share", help="Train the cells that differ only on the student side (target, decoder, "
+                                   "masks, optimiser, evaluation) as one job: one data stream and one teacher "
+                                   "forward per batch. --no-share: one job per cell.")] = True,
 ) -> None:
-    """Run an ablation grid: one job per cell x seed; finished cells are skipped, failed ones resumed."""
+    """Run an ablation grid: one job per group of cells that share data and teacher (or per cell with
+    --no-share); finished cells are skipped, failed ones resumed."""
     from harness.config import parse_assignments
     from harness.report.grid_report import REPORTS_DIR
 
@@ -200,7 +205,7 @@ def ablate_command(
     request = AblateRequest(grid=grid, sets=parse_assignments(set_ or []), axes=_parse_axes(axis or []),
                             seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
                             tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()),
-                            rehearse=rehearse, margin=margin)
+                            rehearse=rehearse, margin=margin, share=share)
     outcome = ablate(request, echo=typer.echo)
     if outcome.waited and outcome.record is not None and outcome.record.store is not None:
         from harness.report.grid_report import write_grid_report

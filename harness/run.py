@@ -6,7 +6,7 @@ again continues where it stopped; a finished run returns its stored results.
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from harness.run_folder import CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE
 from harness.train.checkpoint import load_latest
 from harness.train.distributed import DistEnv, barrier, init_distributed, shutdown
 from harness.train.metrics_log import JsonlLogger, RunLogger
-from harness.train.pretrain import TrainingFailed, pretrain, resolve_device
+from harness.train.pretrain import PretrainResult, TrainingFailed, pretrain_group, resolve_device
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,12 @@ def evaluate_encoder(vit, cfg: RunConfig, device: torch.device, *, env: DistEnv 
 
 # --- the run -----------------------------------------------------------------------------------
 
+# How a run's device-hours were counted (results.json "cost").
+COST_ALONE = "its own job's time"
+COST_SHARED = ("its share of a group job: its own student's compute, the teacher's time split among the "
+               "students that need it, the rest (data loading, masks, logging) split equally; plus its evaluation")
+
+
 def run_cost(seconds: float, device: torch.device, env: DistEnv) -> dict[str, float]:
     """What a run cost: GPU-hours on GPUs, CPU core-hours (ranks x torch threads) on CPUs. The
     pretraining time counts every attempt; the evaluation's, the attempt that finished it."""
@@ -178,53 +184,91 @@ def run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None = None,
         job_fields: dict[str, Any] | None = None) -> RunResult:
     """Pretrain then evaluate ``cfg`` in ``run_dir``; continues an interrupted run. ``job_fields``
     (the job id, its restarts) go into ``status.json`` with the attempt."""
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.runtime.device)
-    env = init_distributed(device, cfg.runtime.dist_timeout_min)
+    return run_group([cfg], [run_dir], [logger] if logger else None, job_fields)[0]
+
+
+def run_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[RunLogger] | None = None,
+              job_fields: dict[str, Any] | None = None) -> list[RunResult]:
+    """Pretrain the runs of a group together (one data stream, one teacher forward per batch:
+    :func:`harness.train.pretrain.pretrain_group`), then evaluate each in turn. Every run keeps its
+    own folder, checkpoint, status and results; one that fails (a non-finite loss, its own
+    evaluation's error) fails alone. Finished runs return their stored results."""
+    run_dirs = [Path(d) for d in run_dirs]
+    device = resolve_device(cfgs[0].runtime.device)
+    env = init_distributed(device, cfgs[0].runtime.dist_timeout_min)
+    loggers = list(loggers) if loggers else [JsonlLogger(d / METRICS_FILE) for d in run_dirs]
     try:
-        return _run(cfg, run_dir, logger, device, env, job_fields or {})
+        return _run_group(list(cfgs), run_dirs, loggers, device, env, job_fields or {})
     finally:
         shutdown(env)
 
 
-def _run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None, device: torch.device,
-         env: DistEnv, job_fields: dict[str, Any]) -> RunResult:
-    if (done := read_results(run_dir)) is not None:
-        return RunResult(CellState.DONE, done["metrics"], run_dir)
+def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLogger], device: torch.device,
+               env: DistEnv, job_fields: dict[str, Any]) -> list[RunResult]:
+    results: list[RunResult | None] = [None] * len(cfgs)
+    for i, run_dir in enumerate(run_dirs):
+        if (done := read_results(run_dir)) is not None:
+            results[i] = RunResult(CellState.DONE, done["metrics"], run_dir)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if not todo:
+        return results
+    group = {"group_size": len(todo)} | ({"group": [run_dirs[i].name for i in todo]} if len(todo) > 1 else {})
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-        write_status(run_dir, CellState.RUNNING, new_attempt=True, stage="pretrain", run_id=cfg.run_id(),
-                     cell_id=cfg.cell_id(), **job_fields)
+        for i in todo:
+            run_dirs[i].mkdir(parents=True, exist_ok=True)
+            (run_dirs[i] / CONFIG_FILE).write_text(cfgs[i].to_yaml())
+            write_status(run_dirs[i], CellState.RUNNING, new_attempt=True, stage="pretrain", run_id=cfgs[i].run_id(),
+                         cell_id=cfgs[i].cell_id(), **job_fields, **group)
     barrier(env)
-    logger = logger or JsonlLogger(run_dir / METRICS_FILE)
-    try:
-        result = pretrain(cfg, run_dir, logger, device, env)
-        metrics: dict[str, float] = {
-            "final_loss": result.final_loss, "images_per_s": result.images_per_s,
-            "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds}
-        eval_start = time.perf_counter()
-        if cfg.eval.protocols:
-            def stage(name: str, progress: int | None) -> None:
-                if env.is_main:  # status shows "finetune 3": the stage, and its epochs done
-                    write_status(run_dir, CellState.RUNNING, stage=name, step=progress)
 
-            vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
-            load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
-            metrics |= evaluate_encoder(vit, cfg, device, env=env, work_dir=run_dir / EVAL_DIR, stage=stage,
-                                        logger=logger if env.is_main else None)
-            if env.is_main:
-                logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
-                logger.flush()
-        metrics |= run_cost(result.train_seconds + time.perf_counter() - eval_start, device, env)
-        barrier(env)
-    except TrainingFailed as err:
+    def failed(k: int, reason: str) -> None:
         if env.is_main:
-            write_status(run_dir, CellState.FAILED, reason=str(err))
-        return RunResult(CellState.FAILED, {}, run_dir, failure_reason=str(err))
+            write_status(run_dirs[todo[k]], CellState.FAILED, reason=reason)
+
+    pretrained = pretrain_group([cfgs[i] for i in todo], [run_dirs[i] for i in todo], [loggers[i] for i in todo],
+                                device, env, on_failed=failed)
+    for i, result in zip(todo, pretrained):
+        if isinstance(result, TrainingFailed):
+            results[i] = RunResult(CellState.FAILED, {}, run_dirs[i], failure_reason=str(result))
+            continue
+        try:
+            results[i] = _evaluate(cfgs[i], run_dirs[i], loggers[i], result, device, env, shared=len(todo) > 1)
+        except Exception as err:
+            if env.enabled:  # every rank takes part in the evaluation: the job cannot go on
+                raise
+            reason = f"{type(err).__name__}: {err}"
+            write_status(run_dirs[i], CellState.FAILED, reason=reason)
+            results[i] = RunResult(CellState.FAILED, {}, run_dirs[i], failure_reason=reason)
+    return results
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, logger: RunLogger, result: PretrainResult, device: torch.device,
+              env: DistEnv, shared: bool) -> RunResult:
+    """Evaluate a pretrained run's encoder and write its results (rank 0)."""
+    metrics: dict[str, float] = {
+        "final_loss": result.final_loss, "images_per_s": result.images_per_s,
+        "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
+        "images_loaded": result.images_loaded, "teacher_images": result.teacher_images}
+    eval_start = time.perf_counter()
+    if cfg.eval.protocols:
+        def stage(name: str, progress: int | None) -> None:
+            if env.is_main:  # status shows "finetune 3": the stage, and its epochs done
+                write_status(run_dir, CellState.RUNNING, stage=name, step=progress)
+
+        stage("features", None)
+        vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
+        load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
+        metrics |= evaluate_encoder(vit, cfg, device, env=env, work_dir=run_dir / EVAL_DIR, stage=stage,
+                                    logger=logger if env.is_main else None)
+        if env.is_main:
+            logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith("train")}, step=result.steps)
+            logger.flush()
+    metrics |= run_cost(result.train_seconds + time.perf_counter() - eval_start, device, env)
+    barrier(env)
     if env.is_main:
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "run_id": cfg.run_id(), "cell_id": cfg.cell_id(),
-                                         "steps": result.steps, "checkpoint": str(result.checkpoint)})
+                                                   "steps": result.steps, "checkpoint": str(result.checkpoint),
+                                                   "cost": COST_SHARED if shared else COST_ALONE})
         write_status(run_dir, CellState.DONE, stage="done", step=result.steps, finished=time.time())
         shutil.rmtree(run_dir / EVAL_DIR, ignore_errors=True)  # the evaluation's progress: now in results.json
     return RunResult(CellState.DONE, metrics, run_dir)

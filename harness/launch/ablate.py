@@ -63,6 +63,7 @@ class AblateRequest:
     cells: tuple[str, ...] = ()  # only the cells whose folder or name contains one of these
     rehearse: bool = False  # the grid at micro scale, as <grid>-rehearsal (harness.rehearsal); waits
     margin: float | None = None  # the verdicts' margin instead of the grid file's (recorded for later reports)
+    share: bool = True  # cells that differ only on the student side train as one job (harness.sharing)
 
 
 @dataclass
@@ -165,6 +166,7 @@ class _Batch:
     record: GridRecord
     cells: list[Cell]
     launches: list[LaunchRecord]
+    groups: list[list[int]]  # indices into cells: each group is one job (harness.sharing)
     setup_seconds: float = 0.0  # making the demo data / teacher on first use
 
 
@@ -203,7 +205,18 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
         record = _start_tracking(record, grid, executor, _grid_options(req), req.margin or grid.spec.margin)
         launches = _launch_records(gdir, cells, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
-    return _Batch(record, cells, launches, setup_seconds)
+    return _Batch(record, cells, launches, job_groups(cells, req.share), setup_seconds)
+
+
+def job_groups(cells: Sequence[Cell], share: bool) -> list[list[int]]:
+    """Indices of ``cells`` per job: the cells that differ only on the student side together
+    (harness.sharing), or one job per cell without sharing."""
+    from harness.sharing import group_by_share_key
+
+    indices = list(range(len(cells)))
+    if not share:
+        return [[i] for i in indices]
+    return group_by_share_key(indices, [c.config for c in cells])
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -218,7 +231,13 @@ def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
     echo(f"grid {grid.name} ({grid.path}): {grid.spec.description.strip()}" if grid.spec.description
          else f"grid {grid.name} ({grid.path})")
     echo(f"executor {executor}; runs in {gdir}; nothing is submitted (dry run)")
-    echo(views.plan_table(grid, views_now, gpu_hours(grid), actions))
+    todo = [i for i, action in enumerate(actions) if action in ("submit", "restart")]
+    groups = [[todo[k] for k in group] for group in job_groups([grid.cells[i] for i in todo], req.share)]
+    job_of = {i: n for n, group in enumerate(groups, 1) for i in group}
+    hours = gpu_hours(grid)
+    echo(views.plan_table(grid, views_now, hours, actions, job_of))
+    if todo:
+        echo(_groups_line(grid, groups, req.share, [hours.get(grid.cells[i].run_id) for i in todo]))
     missing = [p for p in (DEMO_DATA, DEMO_TEACHER) if not p.exists()
                and any(str(p) in (c.config.data.root, c.config.teacher.pretrained) for c in grid.cells)]
     if missing:
@@ -226,6 +245,25 @@ def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
         return
     preflight_grid(grid, executor)
     echo("preflight: ok")
+
+
+def _groups_line(grid: Grid, groups: Sequence[Sequence[int]], share: bool, hours: Sequence[Any]) -> str:
+    """The dry run's account of the jobs: how the cells group, and what the grouping saves
+    (``hours``: the estimated GPU-hours of the cells to submit)."""
+    from harness.launch.estimate import sharing_saving
+
+    sizes = sorted((len(g) for g in groups if len(g) > 1), reverse=True)
+    if not share:
+        return f"{len(groups)} jobs, one per cell (--no-share)"
+    if not sizes:
+        return f"{len(groups)} jobs, one per cell: no two cells differ only on the student side"
+    saving = sharing_saving(grid.cells, groups)
+    text = (f"{len(groups)} jobs: {len(sizes)} group(s) of {', '.join(map(str, sizes))} cells train on one data "
+            f"stream with one teacher forward per batch (column 'job'; --no-share: one job per cell); "
+            f"{saving.summary()}")
+    if hours and all(isinstance(h, float) for h in hours):  # every cell pretrains on the same data
+        text += f"; about {sum(hours) * (1 - saving.flops_saved):,.1f} GPU-hours of pretraining instead of {sum(hours):,.1f}"
+    return text
 
 
 def _store(req: AblateRequest, grid: Grid, executor: str, echo: Echo) -> Store:
@@ -357,27 +395,40 @@ def _per_cell(fn: Callable[[Any], Any], items: Sequence[Any], uri: str) -> list[
         return list(pool.map(fn, items))
 
 
-def _job(cell: Cell, gdir: Path, launch: LaunchRecord, threads: int) -> Any:
-    from harness.launch.job import CellJob
+def _job(cells: Sequence[Cell], gdir: Path, launches: Sequence[LaunchRecord], threads: int) -> Any:
+    from harness.launch.job import GroupJob
 
-    return CellJob(config=cell.config.to_dict(), run_dir=str(gdir / cell.folder), workdir=os.getcwd(),
-                   store=launch.store.model_dump() if launch.store else None,
-                   mlflow_run_id=launch.mlflow_run_id, threads=threads)
+    return GroupJob(configs=[c.config.to_dict() for c in cells], run_dirs=[str(gdir / c.folder) for c in cells],
+                    workdir=os.getcwd(), store=launches[0].store.model_dump() if launches[0].store else None,
+                    mlflow_run_ids=[launch.mlflow_run_id for launch in launches], threads=threads)
 
 
 def _record_submission(gdir: Path, cell: Cell, launch: LaunchRecord, job_id: str, executor: str,
-                       log_dir: Path | None) -> LaunchRecord:
+                       log_dir: Path | None, group_size: int = 1) -> LaunchRecord:
     cell_dir = gdir / cell.folder
     earlier = launch.submissions
     if earlier and earlier[-1].job_id.startswith(QUEUED_PREFIX):  # a queued local cell starts
         earlier = earlier[:-1]
     submission = Submission(job_id=job_id, executor=executor, host=socket.gethostname(), submitted_at=time.time(),
-                            log_dir=str(log_dir) if log_dir else None)
+                            log_dir=str(log_dir) if log_dir else None, group_size=group_size)
     launch = launch.model_copy(update={"submissions": [*earlier, submission]})
     write_record(cell_dir / LAUNCH_FILE, launch)
     if log_dir is not None:
         link_logs(cell_dir, log_dir)
     return launch
+
+
+def _record_group(gdir: Path, batch: _Batch, group: Sequence[int], job_id: str, executor: str,
+                  log_dir: Path | None) -> None:
+    """Every cell of a group job records the job (each cell's own launch record)."""
+    for i in group:
+        batch.launches[i] = _record_submission(gdir, batch.cells[i], batch.launches[i], job_id, executor, log_dir,
+                                               group_size=len(group))
+
+
+def _group_jobs(gdir: Path, batch: _Batch, threads: int) -> list[Any]:
+    return [_job([batch.cells[i] for i in group], gdir, [batch.launches[i] for i in group], threads)
+            for group in batch.groups]
 
 
 def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
@@ -387,42 +438,54 @@ def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
 
     uri, threads = batch.record.store.writer_uri(), grid.resources.cpus_per_task
     executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}")
-    jobs = submit_array(executor, [_job(c, gdir, l, threads) for c, l in zip(batch.cells, batch.launches)])
-    for cell, launch, job in zip(batch.cells, batch.launches, jobs):
-        _record_submission(gdir, cell, launch, job.job_id, "slurm", Path(job.paths.folder))
+    jobs = submit_array(executor, _group_jobs(gdir, batch, threads))
+    for group, job in zip(batch.groups, jobs):
+        _record_group(gdir, batch, group, job.job_id, "slurm", Path(job.paths.folder))
     # the job id ("<array>_<task>") in MLflow from now on, not only once the job starts and syncs
-    _per_cell(lambda pair: set_run_tags(uri, pair[0].mlflow_run_id, {SLURM_JOB_ID: pair[1].job_id}),
-              list(zip(batch.launches, jobs)), uri)
-    echo(f"submitted {len(jobs)} cells as Slurm job array {jobs[0].job_id.partition('_')[0]} "
-         f"({grid.resources.summary()} each)")
+    job_of = {i: job.job_id for group, job in zip(batch.groups, jobs) for i in group}
+    _per_cell(lambda i: set_run_tags(uri, batch.launches[i].mlflow_run_id, {SLURM_JOB_ID: job_of[i]}),
+              list(range(len(batch.cells))), uri)
+    echo(f"submitted {len(batch.cells)} cells as {_jobs_text(batch)} in Slurm job array "
+         f"{jobs[0].job_id.partition('_')[0]} ({grid.resources.summary()} each)")
+
+
+def _jobs_text(batch: _Batch) -> str:
+    """``3 jobs (2 groups sharing data and teacher, of 8 and 4 cells; 1 alone)``."""
+    shared = sorted((len(g) for g in batch.groups if len(g) > 1), reverse=True)
+    alone = len(batch.groups) - len(shared)
+    if not shared:
+        return f"{len(batch.groups)} job(s), one per cell"
+    parts = [f"{len(shared)} group(s) sharing data and teacher, of {', '.join(map(str, shared))} cells"]
+    return f"{len(batch.groups)} job(s) ({'; '.join(parts + ([f'{alone} alone'] if alone else []))})"
 
 
 def _run_local(grid: Grid, gdir: Path, batch: _Batch, progress: _Progress, echo: Echo) -> None:
     from harness.launch.executors import local_executor, local_slots, run_local
 
     concurrency, threads = local_slots(grid.resources)
-    cells = batch.cells
-    launches = [_record_submission(gdir, c, l, f"{QUEUED_PREFIX}{os.getpid()}", "local", None)
-                for c, l in zip(cells, batch.launches)]  # status shows them pending until they start
-    echo(f"running {len(cells)} cells here, {concurrency} at a time with {threads} torch thread(s) each")
+    for group in batch.groups:  # status shows them pending until they start
+        _record_group(gdir, batch, group, f"{QUEUED_PREFIX}{os.getpid()}", "local", None)
+    echo(f"running {len(batch.cells)} cells here as {_jobs_text(batch)}, {concurrency} at a time with "
+         f"{threads} torch thread(s) each")
     executor = local_executor(gdir / SUBMITIT_DIR, grid.resources)
+    # the largest groups first: the last jobs to start are the short ones
+    order = sorted(range(len(batch.groups)), key=lambda g: -len(batch.groups[g]))
+    jobs = _group_jobs(gdir, batch, threads)
 
-    def started(i: int, job: Any) -> None:
-        launches[i] = _record_submission(gdir, cells[i], launches[i], job.job_id, "local", Path(job.paths.folder))
+    def started(k: int, job: Any) -> None:
+        _record_group(gdir, batch, batch.groups[order[k]], job.job_id, "local", Path(job.paths.folder))
 
-    run_local(executor, [_job(c, gdir, l, threads) for c, l in zip(cells, launches)], concurrency,
-              on_start=started, on_tick=progress.update, poll_s=POLL_S["local"])
+    run_local(executor, [jobs[g] for g in order], concurrency, on_start=started, on_tick=progress.update,
+              poll_s=POLL_S["local"])
 
 
 def _run_debug(gdir: Path, batch: _Batch) -> None:
     from harness.launch.executors import run_debug
 
-    launches = list(batch.launches)
+    def started(g: int, job: Any) -> None:
+        _record_group(gdir, batch, batch.groups[g], f"debug-{os.getpid()}", "debug", None)
 
-    def started(i: int, job: Any) -> None:
-        launches[i] = _record_submission(gdir, batch.cells[i], launches[i], f"debug-{os.getpid()}", "debug", None)
-
-    run_debug(gdir / SUBMITIT_DIR, [_job(c, gdir, l, 0) for c, l in zip(batch.cells, launches)], on_start=started)
+    run_debug(gdir / SUBMITIT_DIR, _group_jobs(gdir, batch, 0), on_start=started)
 
 
 def _clear(cell_views: Sequence[CellView], echo: Echo) -> None:

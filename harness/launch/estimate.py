@@ -1,4 +1,4 @@
-"""Dry-run cost estimate: GPU-hours of a cell's pretraining.
+"""Dry-run cost estimates: GPU-hours of a cell's pretraining, and what group jobs save.
 
 GPU-hours = FLOPs/image (:func:`harness.milan.flops.train_flops_per_image`) x images/epoch x epochs
 / (sustained FLOP/s per GPU) / 3600, with the rate from the grid's ``estimate.sustained_tflops``
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness.grid import Grid
+from harness.grid import Cell, Grid
 
 
 @functools.cache
@@ -42,3 +44,41 @@ def gpu_hours(grid: Grid) -> dict[str, float | str | None]:
         flops = train_flops_per_image(cfg.model, cfg.teacher) * images * cfg.pretrain.epochs
         out[cell.run_id] = flops / (est.sustained_tflops * 1e12) / 3600
     return out
+
+
+@dataclass(frozen=True)
+class SharingSaving:
+    """What training a grid's cells in group jobs saves, per training image (per epoch)."""
+
+    flops_alone: float  # FLOPs per training image, summed over the cells, one job per cell
+    flops_shared: float  # the same in group jobs: each student, one teacher forward per group
+    loads_alone: int  # times each training image is decoded and augmented: once per cell
+    loads_shared: int  # once per group job
+
+    @property
+    def flops_saved(self) -> float:
+        return 1 - self.flops_shared / self.flops_alone if self.flops_alone else 0.0
+
+    def summary(self) -> str:
+        return (f"sharing saves {self.flops_saved:.0%} of the pretraining FLOPs "
+                f"({self.flops_alone / 1e9:,.1f} -> {self.flops_shared / 1e9:,.1f} GFLOPs per training image "
+                f"over the grid's cells, counted with torch's FlopCounterMode) and decodes each training image "
+                f"{self.loads_shared}x instead of {self.loads_alone}x")
+
+
+def sharing_saving(cells: Sequence[Cell], groups: Sequence[Sequence[int]]) -> SharingSaving:
+    """FLOPs per training image and image loads of the cells that pretrain (0-epoch cells train
+    nothing), one job per cell against the group jobs ``groups`` (indices into ``cells``)."""
+    from harness.milan.flops import group_flops_per_image, train_flops_per_image
+
+    alone = shared = 0.0
+    loads_alone = loads_shared = 0
+    for group in groups:
+        members = [cells[i].config for i in group if cells[i].config.pretrain.epochs > 0]
+        if not members:
+            continue
+        alone += sum(train_flops_per_image(c.model, c.teacher) for c in members)
+        shared += group_flops_per_image([(c.model, c.teacher) for c in members])
+        loads_alone += len(members)
+        loads_shared += 1
+    return SharingSaving(alone, shared, loads_alone, loads_shared)

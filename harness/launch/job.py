@@ -1,17 +1,19 @@
-"""The job that runs one cell, under any submitit executor (Slurm, local, debug).
+"""The job that runs a group of cells (one cell alone, or several that share data and teacher:
+:mod:`harness.sharing`), under any submitit executor (Slurm, local, debug).
 
-A :class:`CellJob` is pickled by submitit and called on the compute node. It holds plain data
-only (the config as a dict, paths, the grid's store and the cell's MLflow run id, which
+A :class:`GroupJob` is pickled by submitit and called on the compute node. It holds plain data
+only (the configs as dicts, paths, the grid's store and the cells' MLflow run ids, which
 ``ablate`` created before submission), so it unpickles with nothing but the harness installed.
 
-* Every rank holds its lock on the run folder for the job's whole life: a duplicate job for the
+* Every rank holds its lock on each run folder for the job's whole life: a duplicate job for a
   cell exits at once and touches nothing (:func:`harness.run_folder.hold`).
-* Rank 0 runs a :class:`~harness.tracking.sync.Mirror` that copies the folder into the MLflow
-  run in the background; an unreachable server never stops training.
+* Rank 0 runs one :class:`~harness.tracking.sync.Mirror` per cell that copies its folder into its
+  MLflow run in the background; an unreachable server never stops training.
 * Stopped by the scheduler (``scontrol requeue``, preemption: SIGTERM to every process; the time
-  limit: submitit turns USR2 into a call of :meth:`checkpoint` and a requeue), the run records
-  ``requeued``, never ``failed``. The requeued job (same Slurm id) calls this object again and
-  :func:`harness.run.run` continues from ``checkpoints/latest.pt`` in the same folder and MLflow run.
+  limit: submitit turns USR2 into a call of :meth:`checkpoint` and a requeue), every unfinished
+  cell records ``requeued``, never ``failed``. The requeued job (same Slurm id) calls this object
+  again and :func:`harness.run.run_group` continues each student from its own
+  ``checkpoints/latest.pt`` in the same folder and MLflow run.
 * The job that settles the last cell of an ``ablate`` ends that invocation's parent run.
 """
 
@@ -38,12 +40,15 @@ _HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIM
 
 
 @dataclass
-class CellJob(submitit.helpers.Checkpointable):
-    config: dict[str, Any]  # RunConfig.to_dict()
-    run_dir: str  # absolute
-    workdir: str  # the submitting directory: relative paths in the config start here
+class GroupJob(submitit.helpers.Checkpointable):
+    """The job of one group of cells (a cell alone is a group of one): they pretrain on one data
+    stream and one teacher forward per batch (:func:`harness.run.run_group`), each in its own folder."""
+
+    configs: list[dict[str, Any]]  # RunConfig.to_dict() per cell
+    run_dirs: list[str]  # absolute, one per cell
+    workdir: str  # the submitting directory: relative paths in the configs start here
     store: dict[str, Any] | None = None  # harness.tracking.store.Store, as a dict
-    mlflow_run_id: str | None = None
+    mlflow_run_ids: list[str | None] | None = None  # one per cell
     threads: int | None = None  # torch intra-op threads (the CPUs given to each task)
 
     def __call__(self) -> dict[str, Any]:
@@ -60,53 +65,68 @@ class CellJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(self.threads)
-        cfg = parse_config(self.config, source=f"job {self.run_dir}")
-        with hold(Path(self.run_dir), env.global_rank):
-            return self._run(cfg, main=env.global_rank == 0)
+        cfgs = [parse_config(c, source=f"job {d}") for c, d in zip(self.configs, self.run_dirs)]
+        # a folder another live job holds makes this job a duplicate: it exits touching nothing
+        with contextlib.ExitStack() as held:
+            for run_dir in self.run_dirs:
+                held.enter_context(hold(Path(run_dir), env.global_rank))
+            return self._run(cfgs, main=env.global_rank == 0)
 
-    def _run(self, cfg: Any, *, main: bool) -> dict[str, Any]:
-        """Run the cell; only the main rank writes status and mirrors it to MLflow."""
-        from harness.run import run
+    def _run(self, cfgs: list[Any], *, main: bool) -> dict[str, Any]:
+        """Run the group; only the main rank writes status and mirrors each cell to MLflow."""
+        from harness.run import run_group
         from harness.train.metrics_log import JsonlLogger
 
-        run_dir = Path(self.run_dir)
+        run_dirs = [Path(d) for d in self.run_dirs]
         job = {"job": job_id_here(), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
 
         def stopping(signal_name: str) -> None:  # the scheduler's SIGTERM: record it at once
-            write_status(run_dir, CellState.REQUEUED, reason=f"stopped by the scheduler ({signal_name})")
+            self._mark_unfinished(CellState.REQUEUED, f"stopped by the scheduler ({signal_name})")
 
         try:
-            with StopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dir, main):
+            with StopWatch(on_stop=stopping if main else None) as watch, contextlib.ExitStack() as mirrors:
+                for run_dir, run_id in zip(run_dirs, self.mlflow_run_ids or [None] * len(run_dirs)):
+                    mirrors.enter_context(self._mirror(run_dir, run_id, main))
                 try:
-                    result = run(cfg, run_dir, JsonlLogger(run_dir / METRICS_FILE), job_fields=job)
+                    results = run_group(cfgs, run_dirs, [JsonlLogger(d / METRICS_FILE) for d in run_dirs],
+                                        job_fields=job)
                 except Exception as err:
                     if main:
                         why = stopped_by_scheduler(err, watch)
-                        write_status(run_dir, CellState.REQUEUED if why else CellState.FAILED,
-                                     reason=why or f"{type(err).__name__}: {err}")
+                        self._mark_unfinished(CellState.REQUEUED if why else CellState.FAILED,
+                                              why or f"{type(err).__name__}: {err}")
                     raise
-        finally:  # done or failed, this cell may be the last of its ablate to settle
-            if main and self.store and self.mlflow_run_id:
+        finally:  # done or failed, these cells may be the last of their ablate to settle
+            if main and self.store and self.mlflow_run_ids:
                 from harness.launch.records import close_parent_if_settled
 
-                close_parent_if_settled(run_dir.parent)
-        return {"state": result.state.value, "metrics": result.metrics, "reason": result.failure_reason}
+                close_parent_if_settled(run_dirs[0].parent)
+        return {d.name: {"state": r.state.value, "metrics": r.metrics, "reason": r.failure_reason}
+                for d, r in zip(run_dirs, results)}
 
-    def _mirror(self, run_dir: Path, main: bool) -> contextlib.AbstractContextManager[Any]:
-        if not (main and self.store and self.mlflow_run_id):
+    def _mark_unfinished(self, state: CellState, reason: str) -> None:
+        """Record ``state`` for every cell of the group that has not ended (done or failed)."""
+        from harness.run_folder import read_status
+
+        for run_dir in map(Path, self.run_dirs):
+            if not CellState.parse(read_status(run_dir).get("state"), CellState.MISSING).terminal:
+                write_status(run_dir, state, reason=reason)
+
+    def _mirror(self, run_dir: Path, run_id: str | None, main: bool) -> contextlib.AbstractContextManager[Any]:
+        if not (main and self.store and run_id):
             return contextlib.nullcontext()
         from harness.tracking.store import Store
         from harness.tracking.sync import Mirror
 
         for name, value in _HTTP_LIMITS.items():
             os.environ.setdefault(name, value)
-        return Mirror(run_dir, Store(**self.store).writer_uri, self.mlflow_run_id)
+        return Mirror(run_dir, Store(**self.store).writer_uri, run_id)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2 (time limit or preemption), on global rank 0 only."""
         try:
-            write_status(Path(self.run_dir), CellState.REQUEUED,
-                         reason="time limit or preemption (USR2): requeued, resumes from its last checkpoint")
+            self._mark_unfinished(CellState.REQUEUED,
+                                  "time limit or preemption (USR2): requeued, resumes from its last checkpoint")
         except Exception as err:  # noqa: BLE001 - never block the requeue on bookkeeping
-            log.warning("could not record the requeue of %s: %s", self.run_dir, err)
+            log.warning("could not record the requeue of %s: %s", self.run_dirs, err)
         return super().checkpoint(*args, **kwargs)

@@ -46,6 +46,7 @@ class Submission(_Record):
     host: str  # where it was submitted from (local jobs run there)
     submitted_at: float
     log_dir: str | None = None  # submitit folder holding the job's .out/.err
+    group_size: int = 1  # the cells the job trains together (sharing data and teacher), this one included
 
 
 class LaunchRecord(_Record):

@@ -49,13 +49,13 @@ def _progress(v: CellView) -> str:
 
 
 def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float | str | None],
-               actions: Sequence[str]) -> str:
-    """The dry-run table: one row per cell x seed."""
+               actions: Sequence[str], job_of: Mapping[int, int]) -> str:
+    """The dry-run table: one row per cell x seed; ``job_of``: cell index -> the job it would run in."""
     resources = grid.resources.summary()
-    rows = [[i, c.name, c.seed, c.run_id, resources, _hours(hours.get(c.run_id)), v.state, action]
+    rows = [[i, c.name, c.seed, c.run_id, resources, _hours(hours.get(c.run_id)), v.state, action, job_of.get(i, "")]
             for i, (c, v, action) in enumerate(zip(grid.cells, views, actions))]
-    table = tabulate(rows, headers=["#", "cell", "seed", "run id", "resources", "GPU-h", "status", "ablate would"],
-                     tablefmt="simple")
+    table = tabulate(rows, headers=["#", "cell", "seed", "run id", "resources", "GPU-h", "status", "ablate would",
+                                    "job"], tablefmt="simple")
     numbers = [h for h in hours.values() if isinstance(h, float)]
     if numbers:
         total = (f"total {sum(numbers):,.1f} GPU-hours of pretraining (evaluation not included), assuming "
@@ -70,6 +70,14 @@ def plan_table(grid: Grid, views: Sequence[CellView], hours: Mapping[str, float 
     return f"{table}\n{len(grid.cells)} cells; {total}"
 
 
+def _job(v: CellView) -> str:
+    """The cell's job, and how many cells it trains together: ``4711_2 (group of 8)``."""
+    if not v.job_id:
+        return ""
+    size = next((s.group_size for s in reversed(v.record.submissions) if s.job_id == v.job_id), 1) if v.record else 1
+    return f"{v.job_id} (group of {size})" if size > 1 else v.job_id
+
+
 def status_table(views: Sequence[CellView]) -> str:
     rows = []
     for v in views:
@@ -78,7 +86,7 @@ def status_table(views: Sequence[CellView]) -> str:
             detail = f"{detail}; waiting to sync: {v.backlog}" if detail else f"waiting to sync: {v.backlog}"
         r = v.record
         rows.append([r.name if r else v.folder.name, r.seed if r else "", v.state, _progress(v), v.attempts or "",
-                     v.job_id or "", detail[:120]])
+                     _job(v), detail[:120]])
     return tabulate(rows, headers=["cell", "seed", "state", "stage", "attempts", "job", "result / reason"],
                     tablefmt="simple")
 

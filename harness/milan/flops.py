@@ -1,5 +1,6 @@
 """Training FLOPs per image of one MILAN cell: the student's forward and backward on one image, plus
-the frozen teacher's forward where the cell needs one.
+the frozen teacher's forward where the cell needs one; and of a group of cells that share the
+teacher (:mod:`harness.sharing`): every student's, plus one teacher forward.
 
 Counted by torch's ``FlopCounterMode`` on the meta device (no memory, no arithmetic, about a second
 per distinct model). The teacher's visual tower runs in train mode: in eval mode the counter misses
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import open_clip
@@ -26,6 +28,18 @@ if TYPE_CHECKING:
 
 def train_flops_per_image(model: ModelConfig, teacher: TeacherConfig) -> float:
     """FLOPs of one training image for a config's ``model`` and ``teacher`` sections."""
+    return sum(_split(model, teacher))
+
+
+def group_flops_per_image(sections: Sequence[tuple[ModelConfig, TeacherConfig]]) -> float:
+    """FLOPs of one training image for a group job: each student's, and the teacher's once when
+    any student needs it (the group shares one teacher config)."""
+    splits = [_split(model, teacher) for model, teacher in sections]
+    return sum(student for student, _ in splits) + max(teacher for _, teacher in splits)
+
+
+def _split(model: ModelConfig, teacher: TeacherConfig) -> tuple[float, float]:
+    """(student forward + backward, teacher forward or 0) FLOPs per image."""
     return _count(model.size, model.img_size, model.decoder, model.mask_ratio, model.decoder_width,
                   model.decoder_depth, model.decoder_heads,
                   teacher.model if needs_teacher(model.target, model.masking) else None)
@@ -33,7 +47,7 @@ def train_flops_per_image(model: ModelConfig, teacher: TeacherConfig) -> float:
 
 @functools.cache
 def _count(size: str, img_size: int, decoder: str, mask_ratio: float, decoder_width: int | None,
-           decoder_depth: int | None, decoder_heads: int | None, teacher: str | None) -> float:
+           decoder_depth: int | None, decoder_heads: int | None, teacher: str | None) -> tuple[float, float]:
     with torch.device("meta"):
         teacher_flops, pred_dim = 0.0, 1
         if teacher is not None:
@@ -53,4 +67,4 @@ def _count(size: str, img_size: int, decoder: str, mask_ratio: float, decoder_wi
         with FlopCounterMode(display=False) as counter:
             pred, _ = student(torch.empty(1, 3, img_size, img_size), ids)
             pred.float().sum().backward()
-    return float(counter.get_total_flops()) + teacher_flops
+    return float(counter.get_total_flops()), float(teacher_flops)

@@ -14,6 +14,14 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+def mask_generator(seed: int, step: int, micro: int, rank: int, *, stream: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one micro-batch's masks: a function of (seed, step, micro-batch, rank,
+    stream) only, so a run draws the same masks alone or beside other students, and after a resume."""
+    key = ((((seed * 1_000_003 + step) * 1_009 + micro) * 10_007 + rank) * 3 + stream) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(key)
+
+
 def random_ids_shuffle(batch_size: int, num_patches: int, device: torch.device,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform random permutation per sample: argsort of uniform noise (MAE). -> [N, L] int64."""

@@ -19,7 +19,7 @@ from harness.milan.losses import clip_loss, patchify, pixel_loss
 from harness.milan.masking import random_ids_shuffle, semantic_ids_shuffle
 from harness.milan.model import DecoderKind, MaskedAutoencoderViT, build_student
 from harness.milan.presets import PRESETS
-from harness.milan.teacher import ClipTeacher
+from harness.milan.teacher import ClipTeacher, TeacherOutput
 
 Target = Literal["pixel", "clip"]
 Masking = Literal["random", "semantic"]
@@ -67,9 +67,13 @@ class MilanPretrainer(nn.Module):
         self.norm_pix_loss = norm_pix_loss
 
     def forward(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> PretrainOutput:
-        """imgs [N, 3, H, W]; ``ids_shuffle`` [N, L] to fix the mask, else it is drawn here."""
-        teacher_out = self.teacher(imgs) if self.teacher is not None else None
+                generator: torch.Generator | None = None,
+                teacher_out: TeacherOutput | None = None) -> PretrainOutput:
+        """imgs [N, 3, H, W]; ``ids_shuffle`` [N, L] to fix the mask, else it is drawn here;
+        ``teacher_out``: the teacher's outputs on ``imgs`` when computed already (a group job
+        runs the teacher once for all its students)."""
+        if teacher_out is None and self.teacher is not None:
+            teacher_out = self.teacher(imgs)
         if ids_shuffle is None:
             if self.masking == "semantic":
                 ids_shuffle = semantic_ids_shuffle(teacher_out.importance, generator)

@@ -1,11 +1,19 @@
-"""The pretraining loop: MAE/MILAN recipe, resumable to the step, optionally distributed.
+"""The pretraining loop: MAE/MILAN recipe, resumable to the step, optionally distributed, for one
+student or a group of students that share the data and the teacher (:mod:`harness.sharing`).
 
-Per optimiser step: ``accum_steps`` micro-batches (teacher forward, student forward/backward
-under bf16 autocast on CUDA), then AdamW at the scheduled lr. Every ``log_every`` steps the
-per-step losses are gathered in one device sync (so the GPU is not stalled every step), checked
-for non-finite values and logged. Checkpoints are atomic and hold everything needed to continue
-exactly: weights, optimiser, step, RNG state; the data order is a function of (seed, epoch),
-so a resumed run starts mid-epoch at the batch it would have drawn next.
+Per optimiser step: ``accum_steps`` micro-batches, each loaded once, through the teacher once
+(when some student needs it), with its masks drawn once per kind; then every student in turn:
+forward/backward under bf16 autocast on CUDA, and AdamW at its own scheduled lr. A run alone is
+a group of one. Every ``log_every`` steps the per-step losses are gathered in one device sync
+(so the GPU is not stalled every step), checked for non-finite values (a student that goes
+non-finite stops alone; the others go on) and logged. Checkpoints are atomic, one per student,
+and hold everything needed to continue exactly: weights, optimiser, step, RNG state.
+
+Every random draw of a step is a function of the seed and the step, never of the other students:
+the data order of (seed, epoch), the masks of (seed, step, micro-batch, rank), the student's
+initialisation of the seed alone. So a student computes the same in a group as alone, a resumed
+run starts mid-epoch at the batch it would have drawn next, and cells of one seed are paired:
+the same batches and, where their mask sampling and ratio agree, the same masks.
 """
 
 import logging
@@ -14,7 +22,8 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import RunConfig
 from harness.data.datasets import image_folder, make_loader, pretrain_transform
-from harness.milan import MilanPretrainer, build_pretrainer, build_teacher, needs_teacher
+from harness.milan import ClipTeacher, MilanPretrainer, build_pretrainer, build_teacher, needs_teacher
+from harness.milan.masking import mask_generator, random_ids_shuffle, semantic_ids_shuffle
+from harness.sharing import check_shareable
 from harness.train.checkpoint import LATEST, load_latest, rng_state, save_atomic, set_rng_state
 from harness.train.distributed import DistEnv, barrier
 from harness.train.metrics_log import RunLogger
@@ -38,6 +49,9 @@ class TrainingFailed(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message is the recorded reason."""
 
 
+OnFailed = Callable[[int, str], None]
+
+
 @dataclass(frozen=True)
 class PretrainResult:
     steps: int
@@ -45,9 +59,13 @@ class PretrainResult:
     final_loss: float
     images_per_s: float
     peak_memory_mb: float
-    train_seconds: float  # wall time of the training loop, summed over all attempts
+    # wall time of the training loop over all attempts; in a group, this student's share of it
+    # (its own compute, its share of the teacher's and of the rest: see Pretraining.apportion)
+    train_seconds: float
     checkpoint: Path
     resumed_from: int  # 0 for a fresh start
+    images_loaded: float  # images decoded and augmented for this student; in a group, its share
+    teacher_images: float  # images through the teacher for it; in a group, its share
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,15 +85,19 @@ def autocast_for(cfg: RunConfig, device: torch.device):
     return nullcontext()
 
 
-def build_model(cfg: RunConfig) -> MilanPretrainer:
+def build_model(cfg: RunConfig, teacher: ClipTeacher | None = None, rank: int = 0) -> MilanPretrainer:
+    """The cell's student (with ``teacher`` when it needs one), initialised from the seed alone:
+    every cell of a seed starts from the same encoder, with a teacher or without, alone or in a group."""
     m = cfg.model
-    teacher = None
-    if needs_teacher(m.target, m.masking):
+    if teacher is None and needs_teacher(m.target, m.masking):
         teacher = build_teacher(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.normalize)
-    return build_pretrainer(size=m.size, img_size=m.img_size, target=m.target, decoder=m.decoder,
-                            masking=m.masking, mask_ratio=m.mask_ratio, teacher=teacher,
-                            norm_pix_loss=m.norm_pix_loss, decoder_embed_dim=m.decoder_width,
-                            decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads)
+    with torch.random.fork_rng(devices=[]):  # the student's draws leave the global stream alone
+        torch.manual_seed(cfg.seed * 1000 + rank)
+        return build_pretrainer(size=m.size, img_size=m.img_size, target=m.target, decoder=m.decoder,
+                                masking=m.masking, mask_ratio=m.mask_ratio,
+                                teacher=teacher if needs_teacher(m.target, m.masking) else None,
+                                norm_pix_loss=m.norm_pix_loss, decoder_embed_dim=m.decoder_width,
+                                decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads)
 
 
 def build_optimizer(model: MilanPretrainer, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
@@ -92,17 +114,101 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class _Stopwatch:
+    """Seconds spent in timed sections, read after a device sync: CUDA events on GPUs (no sync of
+    their own), the wall clock on CPUs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self._spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._start: float | torch.cuda.Event = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._spans.append((self._start, end))
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        """The seconds timed since the last take (after a device sync), and start again from 0."""
+        total = self.seconds + sum(a.elapsed_time(b) for a, b in self._spans) / 1000
+        self.seconds, self._spans = 0.0, []
+        return total
+
+
+@dataclass
+class _Student:
+    """One student of a pretraining job and its bookkeeping."""
+
+    index: int  # its position in the job's list of runs
+    cfg: RunConfig
+    run_dir: Path
+    logger: RunLogger
+    model: MilanPretrainer
+    optimizer: torch.optim.AdamW
+    peak_lr: float
+    warmup_steps: int
+    start_step: int
+    clock: dict[str, float]
+    logged_through: float
+    watch: _Stopwatch
+    train_model: torch.nn.Module | None = None
+    window: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)  # (step, lr, loss on device)
+    failed: str | None = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoints" / LATEST
+
+    @property
+    def needs_teacher(self) -> bool:
+        return needs_teacher(self.cfg.model.target, self.cfg.model.masking)
+
+    def save(self, step: int, total_steps: int) -> None:
+        save_atomic({"model": self.model.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": step, "total_steps": total_steps, "rng": rng_state(), "clock": self.clock,
+                     "config": self.cfg.to_dict()}, self.ckpt_path)
+
+
+def _new_clock() -> dict[str, float]:
+    return {"loop_seconds": 0.0, "timed_images": 0, "timed_seconds": 0.0, "last_loss": math.nan,
+            "images_loaded": 0.0, "teacher_images": 0.0}
+
+
 def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.device,
              env: DistEnv = DistEnv()) -> PretrainResult:
     """Pretrain (or continue pretraining) the cell ``cfg`` in ``run_dir``; rank 0 logs and saves."""
-    p, rt = cfg.pretrain, cfg.runtime
-    ckpt_path = run_dir / "checkpoints" / LATEST
-    torch.manual_seed(cfg.seed * 1000 + env.rank)
+    result = pretrain_group([cfg], [run_dir], [logger], device, env)[0]
+    if isinstance(result, TrainingFailed):
+        raise result
+    return result
+
+
+def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[RunLogger],
+                   device: torch.device, env: DistEnv = DistEnv(),
+                   on_failed: OnFailed = lambda index, reason: None) -> list[PretrainResult | TrainingFailed]:
+    """Pretrain (or continue) every run of a group on one data stream and one teacher; rank 0 logs
+    and saves. A student whose loss goes non-finite stops (``on_failed(index, reason)`` at once)
+    and gets a :class:`TrainingFailed` in the result list; the others go on."""
+    check_shareable(cfgs)
+    shared = cfgs[0]  # the fields every run of the group agrees on (harness.sharing)
+    p, rt = shared.pretrain, shared.runtime
+    torch.manual_seed(shared.seed * 1000 + env.rank)  # the augmentations' stream (main-process loading)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset = image_folder(cfg.data.root, cfg.data.train_split, pretrain_transform(cfg.model.img_size))
+    dataset = image_folder(shared.data.root, shared.data.train_split, pretrain_transform(shared.model.img_size))
     images_per_step = p.batch_size * env.world_size * p.accum_steps
     steps_per_epoch = len(dataset) // images_per_step
     if steps_per_epoch == 0 and p.epochs:  # the untrained reference takes no step
@@ -111,114 +217,208 @@ def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.dev
                           f"({images_per_step}): lower pretrain.batch_size or pretrain.accum_steps")
     # 0 epochs: the untrained encoder is saved as it is (a grid's random-init reference)
     total_steps = max(1, math.ceil(p.epochs * steps_per_epoch)) if p.epochs else 0
-    warmup_steps = round(p.warmup_epochs * steps_per_epoch)
-    peak_lr = p.lr or scaled_lr(p.base_lr, images_per_step)
 
-    model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    start_step, clock = 0, {"loop_seconds": 0.0, "timed_images": 0, "timed_seconds": 0.0, "last_loss": math.nan}
-    state = load_latest(ckpt_path.parent)
-    if state is not None:
-        model.student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step, clock = state["step"], state["clock"]
-        log.info("resuming %s from step %d of %d", run_dir.name, start_step, total_steps)
-    if rt.compile:
-        model.student.compile()
-    train_model = model
-    if env.enabled:  # the fixed position tables need no broadcast; the teacher has no gradients
-        train_model = DistributedDataParallel(
-            model, device_ids=[env.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    teacher = None
+    if any(needs_teacher(c.model.target, c.model.masking) for c in cfgs):
+        with torch.random.fork_rng(devices=[]):
+            teacher = build_teacher(shared.teacher.model, shared.teacher.pretrained, shared.teacher.normalize)
+        teacher = teacher.to(device)
+    students = [_student(i, cfg, run_dir, logger, teacher, images_per_step, steps_per_epoch, total_steps,
+                         device, env)
+                for i, (cfg, run_dir, logger) in enumerate(zip(cfgs, run_dirs, loggers))]
+    start_step = min(s.start_step for s in students)
+    resumed = [s for s in students if s.start_step == start_step and s.start_step > 0]
+    if resumed:  # the global stream (main-process augmentation) where the earliest student left it
+        set_rng_state(load_latest(resumed[0].ckpt_path.parent)["rng"])
 
-    sampler = ResumableSampler(len(dataset), steps_per_epoch * images_per_step, seed=cfg.seed,
+    sampler = ResumableSampler(len(dataset), steps_per_epoch * images_per_step, seed=shared.seed,
                                rank=env.rank, world_size=env.world_size)
     loader = make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=rt.num_workers,
-                         drop_last=True, seed=cfg.seed, sampler=sampler)
-    # Steps already in the log (a kill after the last checkpoint) are recomputed, not re-logged;
-    # only rank 0 logs.
-    logged_through = (logger.last_step("train/loss") or -1) if env.is_main else math.inf
-
-    model.train()
+                         drop_last=True, seed=shared.seed, sampler=sampler)
     progress = _Progress(total_steps, start_step, enabled=env.is_main)
-    window: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device)
+    teacher_watch = _Stopwatch(device)
     batches = None
-    timing_start = timing_step = None  # throughput over whole windows, skipping this attempt's first
-    loop_start = time.perf_counter()
+    window_start, first_window = time.perf_counter(), True
+    window_loaded = window_teacher = 0  # images loaded / through the teacher in this window, all ranks
     for step in range(start_step, total_steps):
+        active = [s for s in students if s.failed is None and s.start_step <= step]
+        if not any(s.failed is None for s in students):
+            break
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if batches is None or step_in_epoch == 0:
             sampler.set_epoch(epoch, start=step_in_epoch * p.batch_size * p.accum_steps)
             batches = iter(loader)
-        lr = lr_at(step, base=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=p.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        step_loss = torch.zeros((), device=device)
+        lrs = [lr_at(step, base=s.peak_lr, total_steps=total_steps, warmup_steps=s.warmup_steps,
+                     min_lr=s.cfg.pretrain.min_lr) for s in active]
+        for s, lr in zip(active, lrs):
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+        step_losses = [torch.zeros((), device=device) for _ in active]
         for micro in range(p.accum_steps):
             imgs, _ = next(batches)
             imgs = imgs.to(device, non_blocking=True)
+            window_loaded += imgs.shape[0] * env.world_size
+            teacher_out = None
+            if teacher is not None and any(s.needs_teacher for s in active):
+                teacher_watch.start()
+                with autocast_for(shared, device):
+                    teacher_out = teacher(imgs)
+                teacher_watch.stop()
+                window_teacher += imgs.shape[0] * env.world_size
+            masks = _masks(active, imgs, teacher_out, shared.seed, step, micro, env.rank)
             sync = micro == p.accum_steps - 1 or not env.enabled
-            with (nullcontext() if sync else train_model.no_sync()), autocast_for(cfg, device):
-                loss = train_model(imgs).loss
-            (loss / p.accum_steps).backward()
-            step_loss += loss.detach() / p.accum_steps
-        if p.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.student.parameters(), p.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append((step, lr, step_loss))
+            for k, s in enumerate(active):
+                s.watch.start()
+                ids = masks[(s.cfg.model.masking, s.model.student.num_patches)]
+                with (nullcontext() if sync else s.train_model.no_sync()), autocast_for(s.cfg, device):
+                    loss = s.train_model(imgs, ids, teacher_out=teacher_out).loss
+                (loss / p.accum_steps).backward()
+                step_losses[k] += loss.detach() / p.accum_steps
+                s.watch.stop()
+        for s, lr, step_loss in zip(active, lrs, step_losses):
+            s.watch.start()
+            if s.cfg.pretrain.clip_grad:
+                torch.nn.utils.clip_grad_norm_(s.model.student.parameters(), s.cfg.pretrain.clip_grad)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            s.watch.stop()
+            s.window.append((step, lr, step_loss))
 
         done = step + 1
         if done % rt.log_every == 0 or done == total_steps or done % rt.checkpoint_every == 0:
-            losses = torch.stack([w[2] for w in window])
-            if env.enabled:
-                dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-            losses = losses.tolist()  # the one device sync of the window
-            bad = [(s, v) for (s, _, _), v in zip(window, losses) if not math.isfinite(v)]
-            if bad:
-                raise TrainingFailed(f"loss became {bad[0][1]} at step {bad[0][0] + 1}: lower "
-                                     "pretrain.base_lr or set pretrain.clip_grad")
-            for (s, step_lr, _), value in zip(window, losses):
-                if s + 1 > logged_through:
-                    logger.log_metrics({"train/loss": value, "train/lr": step_lr}, step=s + 1)
-            clock["last_loss"] = losses[-1]
-            window.clear()
-            progress.update(done, losses[-1], lr)
             now = time.perf_counter()
-            if timing_start is not None:  # the first window holds start-up (workers, compilation)
-                clock["timed_images"] += (done - timing_step) * images_per_step
-                clock["timed_seconds"] += now - timing_start
-            timing_start, timing_step = now, done
+            apportion(active, now - window_start, teacher_watch.take(), window_loaded, window_teacher,
+                      images_per_step=images_per_step, timed=not first_window)
+            window_start, first_window, window_loaded, window_teacher = now, False, 0, 0
+            shown = [loss for s in active if (loss := _close_window(s, env, on_failed)) is not None]
+            progress.update(done, shown, lrs[0])
         if done % rt.checkpoint_every == 0 or done == total_steps:
-            logger.flush()
-            now = time.perf_counter()
-            clock["loop_seconds"] += now - loop_start
-            loop_start = now
-            if env.is_main:
-                save_atomic({"model": model.student.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": done, "total_steps": total_steps, "rng": rng_state(),
-                             "clock": clock, "config": cfg.to_dict()}, ckpt_path)
+            for s in active:
+                s.logger.flush()
+                if env.is_main and s.failed is None:
+                    s.save(done, total_steps)
             barrier(env)
     progress.close()
     if total_steps == 0 and env.is_main:
-        save_atomic({"model": model.student.state_dict(), "optimizer": optimizer.state_dict(), "step": 0,
-                     "total_steps": 0, "rng": rng_state(), "clock": clock, "config": cfg.to_dict()}, ckpt_path)
+        for s in students:
+            s.save(0, 0)
     barrier(env)
+    return [_result(s, total_steps, device, env) for s in students]
 
+
+def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teacher: ClipTeacher | None,
+             images_per_step: int, steps_per_epoch: int, total_steps: int, device: torch.device,
+             env: DistEnv) -> _Student:
+    """A student built (or resumed from its own checkpoint) and wrapped for the job's ranks."""
+    p = cfg.pretrain
+    model = build_model(cfg, teacher, env.rank).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    s = _Student(index, cfg, Path(run_dir), logger, model, optimizer,
+                 peak_lr=p.lr or scaled_lr(p.base_lr, images_per_step),
+                 warmup_steps=round(p.warmup_epochs * steps_per_epoch), start_step=0, clock=_new_clock(),
+                 # steps already in the log (a kill after the last checkpoint) are recomputed, not
+                 # re-logged; only rank 0 logs
+                 logged_through=(logger.last_step("train/loss") or -1) if env.is_main else math.inf,
+                 watch=_Stopwatch(device))
+    state = load_latest(s.ckpt_path.parent)
+    if state is not None:
+        model.student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        s.start_step, s.clock = state["step"], _new_clock() | state["clock"]
+        log.info("resuming %s from step %d of %d", s.run_dir.name, s.start_step, total_steps)
+    if cfg.runtime.compile:
+        model.student.compile()
+    s.train_model = model
+    if env.enabled:  # the fixed position tables need no broadcast; the teacher has no gradients
+        s.train_model = DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    model.train()
+    return s
+
+
+# Offsets that keep the two mask samplers' streams apart.
+_MASK_STREAM = {"random": 0, "semantic": 1}
+
+
+def _masks(active: Sequence[_Student], imgs: torch.Tensor, teacher_out, seed: int, step: int, micro: int,
+           rank: int) -> dict[tuple[str, int], torch.Tensor]:
+    """One micro-batch's masks (``ids_shuffle``) per (mask sampling, number of patches) the active
+    students use, each drawn once from a generator of (seed, step, micro-batch, rank): students of
+    one sampling share it (a ratio keeps a prefix), alone or in a group."""
+    masks: dict[tuple[str, int], torch.Tensor] = {}
+    for s in active:
+        key = (s.cfg.model.masking, s.model.student.num_patches)
+        if key in masks:
+            continue
+        generator = mask_generator(seed, step, micro, rank, stream=_MASK_STREAM[key[0]], device=imgs.device)
+        if key[0] == "semantic":
+            masks[key] = semantic_ids_shuffle(teacher_out.importance, generator)
+        else:
+            masks[key] = random_ids_shuffle(imgs.shape[0], key[1], imgs.device, generator)
+    return masks
+
+
+def _close_window(s: _Student, env: DistEnv, on_failed: OnFailed) -> float | None:
+    """Check and log a student's losses since the last window; its latest loss, or None when it
+    went non-finite (it stops here) or had no step in the window."""
+    if not s.window:
+        return None
+    losses = torch.stack([w[2] for w in s.window])
+    if env.enabled:
+        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+    values = losses.tolist()  # the one device sync of the window
+    window, s.window = s.window, []
+    bad = [(step, v) for (step, _, _), v in zip(window, values) if not math.isfinite(v)]
+    if bad:
+        s.failed = (f"loss became {bad[0][1]} at step {bad[0][0] + 1}: lower pretrain.base_lr or set "
+                    "pretrain.clip_grad")
+        on_failed(s.index, s.failed)
+        return None
+    for (step, step_lr, _), value in zip(window, values):
+        if step + 1 > s.logged_through:
+            s.logger.log_metrics({"train/loss": value, "train/lr": step_lr}, step=step + 1)
+    s.clock["last_loss"] = values[-1]
+    return values[-1]
+
+
+def _result(s: _Student, total_steps: int, device: torch.device, env: DistEnv) -> PretrainResult | TrainingFailed:
+    if s.failed is not None:
+        return TrainingFailed(s.failed)
+    clock = s.clock
     timed = clock["timed_seconds"] > 0
     result = PretrainResult(
         steps=total_steps, total_steps=total_steps, final_loss=clock["last_loss"],
         images_per_s=clock["timed_images"] / clock["timed_seconds"] if timed else math.nan,
         peak_memory_mb=peak_memory_mb(device), train_seconds=clock["loop_seconds"],
-        checkpoint=ckpt_path, resumed_from=start_step)
-    if start_step < total_steps and env.is_main:
-        logger.log_metrics({"train/images_per_s": result.images_per_s,
-                            "train/peak_memory_mb": result.peak_memory_mb}, step=total_steps)
-        logger.flush()
+        checkpoint=s.ckpt_path, resumed_from=s.start_step, images_loaded=clock["images_loaded"],
+        teacher_images=clock["teacher_images"])
+    if s.start_step < total_steps and env.is_main:
+        s.logger.log_metrics({"train/images_per_s": result.images_per_s,
+                              "train/peak_memory_mb": result.peak_memory_mb}, step=total_steps)
+        s.logger.flush()
     return result
 
 
+def apportion(active: Sequence[_Student], wall: float, teacher_seconds: float, loaded: int, through_teacher: int,
+              *, images_per_step: int, timed: bool) -> None:
+    """Share a window of a group's loop among its active students: each gets its own compute
+    (forward, backward, optimiser step), the teacher's time and images split equally among the
+    students that need the teacher, and the rest (loading, masks, logging) split equally among
+    all. The shares add up to the window's wall time: a group's cost is the sum of its cells'."""
+    if not active:
+        return
+    own = [s.watch.take() for s in active]
+    users = [s for s in active if s.needs_teacher] or list(active)
+    rest = max(0.0, wall - sum(own) - teacher_seconds)
+    for s, mine in zip(active, own):
+        teacher_share = 1 / len(users) if s in users else 0.0
+        seconds = mine + rest / len(active) + teacher_seconds * teacher_share
+        s.clock["loop_seconds"] += seconds
+        s.clock["images_loaded"] += loaded / len(active)
+        s.clock["teacher_images"] += through_teacher * teacher_share
+        if timed:  # the first window of an attempt holds start-up (workers, compilation)
+            s.clock["timed_images"] += len(s.window) * images_per_step
+            s.clock["timed_seconds"] += seconds
 class _Progress:
     """A tqdm bar in a terminal; otherwise a plain line at most every 30 s (Slurm log files)."""
 
@@ -232,14 +432,16 @@ class _Progress:
             self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
         self.position = start
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def update(self, step: int, losses: Sequence[float], lr: float) -> None:
+        """``losses``: each training student's latest (a group shows them all, in its order)."""
         if not self.enabled:
             return
+        loss = "/".join(f"{value:.4f}" for value in losses) or "-"
         if self.bar is not None:
             self.bar.update(step - self.position)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=loss, lr=f"{lr:.2e}")
         elif time.monotonic() - self.last_line >= 30 or step == self.total:
-            print(f"pretrain step {step}/{self.total} loss {loss:.4f} lr {lr:.3e}", flush=True)
+            print(f"pretrain step {step}/{self.total} loss {loss} lr {lr:.3e}", flush=True)
             self.last_line = time.monotonic()
         self.position = step
 
