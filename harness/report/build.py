@@ -39,6 +39,7 @@ from harness.report.tables import (
     check_metric,
     cost_by_cell,
     finished_values,
+    job_table,
     reference_table,
     render_table,
     write_tables,
@@ -108,6 +109,9 @@ def build_report(
         reference = reference_table(runs)
         if reference is not None:
             tables["reference"] = reference
+        jobs = job_table(runs)
+        if jobs is not None:
+            tables["jobs"] = jobs
         table_paths = write_tables(tables, out_dir / "tables", formats)
         figure_paths = renderer.results()
     words = headline(effects, runs, metric_label(metric))
@@ -227,6 +231,10 @@ HOW_TO_READ: dict[str, str] = {
     "all effects (Holm); verdict: resolved ± (p_holm < 0.05), negligible (interval inside ± the "
     "margin; takes precedence), not resolved; mde: the effect resolved with 80% power at the "
     "seeds run; seeds_needed: seeds in all for an effect the size of the margin.",
+    "jobs": "one row per group job: cells of one seed that differ only on the student side trained in one "
+    "job, on one data stream with one teacher forward per batch (paired: the same batches, and the same "
+    "masks where their mask sampling agrees); device_hours = the sum of its cells' apportioned shares "
+    "(each cell: its own student's compute, its share of the teacher and of the data loading).",
     "reference": "published top-1 (%) from the spec beside the measured MILAN cell "
     "(clip / prompting / semantic); delta is measured − authors' code.",
     "curves": "mean loss over seeds (with a ±sd band for small grids); pixel and CLIP "
@@ -280,6 +288,8 @@ def _render_report(
             "Reference numbers (ViT-B/16, 400 epochs, ImageNet-1K)", "reference",
             render_table(_columns(tables["reference"], REPORT_REFERENCE_COLUMNS), "md"),
         )
+    if "jobs" in tables:
+        sections += section("Group jobs", "jobs", render_table(tables["jobs"], "md"))
     if "curves" in figures:
         sections += section("Training loss", "curves")
     if "cost" in figures:

@@ -3,7 +3,8 @@
 ``load_runs(uri, grid_or_experiment) -> (runs, curves)``:
 
 * ``runs``: one row per cell x seed (the runs tagged ``role=cell`` in the grid's experiment)
-  with ``cell_id``, ``cell``, ``seed``, ``status``, ``failure_reason``, ``role`` (``random_init`` for
+  with ``cell_id``, ``cell``, ``seed``, ``status``, ``failure_reason``, ``job`` (its latest job),
+  ``group_size`` (the cells that job trained together, sharing data and teacher), ``role`` (``random_init`` for
   the grid's untrained-encoder reference, whose ``pretrain.epochs`` is 0, else ``cell``), one column
   per config field (params typed back: numbers, bools, None; lists stay text), one per axis
   (typed like the grid's values), the report metrics (``linear_top1``, ``knn_top1``,
@@ -202,6 +203,9 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
     frame["seed"] = pd.to_numeric(seed_text, errors="coerce").fillna(0).astype(int)
     frame["cell"] = tag(schema.CELL).fillna(info["run_name"]).fillna(frame["cell_id"]).astype(str)
     frame["status"] = _status(tag(schema.STATUS), info["mlflow_status"])
+    # the job that trained it, and how many cells that job trained together (data and teacher shared)
+    frame["job"] = tag(schema.SLURM_JOB_ID).astype(object)
+    frame["group_size"] = pd.to_numeric(tag(schema.GROUP_SIZE), errors="coerce").fillna(1).astype(int)
     reason = tag(schema.FAILURE_REASON).replace("", np.nan)
     frame["failure_reason"] = reason.where(frame["status"] != CellState.DONE.value).astype("str")
     # config columns (params), typed back

@@ -157,6 +157,25 @@ def cost_by_cell(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(cost, index=pd.Index(runs["cell_id"].unique(), name="cell_id"))
 
 
+JOB_TABLE_COLUMNS = ["job", "seed", "cells", "names", "device_hours"]
+
+
+def job_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per group job (a job that trained several cells on one data stream and one teacher
+    forward): its seed, how many cells, which, and what it cost (its cells' apportioned hours
+    summed). None when every run trained alone."""
+    if "group_size" not in runs or "job" not in runs:
+        return None
+    grouped = runs[runs["group_size"].gt(1) & runs["job"].notna()]
+    if grouped.empty:
+        return None
+    hours = device_hours(grouped)
+    table = grouped.groupby("job", sort=False).agg(
+        seed=("seed", "first"), cells=("cell", "size"), names=("cell", lambda c: "; ".join(c)))
+    table["device_hours"] = hours.groupby(grouped["job"], sort=False).sum(min_count=1) if hours is not None else np.nan
+    return table.reset_index()[JOB_TABLE_COLUMNS]
+
+
 def format_mean_std(mean: pd.Series, std: pd.Series, digits: int = 2) -> pd.Series:
     """'mean ± std'; just the mean when std is undefined (one seed); '–' with no value."""
     fmt = f"{{:.{digits}f}}".format

@@ -103,10 +103,38 @@ def headline(effects: pd.DataFrame, runs: pd.DataFrame, metric_words: str) -> st
         plan = seeds_plan(effects, runs)
         if plan is not None:
             lines.append(_plan_words(plan, a.get("power", 0.8), a["margin"]))
+    lines.append(pairing_words(runs, blocked=n_seeds > 1))
     total, unit = cost_so_far(runs)
     if total is not None:
-        lines.append(f"This grid has cost {total:.3g} {unit} so far.")
+        shared = " (a group job's hours apportioned to its cells, see below)" if _grouped(runs).any() else ""
+        lines.append(f"This grid has cost {total:.3g} {unit} so far{shared}.")
     return " ".join(lines)
+
+
+# How a group job's device-hours reach its cells (harness.train.pretrain.apportion).
+APPORTIONING = ("a group job's device-hours are apportioned to its cells: each cell gets its own student's "
+                "compute, an equal share of the teacher's time among the cells that need the teacher, and an "
+                "equal share of the rest (data loading, masks, logging); then its own evaluation. The shares add "
+                "up to the job's time, so the grid's total is what it really cost")
+
+
+def _grouped(runs: pd.DataFrame) -> pd.Series:
+    return runs["group_size"].gt(1) if "group_size" in runs else pd.Series(False, index=runs.index)
+
+
+def pairing_words(runs: pd.DataFrame, blocked: bool) -> str:
+    """Which cells were paired, and how the statistics use it."""
+    done = runs[runs["status"].eq(DONE)]
+    text = ("Cells of one seed are paired: they start from the same encoder and see the same batches in the same "
+            "order, and cells that sample masks alike see the same masks")
+    text += ("; the intervals compare cells within each seed (the seed is the OLS block)." if blocked else ".")
+    grouped = done[_grouped(done)]
+    if not grouped.empty:
+        jobs = grouped.groupby("seed")["job"].nunique()
+        text += (f" {len(grouped)} of {len(done)} finished runs trained in group jobs that shared one data stream "
+                 f"and one teacher forward ({', '.join(f'seed {s}: {n} job' + ('s' if n > 1 else '') for s, n in jobs.items())}"
+                 f"; the report's group-jobs table); {APPORTIONING}.")
+    return text
 
 
 def _plan_words(plan: SeedsPlan, power: float, margin: float) -> str:

@@ -50,6 +50,7 @@ STATUS = "status"
 FAILURE_REASON = "failure_reason"
 CHECKPOINT = "checkpoint"
 SLURM_JOB_ID, SLURM_RESTART_COUNT = "slurm.job_id", "slurm.restart_count"
+GROUP_SIZE = "group_size"  # the cells its latest job trained together (harness.sharing), this one included
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
 UI_VIEW = "grid-cells"  # the saved runs-table view of an experiment's cells (store.prepare_store)
 LOSS_KEY, LR_KEY = "train/loss", "train/lr"

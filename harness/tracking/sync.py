@@ -33,7 +33,7 @@ BATCH_METRICS = 1000  # MLflow's limit per log_batch
 NOT_METRICS = ("step", "time")  # keys of a metrics.jsonl line that are not metrics
 # status.json field -> tag of the cell run
 STATUS_TAGS = {"stage": "stage", "step": "step", "attempts": "attempts", "host": S.HOST, "job": S.SLURM_JOB_ID,
-               "restarts": S.SLURM_RESTART_COUNT}
+               "restarts": S.SLURM_RESTART_COUNT, "group_size": S.GROUP_SIZE}
 
 
 def _read_sync(run_dir: Path) -> dict[str, Any]:

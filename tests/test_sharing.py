@@ -1,0 +1,156 @@
+"""Group jobs: cells that differ only on the student side pretrain on one data stream and one
+teacher forward, and every student computes exactly what it computes alone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import micro_config
+from harness.config import parse_config
+from harness.grid import build_grid
+from harness.run import run, run_group
+from harness.sharing import check_shareable, group_by_share_key, is_student_side, share_key
+from harness.train.metrics_log import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+# (target, masking, mask ratio): both targets, both samplers, and a second ratio of random masks
+STUDENTS = [("pixel", "random", 0.75), ("clip", "random", 0.75), ("pixel", "semantic", 0.75),
+            ("clip", "semantic", 0.75), ("pixel", "random", 0.5)]
+
+
+def configs(data: Path, teacher: Path, students=STUDENTS, **sections: dict) -> list:
+    out = []
+    for target, masking, ratio in students:
+        config = micro_config(data, teacher, **sections)
+        config["model"] |= {"target": target, "masking": masking, "mask_ratio": ratio}
+        out.append(parse_config(config))
+    return out
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=f"{a.name} vs {b.name}: {key}")
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+# --- what shares ---------------------------------------------------------------------------------
+
+def test_the_student_side_groups_and_the_shared_side_separates() -> None:
+    base = parse_config({"model": {"size": "vit_micro_patch4", "img_size": 32}})
+    student_changes = {"model.target": "pixel", "model.mask_ratio": 0.5, "model.decoder": "standard",
+                       "pretrain.base_lr": 1e-3, "pretrain.clip_grad": 1.0, "eval.protocols": ["knn"],
+                       "model.decoder_depth": 2}
+    shared_changes = {"seed": 1, "pretrain.batch_size": 8, "pretrain.epochs": 300, "data.root": "elsewhere",
+                      "teacher.model": "ViT-L-14", "model.img_size": 64, "pretrain.precision": "bf16",
+                      "runtime.num_workers": 0}
+    for key, value in student_changes.items():
+        assert is_student_side(key), key
+        assert share_key(base.with_overrides({key: value})) == share_key(base), key
+    for key, value in shared_changes.items():
+        assert not is_student_side(key), key
+        other = base.with_overrides({key: value})
+        assert share_key(other) != share_key(base), key
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            check_shareable([base, other])
+
+
+def test_a_grid_groups_per_seed_and_keeps_its_reference_apart() -> None:
+    grid = build_grid({"name": "g", "base_config": str(REPO / "configs" / "smoke.yaml"), "seeds": 2,
+                       "axes": {"model.target": ["pixel", "clip"], "model.masking": ["random", "semantic"],
+                                "pretrain.batch_size": [32, 64]}})
+    groups = group_by_share_key(list(grid.cells), [c.config for c in grid.cells])
+    trained = [g for g in groups if not g[0].is_random_init]
+    # per seed and batch size: the 4 target x masking cells; the batch size changes the data stream
+    assert sorted(len(g) for g in trained) == [4, 4, 4, 4]
+    for group in trained:
+        assert len({(c.seed, c.config.pretrain.batch_size) for c in group}) == 1
+    assert all(len(g) == 1 for g in groups if g[0].is_random_init)  # 0 epochs: a stream of its own per seed
+
+
+# --- a student computes the same in a group as alone ------------------------------------------
+
+def test_group_students_match_their_solo_runs_and_share_loads_and_teacher(demo_assets, tmp_path) -> None:
+    data, teacher = demo_assets
+    cfgs = configs(data, teacher)
+    grouped = run_group(cfgs, [tmp_path / f"group{i}" for i in range(len(cfgs))])
+    solo = [run(cfg, tmp_path / f"solo{i}") for i, cfg in enumerate(cfgs)]
+    for i, (g, s) in enumerate(zip(grouped, solo)):
+        assert g.state == s.state == "done", (g.failure_reason, s.failure_reason)
+        assert_same_weights(tmp_path / f"group{i}", tmp_path / f"solo{i}")
+        assert losses(tmp_path / f"group{i}") == losses(tmp_path / f"solo{i}")
+        for key in ("final_loss", "linear_top1", "knn_top1"):
+            assert g.metrics[key] == s.metrics[key], key
+    # one pass over the data for the group, shared equally; one teacher forward per image, shared
+    # by the three students that need it; alone, each run loads every image and runs its own teacher
+    steps_images = 300 // 32 * 32
+    assert sum(r.metrics["images_loaded"] for r in grouped) == pytest.approx(steps_images)
+    assert [r.metrics["images_loaded"] for r in solo] == [steps_images] * len(cfgs)
+    needs = [t == "clip" or m == "semantic" for t, m, _ in STUDENTS]
+    assert sum(r.metrics["teacher_images"] for r in grouped) == pytest.approx(steps_images)
+    assert [r.metrics["teacher_images"] > 0 for r in grouped] == needs
+    assert sum(r.metrics["teacher_images"] for r in solo) == steps_images * sum(needs)
+    # the group's cost is its cells' shares: each smaller than the cell alone, the sum its real time
+    status = json.loads((tmp_path / "group0" / "status.json").read_text())
+    assert status["group_size"] == len(cfgs) and len(status["group"]) == len(cfgs)
+    assert json.loads((tmp_path / "group0" / "results.json").read_text())["cost"].startswith("its share")
+
+
+def test_one_student_going_non_finite_fails_alone(demo_assets, tmp_path) -> None:
+    data, teacher = demo_assets
+    good = configs(data, teacher, STUDENTS[:2])
+    bad = configs(data, teacher, STUDENTS[3:4], pretrain={"lr": 1e12})
+    results = run_group([good[0], bad[0], good[1]], [tmp_path / n for n in ("a", "bad", "b")])
+    assert [r.state for r in results] == ["done", "failed", "done"]
+    assert "loss became" in results[1].failure_reason
+    assert json.loads((tmp_path / "bad" / "status.json").read_text())["state"] == "failed"
+    assert not (tmp_path / "bad" / "results.json").exists()
+    alone = run(good[1], tmp_path / "b-alone")  # the failure changed nothing for the others
+    assert_same_weights(tmp_path / "b", tmp_path / "b-alone")
+    assert alone.metrics["linear_top1"] == results[2].metrics["linear_top1"]
+
+
+def test_a_group_resumes_each_student_from_its_own_step(demo_assets, tmp_path) -> None:
+    """A student with a checkpoint joins the group at its step, a fresh one starts at 0; the group
+    stream serves each the batches it would have drawn alone."""
+    data, teacher = demo_assets
+    a, b = configs(data, teacher, [STUDENTS[1], STUDENTS[2]], pretrain={"epochs": 8}, eval={"protocols": []})
+    # student a alone, killed part-way through its 72 steps (a shorter run would have another schedule)
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from harness.config import parse_config; from harness.run import run; import json; "
+        f"run(parse_config(json.loads({json.dumps(json.dumps(a.to_dict()))})), sys.argv[1])"),
+        str(tmp_path / "a")], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "a" / "checkpoints" / "latest.pt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= 6:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 6 <= stopped_at < 72
+    results = run_group([a, b], [tmp_path / "a", tmp_path / "b"])
+    assert [r.state for r in results] == ["done", "done"]
+    run(a, tmp_path / "a-alone")
+    run(b, tmp_path / "b-alone")
+    assert_same_weights(tmp_path / "a", tmp_path / "a-alone")
+    assert_same_weights(tmp_path / "b", tmp_path / "b-alone")
+    logged = [r["step"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
+    assert logged == list(range(1, 73))  # no gap, no repeat across the two jobs
