@@ -390,6 +390,27 @@ def calibrate_command(
     typer.echo(report_lines(calibrate(grids, seed)))
 
 
+@app.command("share-bench")
+@user_errors
+def share_bench_command(
+    seeds: Annotated[int, typer.Option(help="Seeds of the smoke grid in each run (3: the interval comparison).")] = 3,
+    out: Annotated[Path, typer.Option(help="Where the runs and their SQLite stores go.")] = Path("runs/share-bench"),
+    independent: Annotated[bool, typer.Option(
+        "--independent/--no-independent", help="Also run every cell with seeds of its own, to compare the "
+                                               "intervals of paired and independent cells.")] = True,
+) -> None:
+    """What group jobs save and what pairing buys: the smoke grid shared vs --no-share (wall, CPU-s,
+    images decoded, teacher forwards, per-cell metrics), interval widths with paired vs independent
+    cells, and the paper grid's FLOPs per image shared vs not. Runs the grid here (minutes)."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds} is too few: give at least 1 (3 for the interval comparison)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty: the benchmark starts from nothing; remove it or give another")
+    from harness.benchmarks.sharing import report_lines, share_bench
+
+    typer.echo(report_lines(share_bench(out, seeds, independent and seeds > 1)))
+
+
 @app.command("finetune-bench")
 @user_errors
 def finetune_bench_command(

@@ -4,6 +4,7 @@ the GPU-hours estimate, and the in-process debug executor."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,16 @@ def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, demo_assets: tupl
     rows = [line for line in out.splitlines() if "target=" in line]
     assert len(rows) == 16
     references = [line for line in out.splitlines() if "random init" in line]
-    assert len(references) == 2 and all(line.split()[-2:] == ["missing", "submit"] for line in references)
-    assert "target=pixel mask_ratio=0.5 decoder=standard" in rows[0] and rows[0].split()[-2:] == ["missing", "submit"]
+    # a group job per seed (its 8 cells differ only on the student side); each reference alone
+    assert [line.split()[-3:] for line in references] == [["missing", "submit", "3"], ["missing", "submit", "4"]]
+    assert "target=pixel mask_ratio=0.5 decoder=standard" in rows[0] and rows[0].split()[-3:] == ["missing", "submit", "1"]
+    assert {row.split()[-1] for row in rows} == {"1", "2"}
+    assert "4 jobs: 2 group(s) of 8, 8 cells train on one data stream with one teacher forward per batch" in out
+    assert re.search(r"sharing saves \d+% of the pretraining FLOPs .* decodes each training image 2x instead of 16x", out)
     assert not (cwd / "runs" / "g").exists() and not (cwd / "mlflow.db").exists()
+    code, alone = invoke("ablate", str(grid), "--dry-run", "--executor", "local", "--seeds", "2",
+                         "--axis", "model.decoder=standard,prompting", "--no-share")
+    assert code == 0 and "18 jobs, one per cell (--no-share)" in alone, alone
 
 
 def test_dry_run_of_the_paper_grid_estimates_gpu_hours(cwd: Path) -> None:
@@ -57,11 +65,13 @@ def test_dry_run_of_the_paper_grid_estimates_gpu_hours(cwd: Path) -> None:
     code, out = invoke("ablate", str(REPO / "ablations" / "milan_vitb_in1k.yaml"), "--dry-run", "--executor", "local")
     assert code == 2
     milan = next(line for line in out.splitlines() if "target=clip decoder=prompting masking=semantic" in line)
-    hours = float(milan.split()[-3].replace(",", ""))
+    hours = float(milan.split()[-4].replace(",", ""))
     # about the paper's 39 h x 8 A100 = 312 GPU-hours for 400 epochs
     assert 290 < hours < 330, milan
     assert "1x8 GPU, 10 cpu/task, 480 GB, 1440 min" in milan
     assert "assuming 40 TFLOP/s sustained per GPU" in out
+    # the 8 cells are one group job: the teacher runs once per image instead of 6 times
+    assert "sharing saves 27% of the pretraining FLOPs (649.4 -> 473.8 GFLOPs per training image" in out
     assert out.strip().splitlines()[-1].startswith("error: the grid asks for 8 GPUs per node but this machine has 0") \
         or "dataset root /datasets/imagenet does not exist" in out.strip().splitlines()[-1]
 

@@ -42,7 +42,9 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     code, out = invoke("ablate")
     assert code == 0, out
     assert "3 to submit with the local executor" in out
-    assert "running 3 cells here, 2 at a time with 1 torch thread(s) each" in out
+    # the two cells differ only in their target: one group job; the reference trains nothing, alone
+    assert ("running 3 cells here as 2 job(s) (1 group(s) sharing data and teacher, of 2 cells; 1 alone), "
+            "2 at a time with 1 torch thread(s) each") in out
     report = tmp_path / "reports" / "smoke" / "report.md"
     assert report.is_file() and f"{Path('reports/smoke/report.md')}: 3 cells, 3 runs (3 done)" in out
     assert "target=clip" in report.read_text() and "random init" in report.read_text()
@@ -70,6 +72,7 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     assert code == 0 and "3 cells (3 done); 0 to submit" in again, again
     code, status = invoke("status", "smoke")
     assert code == 0 and "grid smoke: 3 done" in status and "linear_top1=" in status
+    assert status.count("(group of 2)") == 2, status
 
     # a failed cell is resubmitted and resumes in its own folder and MLflow run
     failed = cells[0]

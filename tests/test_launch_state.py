@@ -191,12 +191,13 @@ def test_plan_table_shows_cells_estimates_and_status(tmp_path: Path) -> None:
     reference = grid.cells[2]
     assert reference.is_random_init  # the grid's random-init reference comes after its cells
     hours = {grid.cells[0].run_id: 332.5, grid.cells[1].run_id: None, reference.run_id: 0.0}
-    text = views.plan_table(grid, found, hours, ["submit", "submit", "submit"])
+    text = views.plan_table(grid, found, hours, ["submit", "submit", "submit"], {0: 1, 1: 1, 2: 2})
     lines = text.splitlines()
-    assert lines[0].split() == ["#", "cell", "seed", "run", "id", "resources", "GPU-h", "status", "ablate", "would"]
+    assert lines[0].split() == ["#", "cell", "seed", "run", "id", "resources", "GPU-h", "status", "ablate", "would",
+                                "job"]
     assert "decoder=standard" in lines[2] and "1x8 GPU, 1 cpu/task, 60 min" in lines[2] and "332.5" in lines[2]
-    assert lines[3].split()[-3:] == ["?", "missing", "submit"]
-    assert "random init" in lines[4] and lines[4].split()[-3:] == ["0.0", "missing", "submit"]
+    assert lines[3].split()[-4:] == ["?", "missing", "submit", "1"]  # both decoders: one group job
+    assert "random init" in lines[4] and lines[4].split()[-4:] == ["0.0", "missing", "submit", "2"]
     assert lines[-1].startswith("3 cells; total 332.5 GPU-hours of pretraining (evaluation not included), "
                                 "assuming 40 TFLOP/s sustained per GPU")
 

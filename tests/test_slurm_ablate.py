@@ -106,7 +106,9 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     sets += ["--seeds", "1"]
     proc = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", "--wait", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "submitted 9 cells as Slurm job array" in proc.stdout and "grid smoke took" in proc.stdout
+    # the 8 cells differ only on the student side: one group job; the reference is a job of its own
+    assert ("submitted 9 cells as 2 job(s) (1 group(s) sharing data and teacher, of 8 cells; 1 alone) in Slurm "
+            "job array") in proc.stdout and "grid smoke took" in proc.stdout
     assert "[9 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
     # one seed of a complete 2x2x2 factorial: Lenth's pseudo standard error, and it says so
     assert "Lenth" in proc.stdout and "pretrained vs random init" in proc.stdout
@@ -115,6 +117,10 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     assert [v.state.value for v in views] == ["done"] * 9
     array_ids = {v.record.last.job_id.split("_")[0] for v in views}
     assert len(array_ids) == 1  # one job array
+    trained = [v for v in views if v.record.name != "random init"]
+    assert len({v.record.last.job_id for v in trained}) == 1 and {v.record.last.group_size for v in trained} == {8}
+    status = bench(workdir, "status", "smoke")
+    assert status.stdout.count("(group of 8)") == 8, status.stdout
     for view in views:
         results = json.loads((view.folder / "results.json").read_text())
         assert {"linear_top1", "knn_top1", "final_loss"} <= results["metrics"].keys()
@@ -129,6 +135,10 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     assert runs["linear_top1"].notna().all() and runs["knn_top1"].notna().all()
     assert set(runs["cell"]) == {v.record.name for v in views}
     assert curves["loss"].notna().all() and curves["cell_id"].nunique() == 8  # the reference never trains
+    assert sorted(runs["group_size"]) == [1] + [8] * 8 and runs.loc[runs["group_size"] == 8, "job"].nunique() == 1
+    report = (workdir / "reports" / "smoke" / "report.md").read_text()
+    assert "## Group jobs" in report and "Cells of one seed are paired" in report
+    assert "8 of 9 finished runs trained in group jobs" in report
 
     # a second ablate finds everything done and submits nothing
     again = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", *sets)
@@ -240,6 +250,53 @@ def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir:
     runs = client(uri).search_runs([client(uri).get_experiment_by_name("requeue").experiment_id],
                                    "tags.role = 'cell'")
     assert len(runs) == 1  # one MLflow run for the cell, never a second
+
+
+def test_a_requeued_group_job_resumes_every_student(workdir: Path, demo_assets: tuple[Path, Path]) -> None:
+    """`scontrol requeue` of a group job mid-training: every student records `requeued`, the job
+    restarts once, and each student resumes from its own checkpoint (not from 0) and ends done with
+    every step exactly once, in its folder and in its own MLflow run."""
+    base = long_pixel_cell(demo_assets, epochs=12, num_workers=1)
+    path = write_grid(workdir, "group_requeue", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10},
+                      axes={"model.mask_ratio": [0.5, 0.75], "model.decoder": ["standard", "prompting"]})
+    total = 12 * (TRAIN_IMAGES // 16)
+    proc = bench(workdir, "ablate", str(path), "--executor", "slurm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted 4 cells as 1 job(s) (1 group(s) sharing data and teacher, of 4 cells)" in proc.stdout
+    cells = cell_dirs(workdir, "group_requeue")
+    [job_id] = {json.loads((c / "launch.json").read_text())["submissions"][-1]["job_id"] for c in cells}
+
+    def checkpointed() -> bool:
+        """every student past its first checkpoint"""
+        return all((c / "checkpoints" / "latest.pt").is_file() and max(loss_steps(c), default=0) >= 12
+                   for c in cells)
+    poll(checkpointed, timeout=240, every=0.5)
+    slurm.requeue(job_id)
+
+    def stopped() -> bool:
+        """every student's status.json to say requeued"""
+        return all(json.loads((c / "status.json").read_text())["state"] == "requeued" for c in cells)
+    poll(stopped, timeout=60, every=0.2)
+    again = bench(workdir, "ablate", str(path), "--executor", "slurm")
+    assert again.returncode == 0 and "0 to submit" in again.stdout, again.stdout + again.stderr
+
+    def ended() -> list[CellView] | None:
+        """the group to end"""
+        views = collect(cells)
+        return views if all(v.settled for v in views) else None
+    final = poll(ended, timeout=400, every=2)
+    assert [v.state.value for v in final] == ["done"] * 4, final
+    assert slurm.job_states([job_id])[job_id].restarts == 1
+    log_text = "".join(p.read_text() for p in (cells[0] / "logs").glob("*_log.err"))
+    uri = store_of(cells[0]).reader_uri()
+    for cell in cells:
+        assert json.loads((cell / "status.json").read_text())["attempts"] == 2
+        assert [s["job_id"] for s in json.loads((cell / "launch.json").read_text())["submissions"]] == [job_id]
+        assert loss_steps(cell) == list(range(1, total + 1))  # no gap, no repeat
+        resumed = re.search(rf"resuming {re.escape(cell.name)} from step (\d+) of {total}", log_text)
+        assert resumed and int(resumed.group(1)) >= 10, f"{cell.name} did not resume from its checkpoint"
+        run_id = json.loads((cell / "launch.json").read_text())["mlflow_run_id"]
+        assert mlflow_loss_steps(uri, run_id) == list(range(1, total + 1))
 
 
 def test_a_cell_requeued_during_its_fine_tune_resumes_from_its_last_epoch(workdir: Path,
