@@ -1,7 +1,10 @@
 """``bench.py ablate``: a grid -> preflight -> tracking runs -> jobs -> (optionally) wait.
 
-Idempotent: a done cell is skipped, a cell with any live job is left alone, any other is
-(re)submitted and continues from its checkpoint in its own folder and its own MLflow run;
+The cells to (re)submit go out as group jobs: those that differ only on the student side train
+together on one data stream and one teacher (:mod:`harness.sharing`; ``share=False``: one job per
+cell). Idempotent: a done cell is skipped, a cell with any live job is left alone, any other is
+(re)submitted (grouped again with the others resubmitted) and continues from its checkpoint in its
+own folder and its own MLflow run;
 ``force`` cancels and restarts the chosen cells in fresh folders. Invocations of one grid are
 serialised by the grid's lock, so two at the same moment submit each cell once. Slurm
 submissions return at once unless asked to wait; local runs always wait. The CLI writes the
@@ -437,7 +440,8 @@ def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
     from harness.tracking.schema import SLURM_JOB_ID
 
     uri, threads = batch.record.store.writer_uri(), grid.resources.cpus_per_task
-    executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}")
+    executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}",
+                              cells_per_job=max(len(group) for group in batch.groups))
     jobs = submit_array(executor, _group_jobs(gdir, batch, threads))
     for group, job in zip(batch.groups, jobs):
         _record_group(gdir, batch, group, job.job_id, "slurm", Path(job.paths.folder))

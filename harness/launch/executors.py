@@ -37,10 +37,17 @@ def resolve_executor(name: str) -> str:
     return "slurm" if slurm_available() else "local"
 
 
-def slurm_executor(folder: Path, resources: Resources, job_name: str) -> submitit.AutoExecutor:
-    """An AutoExecutor for Slurm; ``folder`` gets one sub-folder per job (``%j``)."""
+# Time-limit requeues a job may take, per cell it trains (submitit's own default for one job).
+TIMEOUTS_PER_CELL = 3
+
+
+def slurm_executor(folder: Path, resources: Resources, job_name: str, cells_per_job: int = 1) -> submitit.AutoExecutor:
+    """An AutoExecutor for Slurm; ``folder`` gets one sub-folder per job (``%j``). A job that trains
+    ``cells_per_job`` cells in turn runs that many times longer, so it may hit the time limit (and
+    requeue itself) that many times more often."""
     r = resources
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
+                                     slurm_max_num_timeout=TIMEOUTS_PER_CELL * cells_per_job)
     optional = {"gpus_per_node": r.gpus_per_node or None, "mem_gb": r.mem_gb, "slurm_partition": r.partition,
                 "slurm_account": r.account, "slurm_qos": r.qos, "slurm_constraint": r.constraint,
                 "slurm_array_parallelism": r.array_parallelism, "slurm_setup": list(r.setup) or None}
