@@ -227,6 +227,10 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLog
 
     pretrained = pretrain_group([cfgs[i] for i in todo], [run_dirs[i] for i in todo], [loggers[i] for i in todo],
                                 device, env, on_failed=failed)
+    if env.is_main and len(todo) > 1:  # the group's cells are evaluated one after another
+        for i, result in zip(todo, pretrained):
+            if not isinstance(result, TrainingFailed) and cfgs[i].eval.protocols:
+                write_status(run_dirs[i], CellState.RUNNING, stage="pretrained", step=result.steps)
     for i, result in zip(todo, pretrained):
         if isinstance(result, TrainingFailed):
             results[i] = RunResult(CellState.FAILED, {}, run_dirs[i], failure_reason=str(result))

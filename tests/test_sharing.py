@@ -154,3 +154,25 @@ def test_a_group_resumes_each_student_from_its_own_step(demo_assets, tmp_path) -
     assert_same_weights(tmp_path / "b", tmp_path / "b-alone")
     logged = [r["step"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
     assert logged == list(range(1, 73))  # no gap, no repeat across the two jobs
+
+
+def test_a_windows_time_and_loads_are_apportioned_and_add_up() -> None:
+    """Each student: its own compute, the teacher's time among the students that need it, the rest
+    equally; the shares add up to the window's wall time, so a grid's total is its real cost."""
+    from types import SimpleNamespace
+
+    from harness.train.pretrain import _new_clock, apportion
+
+    def student(own: float, teacher: bool) -> SimpleNamespace:
+        return SimpleNamespace(watch=SimpleNamespace(take=lambda: own), needs_teacher=teacher, clock=_new_clock(),
+                               window=[None] * 5)
+
+    students = [student(1.0, False), student(2.0, True), student(3.0, True)]
+    apportion(students, wall=10.0, teacher_seconds=2.0, loaded=96, through_teacher=96, images_per_step=32,
+              timed=True)
+    seconds = [s.clock["loop_seconds"] for s in students]
+    assert seconds == pytest.approx([1 + 2 / 3, 2 + 1 + 2 / 3, 3 + 1 + 2 / 3])
+    assert sum(seconds) == pytest.approx(10.0)
+    assert [s.clock["images_loaded"] for s in students] == pytest.approx([32, 32, 32])
+    assert [s.clock["teacher_images"] for s in students] == pytest.approx([0, 48, 48])
+    assert [s.clock["timed_images"] for s in students] == [160] * 3
