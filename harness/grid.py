@@ -28,7 +28,7 @@ Layout (every field but ``name`` optional)::
     paper_setting: false             # the report adds the paper's reference numbers
     resources: {nodes: 1, gpus_per_node: 8, tasks_per_node: null, cpus_per_task: 10, mem_gb: 480,
                 time_min: 1440, partition: null, account: null, qos: null, constraint: null,
-                array_parallelism: 4, setup: [], slurm_extra: {}}
+                array_parallelism: 4, max_cells_per_job: null, setup: [], slurm_extra: {}}
     tracking: {uri: null, experiment: null}
     estimate: {sustained_tflops: 40, train_images: null}
 """
@@ -90,6 +90,9 @@ class Resources(_Frozen):
     qos: str | None = None
     constraint: str | None = None
     array_parallelism: int | None = Field(None, ge=1)  # None: every cell may run at once
+    # cells a group job trains at most (each holds its student, gradients and optimiser state on
+    # every rank: about 1.8 GB for ViT-B); larger groups are split. None: no limit
+    max_cells_per_job: int | None = Field(None, ge=1)
     setup: tuple[str, ...] = ()  # shell lines run before the job (module load, env activation)
     slurm_extra: dict[str, Any] = {}  # further sbatch options, e.g. {"exclusive": true}
 

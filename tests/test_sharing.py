@@ -83,6 +83,19 @@ def test_a_grid_groups_per_seed_and_keeps_its_reference_apart() -> None:
     assert all(len(g) == 1 for g in groups if g[0].is_random_init)  # 0 epochs: a stream of its own per seed
 
 
+def test_groups_are_split_at_max_cells_per_job_and_not_made_without_sharing() -> None:
+    from harness.launch.ablate import job_groups
+
+    grid = build_grid({"name": "g", "base_config": str(REPO / "configs" / "smoke.yaml"), "random_init": False,
+                       "axes": {"model.target": ["pixel", "clip"], "model.decoder": ["standard", "prompting"],
+                                "model.masking": ["random", "semantic"]},
+                       "resources": {"max_cells_per_job": 3}})
+    jobs = job_groups(grid.cells, share=True, max_cells=grid.resources.max_cells_per_job)
+    assert sorted(map(len, jobs)) == [2, 3, 3] and sorted(i for job in jobs for i in job) == list(range(8))
+    assert [len(job) for job in job_groups(grid.cells, share=True)] == [8]
+    assert job_groups(grid.cells, share=False) == [[i] for i in range(8)]
+
+
 # --- a student computes the same in a group as alone ------------------------------------------
 
 def test_group_students_match_their_solo_runs_and_share_loads_and_teacher(demo_assets, tmp_path) -> None:

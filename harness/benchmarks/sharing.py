@@ -134,7 +134,8 @@ def share_bench(out: Path, seeds: int = 3, independent: bool = True) -> ShareBen
         cells = shared.runs[shared.runs["role"].eq("cell") & shared.runs["seed"].eq(0)]
         indep = _independent(out, seeds, cells)
     paper = load_grid(find_grid_file("milan_vitb_in1k"))
-    saving = sharing_saving(paper.cells, job_groups(paper.cells, share=True))
+    saving = sharing_saving(paper.cells, job_groups(paper.cells, share=True,
+                                                    max_cells=paper.resources.max_cells_per_job))
     return ShareBench(seeds, shared, unshared, indep, margin, (saving.flops_alone, saving.flops_shared))
 
 

@@ -208,18 +208,24 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
         record = _start_tracking(record, grid, executor, _grid_options(req), req.margin or grid.spec.margin)
         launches = _launch_records(gdir, cells, record, executor, reuse=not req.force)
     write_record(gdir / GRID_FILE, record)
-    return _Batch(record, cells, launches, job_groups(cells, req.share), setup_seconds)
+    return _Batch(record, cells, launches, job_groups(cells, req.share, grid.resources.max_cells_per_job),
+                  setup_seconds)
 
 
-def job_groups(cells: Sequence[Cell], share: bool) -> list[list[int]]:
+def job_groups(cells: Sequence[Cell], share: bool, max_cells: int | None = None) -> list[list[int]]:
     """Indices of ``cells`` per job: the cells that differ only on the student side together
-    (harness.sharing), or one job per cell without sharing."""
+    (harness.sharing), at most ``max_cells`` per job (a larger group is split evenly), or one job
+    per cell without sharing."""
     from harness.sharing import group_by_share_key
 
     indices = list(range(len(cells)))
     if not share:
         return [[i] for i in indices]
-    return group_by_share_key(indices, [c.config for c in cells])
+    jobs = []
+    for group in group_by_share_key(indices, [c.config for c in cells]):
+        parts = -(-len(group) // max_cells) if max_cells else 1
+        jobs += [group[k::parts] for k in range(parts)]
+    return jobs
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -235,7 +241,8 @@ def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
          else f"grid {grid.name} ({grid.path})")
     echo(f"executor {executor}; runs in {gdir}; nothing is submitted (dry run)")
     todo = [i for i, action in enumerate(actions) if action in ("submit", "restart")]
-    groups = [[todo[k] for k in group] for group in job_groups([grid.cells[i] for i in todo], req.share)]
+    groups = [[todo[k] for k in group] for group in job_groups([grid.cells[i] for i in todo], req.share,
+                                                                grid.resources.max_cells_per_job)]
     job_of = {i: n for n, group in enumerate(groups, 1) for i in group}
     hours = gpu_hours(grid)
     echo(views.plan_table(grid, views_now, hours, actions, job_of))
