@@ -33,7 +33,8 @@ from harness.milan.checkpoint import build_timm_vit, load_encoder_into_timm
 from harness.milan.presets import PRESETS
 from harness.milan.teacher import check_teacher_weights, resolve_model_name
 from harness.files import write_json_atomic
-from harness.run_folder import CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, read_results, write_status
+from harness.run_folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, read_results, stopped_by_scheduler,
+                                write_status)
 from harness.train.checkpoint import load_latest
 from harness.train.distributed import DistEnv, barrier, init_distributed, shutdown
 from harness.train.metrics_log import JsonlLogger, RunLogger
@@ -238,7 +239,9 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLog
         try:
             results[i] = _evaluate(cfgs[i], run_dirs[i], loggers[i], result, device, env, shared=len(todo) > 1)
         except Exception as err:
-            if env.enabled:  # every rank takes part in the evaluation: the job cannot go on
+            # every rank takes part in the evaluation: the job cannot go on; and a stop by the
+            # scheduler is the job's (requeued), not this cell's failure
+            if env.enabled or stopped_by_scheduler(err, None):
                 raise
             reason = f"{type(err).__name__}: {err}"
             write_status(run_dirs[i], CellState.FAILED, reason=reason)

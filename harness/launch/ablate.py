@@ -272,7 +272,8 @@ def _groups_line(grid: Grid, groups: Sequence[Sequence[int]], share: bool, hours
             f"stream with one teacher forward per batch (column 'job'; --no-share: one job per cell); "
             f"{saving.summary()}")
     if hours and all(isinstance(h, float) for h in hours):  # every cell pretrains on the same data
-        text += f"; about {sum(hours) * (1 - saving.flops_saved):,.1f} GPU-hours of pretraining instead of {sum(hours):,.1f}"
+        total = sum(hours)
+        text += f"; about {total * (1 - saving.flops_saved):,.1f} GPU-hours of pretraining instead of {total:,.1f}"
     return text
 
 

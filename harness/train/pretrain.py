@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import RunConfig
 from harness.data.datasets import image_folder, make_loader, pretrain_transform
-from harness.milan import ClipTeacher, MilanPretrainer, build_pretrainer, build_teacher, needs_teacher
+from harness.milan import (ClipTeacher, MilanPretrainer, TeacherOutput, build_pretrainer, build_teacher,
+                           needs_teacher)
 from harness.milan.masking import mask_generator, random_ids_shuffle, semantic_ids_shuffle
 from harness.sharing import check_shareable
 from harness.train.checkpoint import LATEST, load_latest, rng_state, save_atomic, set_rng_state
@@ -185,15 +186,6 @@ def _new_clock() -> dict[str, float]:
             "images_loaded": 0.0, "teacher_images": 0.0}
 
 
-def pretrain(cfg: RunConfig, run_dir: Path, logger: RunLogger, device: torch.device,
-             env: DistEnv = DistEnv()) -> PretrainResult:
-    """Pretrain (or continue pretraining) the cell ``cfg`` in ``run_dir``; rank 0 logs and saves."""
-    result = pretrain_group([cfg], [run_dir], [logger], device, env)[0]
-    if isinstance(result, TrainingFailed):
-        raise result
-    return result
-
-
 def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[RunLogger],
                    device: torch.device, env: DistEnv = DistEnv(),
                    on_failed: OnFailed = lambda index, reason: None) -> list[PretrainResult | TrainingFailed]:
@@ -340,8 +332,8 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teach
 _MASK_STREAM = {"random": 0, "semantic": 1}
 
 
-def _masks(active: Sequence[_Student], imgs: torch.Tensor, teacher_out, seed: int, step: int, micro: int,
-           rank: int) -> dict[tuple[str, int], torch.Tensor]:
+def _masks(active: Sequence[_Student], imgs: torch.Tensor, teacher_out: TeacherOutput | None, seed: int,
+           step: int, micro: int, rank: int) -> dict[tuple[str, int], torch.Tensor]:
     """One micro-batch's masks (``ids_shuffle``) per (mask sampling, number of patches) the active
     students use, each drawn once from a generator of (seed, step, micro-batch, rank): students of
     one sampling share it (a ratio keeps a prefix), alone or in a group."""
