@@ -187,6 +187,26 @@ def test_the_paper_grid_rehearses_end_to_end_on_cpu_tasks(workdir: Path) -> None
     assert client(uri).get_experiment_by_name("milan_vitb_in1k-rehearsal") is not None
 
 
+def test_the_mask_ratio_decoder_grid_rehearses_as_one_group_of_17_students(workdir: Path) -> None:
+    """The shipped grid that varies only the student side (mask ratio, decoder depth and width):
+    its 17 cells train as one group job on 2 gloo ranks, students of different mask ratios and
+    decoder shapes side by side, and every cell ends done with its own evaluation."""
+    proc = bench(workdir, "ablate", str(REPO / "ablations" / "mask_ratio_decoder.yaml"), "--rehearse",
+                 "--executor", "slurm", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "as 2 job(s) (1 group(s) sharing data and teacher, of 17 cells; 1 alone)" in proc.stdout
+    assert "rehearsal passed: all 18 cells ran every stage" in proc.stdout
+    views = collect(cell_dirs(workdir, "mask_ratio_decoder-rehearsal"))
+    assert [v.state.value for v in views] == ["done"] * 18
+    shapes = set()
+    for view in views:
+        assert "linear_top1" in json.loads((view.folder / "results.json").read_text())["metrics"]
+        if view.record.name != "random init":
+            model = yaml.safe_load((view.folder / "config.yaml").read_text())["model"]
+            shapes.add((model["mask_ratio"], model["decoder_depth"], model["decoder_width"]))
+    assert len(shapes) == 17  # 17 distinct students in one job
+
+
 def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir: Path,
                                                                         demo_assets: tuple[Path, Path]) -> None:
     """`scontrol requeue` kills a running cell (SIGTERM to every process, its DataLoader worker
