@@ -138,6 +138,19 @@ def test_one_student_going_non_finite_fails_alone(demo_assets, tmp_path) -> None
     assert alone.metrics["linear_top1"] == results[2].metrics["linear_top1"]
 
 
+def test_a_corrupt_checkpoint_fails_its_cell_alone(demo_assets, tmp_path) -> None:
+    data, teacher = demo_assets
+    a, b = configs(data, teacher, STUDENTS[:2], eval={"protocols": ["knn"]})
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    results = run_group([a, b], [tmp_path / "a", tmp_path / "b"])
+    assert [r.state for r in results] == ["done", "failed"]
+    assert "cannot be read" in results[1].failure_reason and "--force --cell" in results[1].failure_reason
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "failed"
+    run(a, tmp_path / "a-alone")
+    assert_same_weights(tmp_path / "a", tmp_path / "a-alone")
+
+
 def test_a_group_resumes_each_student_from_its_own_step(demo_assets, tmp_path) -> None:
     """A student with a checkpoint joins the group at its step, a fresh one starts at 0; the group
     stream serves each the batches it would have drawn alone."""

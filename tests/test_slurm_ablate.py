@@ -291,6 +291,11 @@ def test_a_requeued_group_job_resumes_every_student(workdir: Path, demo_assets: 
         return all((c / "checkpoints" / "latest.pt").is_file() and max(loss_steps(c), default=0) >= 12
                    for c in cells)
     poll(checkpointed, timeout=240, every=0.5)
+    # --force on one cell would cancel the job of all four: refused, nothing touched
+    force = bench(workdir, "ablate", str(path), "--executor", "slurm", "--force", "--cell", cells[0].name)
+    assert force.returncode == 2 and f"--force would cancel job {job_id}, which also trains" in force.stderr, \
+        force.stdout + force.stderr
+    assert "Traceback" not in force.stdout + force.stderr and slurm.job_states([job_id])[job_id].state == "RUNNING"
     slurm.requeue(job_id)
 
     def stopped() -> bool:

@@ -185,6 +185,8 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
     todo = [i for i, v in zip(chosen, now) if plan(v, req.force) in ("submit", "restart")]
     echo(f"grid {grid.name}: {len(chosen)} cells ({views.counts(now)}); "
          f"{len(todo)} to {'restart' if req.force else 'submit'} with the {executor} executor")
+    if req.force:
+        _check_force_spares_other_cells(gdir, grid, [now[chosen.index(i)] for i in todo])
     setup_seconds = 0.0
     if todo:
         setup_seconds = ensure_demo_assets((grid.cells[i].config for i in todo), echo)
@@ -498,6 +500,20 @@ def _run_debug(gdir: Path, batch: _Batch) -> None:
         _record_group(gdir, batch, batch.groups[g], f"debug-{os.getpid()}", "debug", None)
 
     run_debug(gdir / SUBMITIT_DIR, _group_jobs(gdir, batch, 0), on_start=started)
+
+
+def _check_force_spares_other_cells(gdir: Path, grid: Grid, restarting: Sequence[CellView]) -> None:
+    """--force cancels the live jobs of the cells it restarts: refuse when such a job is a group
+    job that also trains a cell not chosen (cancelling it would stop that cell too)."""
+    live = {v.job_id for v in restarting if v.job_alive and v.job_id}
+    chosen = {v.folder for v in restarting}
+    for cell in grid.cells:
+        folder = gdir / cell.folder
+        record = read_record(folder / LAUNCH_FILE, LaunchRecord) if live and folder not in chosen else None
+        if record is not None and record.last is not None and record.last.job_id in live:
+            raise UserError(f"--force would cancel job {record.last.job_id}, which also trains '{cell.run_name}' "
+                            "(not chosen): wait for the job to end, or choose every cell of its group "
+                            "(`bench.py status` shows them with the job)")
 
 
 def _clear(cell_views: Sequence[CellView], echo: Echo) -> None:

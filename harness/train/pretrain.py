@@ -37,7 +37,7 @@ from harness.milan import (ClipTeacher, MilanPretrainer, TeacherOutput, build_pr
                            needs_teacher)
 from harness.milan.masking import mask_generator, random_ids_shuffle, semantic_ids_shuffle
 from harness.sharing import check_shareable
-from harness.train.checkpoint import LATEST, load_latest, rng_state, save_atomic, set_rng_state
+from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, save_atomic, set_rng_state
 from harness.train.distributed import DistEnv, barrier
 from harness.train.metrics_log import RunLogger
 from harness.train.sampler import ResumableSampler
@@ -218,8 +218,11 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     students = [_student(i, cfg, run_dir, logger, teacher, images_per_step, steps_per_epoch, total_steps,
                          device, env)
                 for i, (cfg, run_dir, logger) in enumerate(zip(cfgs, run_dirs, loggers))]
-    start_step = min(s.start_step for s in students)
-    resumed = [s for s in students if s.start_step == start_step and s.start_step > 0]
+    for s in students:
+        if s.failed is not None:  # its checkpoint does not load: it fails, the others go on
+            on_failed(s.index, s.failed)
+    start_step = min((s.start_step for s in students if s.failed is None), default=total_steps)
+    resumed = [s for s in students if s.failed is None and s.start_step == start_step > 0]
     if resumed:  # the global stream (main-process augmentation) where the earliest student left it
         set_rng_state(load_latest(resumed[0].ckpt_path.parent)["rng"])
 
@@ -293,7 +296,8 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     progress.close()
     if total_steps == 0 and env.is_main:
         for s in students:
-            s.save(0, 0)
+            if s.failed is None:
+                s.save(0, 0)
     barrier(env)
     return [_result(s, total_steps, device, env) for s in students]
 
@@ -312,7 +316,10 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teach
                  # re-logged; only rank 0 logs
                  logged_through=(logger.last_step("train/loss") or -1) if env.is_main else math.inf,
                  watch=_Stopwatch(device))
-    state = load_latest(s.ckpt_path.parent)
+    try:
+        state = load_latest(s.ckpt_path.parent)
+    except CorruptCheckpoint as err:
+        s.failed, state = str(err), None
     if state is not None:
         model.student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
