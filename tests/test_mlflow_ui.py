@@ -183,6 +183,7 @@ def test_prepare_store_marks_the_experiment_for_the_ui(tmp_path):
         view = json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
         assert view["searchFilter"] == "tags.role = 'cell'" and view["orderByKey"] != "attributes.start_time"
         assert "metrics.`linear_top1`" in view["selectedColumns"]
+        assert {"tags.`slurm.job_id`", "tags.`group_size`"} <= set(view["selectedColumns"])  # which cells trained together
     assert prepare_store(uri, "made-before") == old
 
 

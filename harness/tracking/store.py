@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.tracking.schema import UI_VIEW, TrackingError
+from harness.tracking.schema import GROUP_SIZE, SLURM_JOB_ID, UI_VIEW, TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlflow-artifacts"
@@ -226,15 +226,17 @@ def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike
     A new experiment in a SQLite store keeps its artifacts in ``<artifact_root or mlflow-artifacts/
     beside the database>/<experiment>``, a plain path valid for local jobs and for a server on that
     store. Its tags mark it a model-training experiment and save the runs-table view that links open
-    (the cell runs sorted by name, so not folded under their parent, with the headline metrics and the
-    state as columns): what MLflow 3's UI does with them is in tests/test_mlflow_ui.py.
+    (the cell runs sorted by name, so not folded under their parent, with the headline metrics, the
+    state, the job and how many cells it trained together as columns): what MLflow 3's UI does with
+    them is in tests/test_mlflow_ui.py.
     """
     from mlflow.exceptions import MlflowException
 
     from harness.grid import HEADLINE_METRICS
 
     run_name = "attributes.`Run Name`"
-    columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), "tags.`status`"]
+    columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), "tags.`status`", f"tags.`{SLURM_JOB_ID}`",
+               f"tags.`{GROUP_SIZE}`"]
     view = {"searchFilter": "tags.role = 'cell'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
             "selectedColumns": columns, "columnOrder": [run_name, *columns], "columnWidths": {run_name: 380}}
     ui_tags = {"mlflow.experimentKind": "custom_model_development",
