@@ -93,7 +93,8 @@ def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
             logger.log_metrics({"train/loss": 1 / step}, step)
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": {"linear_top1": float(cells[spec["run_name"]]),
                                                                "cpu_core_hours": 0.1}, "steps": 10})
-        write_status(run_dir, CellState.DONE, stage="done", step=10)
+        # the four cells trained together, as one group job (harness.sharing)
+        write_status(run_dir, CellState.DONE, stage="done", step=10, job="4711_0", group_size=4)
         sync_run(run_dir, uri, run_id)
     set_state(uri, parent, CellState.DONE)
     return exp_id, cells
@@ -205,8 +206,8 @@ def browser_page():
 @pytest.mark.browser
 def test_printed_link_shows_every_cell_with_its_metric_unfolded(ui, browser_page):
     """The link `bench.py ui` prints opens the experiment on its runs table (not the GenAI overview)
-    in its saved view: every cell run listed by name (its axis values) with its linear_top1 on the
-    same row, the ablate run left out, and nothing clicked."""
+    in its saved view: every cell run listed by name (its axis values) with its linear_top1 and its
+    group job's size on the same row, the ablate run left out, and nothing clicked."""
     page = browser_page
     screenshot = ARTIFACTS / "mlflow-ui-grid-cells.png"
     try:
@@ -224,6 +225,8 @@ def test_printed_link_shows_every_cell_with_its_metric_unfolded(ui, browser_page
             index = cell.locator("xpath=ancestor::*[@role='row'][1]").get_attribute("row-index")
             value = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`linear_top1`']")
             assert value.first.inner_text().strip() == top1, name
+            group = page.locator(f"[role=row][row-index='{index}'] [col-id='tags.`group_size`']")
+            assert group.first.inner_text().strip() == "4", name  # which cells trained together
     finally:
         page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
