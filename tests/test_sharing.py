@@ -96,6 +96,25 @@ def test_groups_are_split_at_max_cells_per_job_and_not_made_without_sharing() ->
     assert job_groups(grid.cells, share=False) == [[i] for i in range(8)]
 
 
+def test_every_cell_of_a_seed_starts_from_the_same_encoder(demo_assets) -> None:
+    """Paired from the first weight: the target (with its teacher), decoder kind and decoder shape
+    change the student's decoder and head, never its initial encoder; another seed does."""
+    from harness.milan.checkpoint import encoder_state_dict
+    from harness.train.pretrain import build_model
+
+    base = parse_config(micro_config(*demo_assets))
+    variants = [{"model.target": "pixel", "model.decoder": "standard", "model.masking": "random"},
+                {"model.target": "clip", "model.decoder": "prompting", "model.masking": "semantic"},
+                {"model.target": "pixel", "model.decoder": "prompting", "model.decoder_width": 32,
+                 "model.decoder_heads": 2, "model.masking": "random", "model.mask_ratio": 0.5}]
+    encoders = [encoder_state_dict(build_model(base.with_overrides(v)).student.state_dict()) for v in variants]
+    other_seed = encoder_state_dict(build_model(base.with_overrides({**variants[0], "seed": 1})).student.state_dict())
+    for encoder in encoders[1:]:
+        for key, value in encoders[0].items():
+            assert torch.equal(value, encoder[key]), key
+    assert not torch.equal(encoders[0]["blocks.0.attn.qkv.weight"], other_seed["blocks.0.attn.qkv.weight"])
+
+
 # --- a student computes the same in a group as alone ------------------------------------------
 
 def test_group_students_match_their_solo_runs_and_share_loads_and_teacher(demo_assets, tmp_path) -> None:

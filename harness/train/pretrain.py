@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import RunConfig
 from harness.data.datasets import image_folder, make_loader, pretrain_transform
-from harness.milan import (ClipTeacher, MilanPretrainer, TeacherOutput, build_pretrainer, build_teacher,
-                           needs_teacher)
+from harness.milan import (ClipTeacher, MilanPretrainer, TeacherOutput, build_pretrainer, build_student,
+                           build_teacher, needs_teacher)
+from harness.milan.checkpoint import encoder_state_dict
 from harness.milan.masking import mask_generator, random_ids_shuffle, semantic_ids_shuffle
 from harness.sharing import check_shareable
 from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, save_atomic, set_rng_state
@@ -88,17 +89,24 @@ def autocast_for(cfg: RunConfig, device: torch.device):
 
 def build_model(cfg: RunConfig, teacher: ClipTeacher | None = None, rank: int = 0) -> MilanPretrainer:
     """The cell's student (with ``teacher`` when it needs one), initialised from the seed alone:
-    every cell of a seed starts from the same encoder, with a teacher or without, alone or in a group."""
+    every cell of a seed starts from the same encoder, whatever its target, decoder or teacher, alone
+    or in a group (the cells of a seed are paired from their first weight)."""
     m = cfg.model
     if teacher is None and needs_teacher(m.target, m.masking):
         teacher = build_teacher(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.normalize)
-    with torch.random.fork_rng(devices=[]):  # the student's draws leave the global stream alone
+    with torch.random.fork_rng(devices=[]):  # the students' draws leave the global stream alone
         torch.manual_seed(cfg.seed * 1000 + rank)
-        return build_pretrainer(size=m.size, img_size=m.img_size, target=m.target, decoder=m.decoder,
-                                masking=m.masking, mask_ratio=m.mask_ratio,
-                                teacher=teacher if needs_teacher(m.target, m.masking) else None,
-                                norm_pix_loss=m.norm_pix_loss, decoder_embed_dim=m.decoder_width,
-                                decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads)
+        model = build_pretrainer(size=m.size, img_size=m.img_size, target=m.target, decoder=m.decoder,
+                                 masking=m.masking, mask_ratio=m.mask_ratio,
+                                 teacher=teacher if needs_teacher(m.target, m.masking) else None,
+                                 norm_pix_loss=m.norm_pix_loss, decoder_embed_dim=m.decoder_width,
+                                 decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads)
+        # MAE's initialisation draws the decoder's and the head's weights in among the encoder's,
+        # so the encoder comes from a student of one fixed decoder built from the same seed
+        torch.manual_seed(cfg.seed * 1000 + rank)
+        canonical = build_student(m.size, img_size=m.img_size, decoder="standard", pred_dim=1, mask_ratio=m.mask_ratio)
+    model.student.load_state_dict(encoder_state_dict(canonical.state_dict()), strict=False)
+    return model
 
 
 def build_optimizer(model: MilanPretrainer, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
