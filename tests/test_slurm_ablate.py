@@ -329,7 +329,9 @@ def test_a_cell_requeued_during_its_fine_tune_resumes_from_its_last_epoch(workdi
     """Requeued after some fine-tune epochs, the job skips pretraining (done), resumes the fine-tune
     after its last epoch checkpoint (the log names the epoch), and logs every epoch's loss once."""
     base = long_pixel_cell(demo_assets, epochs=1, num_workers=0)
-    epochs = 12
+    # ~0.4 s an epoch here: the epochs left after the requeue must outlast Slurm's KillWait (5 s,
+    # scripts/local-slurm.sh), during which the job runs on (submitit bypasses SIGTERM)
+    epochs = 40
     base["eval"] = {"protocols": ["finetune"], "feature_batch_size": 100,
                     "finetune": {"epochs": epochs, "batch_size": 32, "warmup_epochs": 1}}
     path = write_grid(workdir, "requeue_ft", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10})
@@ -353,7 +355,9 @@ def test_a_cell_requeued_during_its_fine_tune_resumes_from_its_last_epoch(workdi
     assert final.state.value == "done", final
     assert slurm.job_states([job_id])[job_id].restarts == 1
     log_text = "".join(p.read_text() for p in (cell / "logs").glob("*_log.err"))
-    resumed_after = int(re.search(r"fine-tuning resumes after epoch (\d+) of 12", log_text).group(1))
+    resumed = re.search(rf"fine-tuning resumes after epoch (\d+) of {epochs}", log_text)
+    assert resumed, f"the fine-tune finished before the requeue killed it (requeued at epoch {at}):\n{log_text}"
+    resumed_after = int(resumed.group(1))
     assert at <= resumed_after < epochs
     records = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "finetune/loss" in r] == list(range(1, epochs + 1))
