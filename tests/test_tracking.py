@@ -219,26 +219,32 @@ def test_sync_of_a_finished_run_sends_results_and_artifacts(store, tmp_path):
     assert backlog(folder) == ""
 
 
-def test_an_unreachable_server_never_stops_the_run_and_is_caught_up_later(store, tmp_path):
-    run_id, _ = new_cell(store)
-    folder = tmp_path / "cell"
-    folder.mkdir()
+def test_an_unreachable_server_never_stops_the_runs_and_they_are_caught_up_later(store, tmp_path):
+    """One mirror for a group job's cells: none stops while the server is down, all catch up."""
+    cells = [(tmp_path / f"cell{i}", new_cell(store, ratio=ratio)[0]) for i, ratio in enumerate([0.75, 0.5])]
+    for folder, _ in cells:
+        folder.mkdir()
     dead = f"http://127.0.0.1:{free_port()}"
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
         target = {"uri": dead}
-        with Mirror(folder, lambda: target["uri"], run_id, interval_s=0.2) as mirror:
-            log_steps(folder, range(1, 11))
-            write_status(folder, CellState.RUNNING, new_attempt=True)
+        with Mirror(cells, lambda: target["uri"], interval_s=0.2) as mirror:
+            for folder, _ in cells:
+                log_steps(folder, range(1, 11))
+                write_status(folder, CellState.RUNNING, new_attempt=True)
             time.sleep(0.5)
-            assert not mirror.sync() and "bytes of metrics" in backlog(folder)
-            assert backlog(folder, live=True)  # status shows a live job that cannot reach the store
+            assert not mirror.sync()
+            for folder, _ in cells:
+                assert "bytes of metrics" in backlog(folder)
+                assert backlog(folder, live=True)  # status shows a live job that cannot reach the store
             target["uri"] = store  # the server is back (on another address)
-            log_steps(folder, range(11, 21))
-        assert backlog(folder) == ""
+            for folder, _ in cells:
+                log_steps(folder, range(11, 21))
+        assert [backlog(folder) for folder, _ in cells] == ["", ""]
     finally:
         del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-    assert [s for s, _ in history(store, run_id)] == list(range(1, 21))
+    for _, run_id in cells:
+        assert [s for s, _ in history(store, run_id)] == list(range(1, 21))
 
 
 # --- the server ------------------------------------------------------------------------------------

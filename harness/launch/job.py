@@ -7,7 +7,7 @@ only (the configs as dicts, paths, the grid's store and the cells' MLflow run id
 
 * Every rank holds its lock on each run folder for the job's whole life: a duplicate job for a
   cell exits at once and touches nothing (:func:`harness.run_folder.hold`).
-* Rank 0 runs one :class:`~harness.tracking.sync.Mirror` per cell that copies its folder into its
+* Rank 0 runs one :class:`~harness.tracking.sync.Mirror` that copies each cell's folder into its
   MLflow run in the background; an unreachable server never stops training.
 * Stopped by the scheduler (``scontrol requeue``, preemption: SIGTERM to every process; the time
   limit: submitit turns USR2 into a call of :meth:`checkpoint` and a requeue), every unfinished
@@ -84,9 +84,7 @@ class GroupJob(submitit.helpers.Checkpointable):
             self._mark_unfinished(CellState.REQUEUED, f"stopped by the scheduler ({signal_name})")
 
         try:
-            with StopWatch(on_stop=stopping if main else None) as watch, contextlib.ExitStack() as mirrors:
-                for run_dir, run_id in zip(run_dirs, self.mlflow_run_ids or [None] * len(run_dirs)):
-                    mirrors.enter_context(self._mirror(run_dir, run_id, main))
+            with StopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dirs, main):
                 try:
                     results = run_group(cfgs, run_dirs, [JsonlLogger(d / METRICS_FILE) for d in run_dirs],
                                         job_fields=job)
@@ -112,15 +110,16 @@ class GroupJob(submitit.helpers.Checkpointable):
             if not CellState.parse(read_status(run_dir).get("state"), CellState.MISSING).terminal:
                 write_status(run_dir, state, reason=reason)
 
-    def _mirror(self, run_dir: Path, run_id: str | None, main: bool) -> contextlib.AbstractContextManager[Any]:
-        if not (main and self.store and run_id):
+    def _mirror(self, run_dirs: list[Path], main: bool) -> contextlib.AbstractContextManager[Any]:
+        runs = [(d, run_id) for d, run_id in zip(run_dirs, self.mlflow_run_ids or []) if run_id]
+        if not (main and self.store and runs):
             return contextlib.nullcontext()
         from harness.tracking.store import Store
         from harness.tracking.sync import Mirror
 
         for name, value in _HTTP_LIMITS.items():
             os.environ.setdefault(name, value)
-        return Mirror(run_dir, Store(**self.store).writer_uri, run_id)
+        return Mirror(runs, Store(**self.store).writer_uri)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2 (time limit or preemption), on global rank 0 only."""

@@ -6,8 +6,8 @@ offset moves after each, so every step reaches MLflow exactly once; ``status.jso
 the MLflow run status; a done run adds its summary metrics (``results.json``), ``config.yaml`` and
 ``metrics.jsonl`` as artifacts, and the checkpoint's path.
 
-A job runs a :class:`Mirror`, a thread that syncs every few seconds: training never waits on the
-tracking server nor stops when it is down; the steps wait in the folder until it is back. What still
+A job runs a :class:`Mirror`, one thread that syncs its cells every few seconds: training never waits
+on the tracking server nor stops when it is down; the steps wait in the folder until it is back. What still
 waits is :func:`backlog` (``status`` shows it); ``ablate`` syncs the cells whose jobs ended with one.
 """
 
@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +140,21 @@ def sync_run(run_dir: Path, uri: str, run_id: str) -> None:
 
 
 class Mirror:
-    """Syncs a run folder into its MLflow run from a background thread while a job runs. ``uri`` is
-    asked anew before every sync (a restarted server may have moved); a failed sync is logged once per
-    outage and retried; :meth:`close` makes a last attempt and says whether the run is in step."""
+    """Syncs run folders into their MLflow runs from one background thread while a job runs (one
+    thread for all of a group job's cells: MLflow's lazy imports are not thread-safe, and mirrors
+    importing it at once from several threads failed with "partially initialized module").
+    ``uri`` is asked anew before every round (a restarted server may have moved); a failed sync
+    is logged once per outage of each run and retried on the next round; :meth:`close` makes a
+    last attempt and says whether every run is in step."""
 
-    def __init__(self, run_dir: Path, uri: Callable[[], str | None], run_id: str, interval_s: float = 10.0) -> None:
-        self.run_dir, self.uri, self.run_id, self.interval_s = Path(run_dir), uri, run_id, interval_s
+    def __init__(self, runs: Sequence[tuple[Path, str]], uri: Callable[[], str | None],
+                 interval_s: float = 10.0) -> None:
+        self.runs = [(Path(run_dir), run_id) for run_dir, run_id in runs]
+        self.uri, self.interval_s = uri, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-mirror", daemon=True)
         self._lock = threading.Lock()
-        self._failing = False
+        self._failing = {run_dir: False for run_dir, _ in self.runs}
 
     def __enter__(self) -> Mirror:
         self._thread.start()
@@ -159,27 +164,31 @@ class Mirror:
         self.close()
 
     def sync(self) -> bool:
+        """One round over every run; True when all of them are in step."""
         with self._lock:
-            try:
-                if (uri := self.uri()) is None:
-                    raise ConnectionError("no tracking server is recorded for this store yet")
-                sync_run(self.run_dir, uri, self.run_id)
-            except Exception as err:  # noqa: BLE001 - the store is infrastructure: the run goes on
-                if not self._failing:
-                    log.warning("MLflow is unreachable (%s); the run goes on and its metrics wait in %s",
-                                (str(err).strip().splitlines() or [type(err).__name__])[0][:200],
-                                self.run_dir / METRICS_FILE)
-                    self._set_failing(True)
-                return False
-            if self._failing:
-                log.info("MLflow is back: run %s is in step again", self.run_id)
-                self._set_failing(False)
-            return True
+            return all([self._sync_run(run_dir, run_id) for run_dir, run_id in self.runs])
 
-    def _set_failing(self, failing: bool) -> None:
+    def _sync_run(self, run_dir: Path, run_id: str) -> bool:
+        try:
+            if (uri := self.uri()) is None:
+                raise ConnectionError("no tracking server is recorded for this store yet")
+            sync_run(run_dir, uri, run_id)
+        except Exception as err:  # noqa: BLE001 - the store is infrastructure: the run goes on
+            if not self._failing[run_dir]:
+                log.warning("MLflow is unreachable (%s); the run goes on and its metrics wait in %s",
+                            (str(err).strip().splitlines() or [type(err).__name__])[0][:200],
+                            run_dir / METRICS_FILE)
+                self._set_failing(run_dir, True)
+            return False
+        if self._failing[run_dir]:
+            log.info("MLflow is back: run %s is in step again", run_id)
+            self._set_failing(run_dir, False)
+        return True
+
+    def _set_failing(self, run_dir: Path, failing: bool) -> None:
         # recorded for backlog(live=True): `status` shows a live job that cannot reach the store
-        self._failing = failing
-        write_json_atomic(self.run_dir / SYNC_FILE, {**_read_sync(self.run_dir), "unreachable": failing})
+        self._failing[run_dir] = failing
+        write_json_atomic(run_dir / SYNC_FILE, {**_read_sync(run_dir), "unreachable": failing})
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
