@@ -4,6 +4,7 @@ the GPU-hours estimate, and the in-process debug executor."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, demo_assets: tupl
 def test_dry_run_of_the_paper_grid_estimates_gpu_hours(cwd: Path) -> None:
     """Paper grid without ImageNet here: the table with GPU-hours (from estimate.train_images),
     then the preflight error (exit 2)."""
-    code, out = invoke("ablate", str(REPO / "ablations" / "milan_vitb_in1k.yaml"), "--dry-run", "--executor", "local")
+    code, out = invoke("ablate", str(REPO / "ablations" / "milan_vitb_in1k.yaml"), "--dry-run", "--executor", "slurm")
     assert code == 2
     milan = next(line for line in out.splitlines() if "target=clip decoder=prompting masking=semantic" in line)
     hours = float(milan.split()[-4].replace(",", ""))
@@ -72,6 +73,9 @@ def test_dry_run_of_the_paper_grid_estimates_gpu_hours(cwd: Path) -> None:
     assert "assuming 40 TFLOP/s sustained per GPU" in out
     # the 8 cells are one group job: the teacher runs once per image instead of 6 times
     assert "sharing saves 27% of the pretraining FLOPs (649.4 -> 473.8 GFLOPs per training image" in out
+    # ... and runs for its 1,686 GPU-hours over 8 GPUs: 9 days of the 24-h time limit
+    assert ("longest job: 8 cell(s), about 210.8 h of pretraining on 8 GPUs, so 9 period(s) of the 1440-min "
+            "time limit") in out and "submitit may requeue each job 24 times" in out
     assert out.strip().splitlines()[-1].startswith("error: the grid asks for 8 GPUs per node but this machine has 0") \
         or "dataset root /datasets/imagenet does not exist" in out.strip().splitlines()[-1]
 
@@ -89,6 +93,34 @@ def test_gpu_hours_scale_with_epochs_and_skip_cpu_cells() -> None:
     low, high = (hours[cell.run_id] for cell in gpu.cells if not cell.is_random_init)
     assert high == pytest.approx(2 * low) and low > 0
     assert set(gpu_hours(build_grid({"name": "c", "base": base})).values()) == {"cpu"}
+
+
+def test_a_job_may_requeue_at_least_twice_as_often_as_its_estimated_length_needs() -> None:
+    """3 time-limit requeues per cell a job trains, or twice the periods of the time limit that
+    its estimated pretraining spans, whichever is more; CPU jobs have no estimate."""
+    from harness.launch.ablate import job_groups, job_time_limit
+    from harness.launch.estimate import gpu_hours
+
+    base = {"model": {"size": "vit_base_patch16", "target": "clip", "masking": "semantic"},
+            "pretrain": {"epochs": 400, "warmup_epochs": 40}, "data": {"root": "/nowhere"}}
+    axes = {"model.decoder": ["standard", "prompting"]}
+    for minutes, rule in [(14400, "per cell"), (120, "periods")]:
+        grid = build_grid({"name": "g", "base": base, "axes": axes, "random_init": False,
+                           "resources": {"gpus_per_node": 8, "time_min": minutes},
+                           "estimate": {"train_images": 1281167}})
+        groups = job_groups(grid.cells, share=True)
+        assert groups == [[0, 1]]
+        hours = gpu_hours(grid)
+        max_timeouts, line = job_time_limit(grid, grid.cells, groups, hours)
+        # the two students share one teacher forward: less than the two cells' hours alone
+        wall = float(line.split("about ")[1].split(" h")[0])
+        assert wall < sum(hours.values()) / 8
+        periods = math.ceil(wall * 60 / minutes)
+        assert f"so {periods} period(s) of the {minutes}-min time limit" in line
+        assert periods * 2 != 6  # the two rules give different allowances
+        assert max_timeouts == (6 if rule == "per cell" else 2 * periods), line
+    cpu = build_grid({"name": "c", "base": base, "axes": axes})
+    assert job_time_limit(cpu, cpu.cells, [[0, 1], [2]], gpu_hours(cpu)) == (6, None)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -13,6 +13,7 @@ report afterwards (the report is a later stage than launching).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import shlex
@@ -250,6 +251,8 @@ def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
     echo(views.plan_table(grid, views_now, hours, actions, job_of))
     if todo:
         echo(_groups_line(grid, groups, req.share, [hours.get(grid.cells[i].run_id) for i in todo]))
+        if executor == "slurm" and (line := job_time_limit(grid, grid.cells, groups, hours)[1]):
+            echo(line)
     missing = [p for p in (DEMO_DATA, DEMO_TEACHER) if not p.exists()
                and any(str(p) in (c.config.data.root, c.config.teacher.pretrained) for c in grid.cells)]
     if missing:
@@ -277,6 +280,26 @@ def _groups_line(grid: Grid, groups: Sequence[Sequence[int]], share: bool, hours
         total = sum(hours)
         text += f"; about {total * (1 - saving.flops_saved):,.1f} GPU-hours of pretraining instead of {total:,.1f}"
     return text
+
+
+def job_time_limit(grid: Grid, cells: Sequence[Cell], groups: Sequence[Sequence[int]],
+                hours: dict[str, float | str | None]) -> tuple[int, str | None]:
+    """The time-limit requeues submitit may make of each job of the array (``groups``: indices
+    into ``cells``), and the dry run's account of the longest job against the time limit (None
+    when its length cannot be estimated)."""
+    from harness.launch.estimate import job_hours
+    from harness.launch.executors import timeout_allowance
+
+    r, most_cells = grid.resources, max(len(group) for group in groups)
+    wall = job_hours(cells, groups, hours, r.gpus)
+    if not wall:
+        return timeout_allowance(most_cells), None
+    longest = max(range(len(groups)), key=wall.__getitem__)
+    periods = math.ceil(wall[longest] * 60 / r.time_min)
+    allowed = timeout_allowance(most_cells, periods)
+    return allowed, (f"longest job: {len(groups[longest])} cell(s), about {wall[longest]:,.1f} h of pretraining on "
+                     f"{r.gpus} GPUs, so {periods} period(s) of the {r.time_min}-min time limit, each after the "
+                     f"first a requeue from the last checkpoint; submitit may requeue each job {allowed} times")
 
 
 def _store(req: AblateRequest, grid: Grid, executor: str, echo: Echo) -> Store:
@@ -445,13 +468,15 @@ def _group_jobs(gdir: Path, batch: _Batch, threads: int) -> list[Any]:
 
 
 def _submit_slurm(grid: Grid, gdir: Path, batch: _Batch, echo: Echo) -> None:
+    from harness.launch.estimate import gpu_hours
     from harness.launch.executors import slurm_executor, submit_array
     from harness.tracking.runs import set_run_tags
     from harness.tracking.schema import SLURM_JOB_ID
 
     uri, threads = batch.record.store.writer_uri(), grid.resources.cpus_per_task
+    max_timeouts, _ = job_time_limit(grid, batch.cells, batch.groups, gpu_hours(grid))
     executor = slurm_executor(gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}",
-                              cells_per_job=max(len(group) for group in batch.groups))
+                              max_timeouts=max_timeouts)
     jobs = submit_array(executor, _group_jobs(gdir, batch, threads))
     for group, job in zip(batch.groups, jobs):
         _record_group(gdir, batch, group, job.job_id, "slurm", Path(job.paths.folder))

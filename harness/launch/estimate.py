@@ -82,3 +82,19 @@ def sharing_saving(cells: Sequence[Cell], groups: Sequence[Sequence[int]]) -> Sh
         loads_alone += len(members)
         loads_shared += 1
     return SharingSaving(alone, shared, loads_alone, loads_shared)
+
+
+def job_hours(cells: Sequence[Cell], groups: Sequence[Sequence[int]], hours: dict[str, float | str | None],
+              gpus: int) -> list[float] | None:
+    """Estimated wall-clock hours of each job's pretraining on its ``gpus`` GPUs (``groups``: indices
+    into ``cells`` per job; ``hours``: :func:`gpu_hours`), a group job at its shared FLOPs; None
+    when any is unknown or the jobs run on CPUs."""
+    if not gpus:
+        return None
+    out = []
+    for group in groups:
+        alone = [hours.get(cells[i].run_id) for i in group]
+        if not all(isinstance(h, float) for h in alone):
+            return None
+        out.append(sum(alone) * (1 - sharing_saving(cells, [group]).flops_saved) / gpus)
+    return out

@@ -41,13 +41,20 @@ def resolve_executor(name: str) -> str:
 TIMEOUTS_PER_CELL = 3
 
 
-def slurm_executor(folder: Path, resources: Resources, job_name: str, cells_per_job: int = 1) -> submitit.AutoExecutor:
-    """An AutoExecutor for Slurm; ``folder`` gets one sub-folder per job (``%j``). A job that trains
-    ``cells_per_job`` cells in turn runs that many times longer, so it may hit the time limit (and
-    requeue itself) that many times more often."""
+def timeout_allowance(cells_per_job: int, periods: int | None = None) -> int:
+    """Time-limit requeues submitit may make of a job: 3 per cell it trains (a job that trains
+    several cells in turn runs that many times longer), and, when the dry-run estimate says how
+    many time-limit periods the job spans, at least twice that (the estimate assumes a
+    throughput; every requeue resumes from the last checkpoint, so a long job still progresses)."""
+    return max(TIMEOUTS_PER_CELL * cells_per_job, 2 * periods if periods else 0)
+
+
+def slurm_executor(folder: Path, resources: Resources, job_name: str, max_timeouts: int) -> submitit.AutoExecutor:
+    """An AutoExecutor for Slurm; ``folder`` gets one sub-folder per job (``%j``); a job may hit the
+    time limit, and requeue itself, ``max_timeouts`` times (:func:`timeout_allowance`)."""
     r = resources
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
-                                     slurm_max_num_timeout=TIMEOUTS_PER_CELL * cells_per_job)
+                                     slurm_max_num_timeout=max_timeouts)
     optional = {"gpus_per_node": r.gpus_per_node or None, "mem_gb": r.mem_gb, "slurm_partition": r.partition,
                 "slurm_account": r.account, "slurm_qos": r.qos, "slurm_constraint": r.constraint,
                 "slurm_array_parallelism": r.array_parallelism, "slurm_setup": list(r.setup) or None}
