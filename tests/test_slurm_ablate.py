@@ -276,10 +276,12 @@ def test_a_requeued_group_job_resumes_every_student(workdir: Path, demo_assets: 
     """`scontrol requeue` of a group job mid-training: every student records `requeued`, the job
     restarts once, and each student resumes from its own checkpoint (not from 0) and ends done with
     every step exactly once, in its folder and in its own MLflow run."""
-    base = long_pixel_cell(demo_assets, epochs=12, num_workers=1)
+    # long enough that the steps left after the requeue outlast Slurm's KillWait (5 s), during
+    # which the job runs on: ~60 ms a step for the four students here
+    base = long_pixel_cell(demo_assets, epochs=20, num_workers=1)
     path = write_grid(workdir, "group_requeue", base, {"cpus_per_task": 1, "mem_gb": 1, "time_min": 10},
                       axes={"model.mask_ratio": [0.5, 0.75], "model.decoder": ["standard", "prompting"]})
-    total = 12 * (TRAIN_IMAGES // 16)
+    total = 20 * (TRAIN_IMAGES // 16)
     proc = bench(workdir, "ablate", str(path), "--executor", "slurm")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "submitted 4 cells as 1 job(s) (1 group(s) sharing data and teacher, of 4 cells)" in proc.stdout

@@ -426,6 +426,8 @@ def apportion(active: Sequence[_Student], wall: float, teacher_seconds: float, l
         if timed:  # the first window of an attempt holds start-up (workers, compilation)
             s.clock["timed_images"] += len(s.window) * images_per_step
             s.clock["timed_seconds"] += seconds
+
+
 class _Progress:
     """A tqdm bar in a terminal; otherwise a plain line at most every 30 s (Slurm log files)."""
 
