@@ -213,7 +213,8 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLog
     todo = [i for i, r in enumerate(results) if r is None]
     if not todo:
         return results
-    group = {"group_size": len(todo)} | ({"group": [run_dirs[i].name for i in todo]} if len(todo) > 1 else {})
+    # the job's group as submitted (launch.json), also when some of its cells ended in an earlier attempt
+    group = {"group_size": len(cfgs)} | ({"group": [d.name for d in run_dirs]} if len(cfgs) > 1 else {})
     if env.is_main:
         for i in todo:
             run_dirs[i].mkdir(parents=True, exist_ok=True)
@@ -237,7 +238,7 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLog
             results[i] = RunResult(CellState.FAILED, {}, run_dirs[i], failure_reason=str(result))
             continue
         try:
-            results[i] = _evaluate(cfgs[i], run_dirs[i], loggers[i], result, device, env, shared=len(todo) > 1)
+            results[i] = _evaluate(cfgs[i], run_dirs[i], loggers[i], result, device, env)
         except Exception as err:
             # every rank takes part in the evaluation: the job cannot go on; and a stop by the
             # scheduler is the job's (requeued), not this cell's failure
@@ -250,7 +251,7 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLog
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path, logger: RunLogger, result: PretrainResult, device: torch.device,
-              env: DistEnv, shared: bool) -> RunResult:
+              env: DistEnv) -> RunResult:
     """Evaluate a pretrained run's encoder and write its results (rank 0)."""
     metrics: dict[str, float] = {
         "final_loss": result.final_loss, "images_per_s": result.images_per_s,
@@ -275,7 +276,7 @@ def _evaluate(cfg: RunConfig, run_dir: Path, logger: RunLogger, result: Pretrain
     if env.is_main:
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "run_id": cfg.run_id(), "cell_id": cfg.cell_id(),
                                                    "steps": result.steps, "checkpoint": str(result.checkpoint),
-                                                   "cost": COST_SHARED if shared else COST_ALONE})
+                                                   "cost": COST_SHARED if result.shared else COST_ALONE})
         write_status(run_dir, CellState.DONE, stage="done", step=result.steps, finished=time.time())
         shutil.rmtree(run_dir / EVAL_DIR, ignore_errors=True)  # the evaluation's progress: now in results.json
     return RunResult(CellState.DONE, metrics, run_dir)

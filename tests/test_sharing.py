@@ -201,6 +201,31 @@ def test_a_group_resumes_each_student_from_its_own_step(demo_assets, tmp_path) -
     assert logged == list(range(1, 73))  # no gap, no repeat across the two jobs
 
 
+def test_a_cell_finished_after_its_group_pretrained_keeps_the_groups_bookkeeping(demo_assets, tmp_path) -> None:
+    """Requeued between two cells' evaluations, the job still records its group's size; a cell whose
+    pretraining was shared says its cost is a share, also when a later job evaluates it alone."""
+    data, teacher = demo_assets
+    a, b = configs(data, teacher, STUDENTS[:2], eval={"protocols": ["knn"]})
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    run_group([a, b], dirs)
+
+    def bookkeeping(run_dir: Path) -> tuple[int, str]:
+        status = json.loads((run_dir / "status.json").read_text())
+        return status["group_size"], json.loads((run_dir / "results.json").read_text())["cost"]
+
+    (dirs[1] / "results.json").unlink()  # the job stopped after a's results, before b's
+    assert [r.state for r in run_group([a, b], dirs)] == ["done", "done"]  # the requeued job
+    group_size, cost = bookkeeping(dirs[1])
+    assert group_size == 2 and cost.startswith("its share of a group job"), (group_size, cost)
+    (dirs[1] / "results.json").unlink()
+    assert run(b, dirs[1]).state == "done"  # a later ablate resubmits b alone
+    group_size, cost = bookkeeping(dirs[1])
+    assert group_size == 1 and cost.startswith("its share of a group job"), (group_size, cost)
+    assert bookkeeping(dirs[0]) == (2, cost)
+    run(a, tmp_path / "alone")
+    assert bookkeeping(tmp_path / "alone") == (1, "its own job's time")
+
+
 def test_a_windows_time_and_loads_are_apportioned_and_add_up() -> None:
     """Each student: its own compute, the teacher's time among the students that need it, the rest
     equally; the shares add up to the window's wall time, so a grid's total is its real cost."""

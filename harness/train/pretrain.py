@@ -68,6 +68,7 @@ class PretrainResult:
     resumed_from: int  # 0 for a fresh start
     images_loaded: float  # images decoded and augmented for this student; in a group, its share
     teacher_images: float  # images through the teacher for it; in a group, its share
+    shared: bool  # some of its steps ran in a group, so its time and images are shares (apportion)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,7 +192,7 @@ class _Student:
 
 def _new_clock() -> dict[str, float]:
     return {"loop_seconds": 0.0, "timed_images": 0, "timed_seconds": 0.0, "last_loss": math.nan,
-            "images_loaded": 0.0, "teacher_images": 0.0}
+            "images_loaded": 0.0, "teacher_images": 0.0, "shared": 0.0}
 
 
 def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[RunLogger],
@@ -398,7 +399,7 @@ def _result(s: _Student, total_steps: int, device: torch.device, env: DistEnv) -
         images_per_s=clock["timed_images"] / clock["timed_seconds"] if timed else math.nan,
         peak_memory_mb=peak_memory_mb(device), train_seconds=clock["loop_seconds"],
         checkpoint=s.ckpt_path, resumed_from=s.start_step, images_loaded=clock["images_loaded"],
-        teacher_images=clock["teacher_images"])
+        teacher_images=clock["teacher_images"], shared=bool(clock["shared"]))
     if s.start_step < total_steps and env.is_main:
         s.logger.log_metrics({"train/images_per_s": result.images_per_s,
                               "train/peak_memory_mb": result.peak_memory_mb}, step=total_steps)
@@ -423,6 +424,8 @@ def apportion(active: Sequence[_Student], wall: float, teacher_seconds: float, l
         s.clock["loop_seconds"] += seconds
         s.clock["images_loaded"] += loaded / len(active)
         s.clock["teacher_images"] += through_teacher * teacher_share
+        if len(active) > 1:  # kept in the checkpoint: a later job that finishes it alone still knows
+            s.clock["shared"] = 1.0
         if timed:  # the first window of an attempt holds start-up (workers, compilation)
             s.clock["timed_images"] += len(s.window) * images_per_step
             s.clock["timed_seconds"] += seconds
