@@ -1,6 +1,6 @@
 """The `bench.py` / `milan-bench` command line: a thin Typer front over the harness modules.
 
-Every command turns a :class:`~harness.errors.UserError` into one line on stderr and exit code
+Every command turns a :class:`~harness.core.errors.UserError` into one line on stderr and exit code
 2; anything else is a bug and keeps its traceback.
 """
 
@@ -14,8 +14,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from harness.errors import UserError
-from harness.files import ensure_writable_dir
+from harness.core.errors import UserError
+from harness.core.files import ensure_writable_dir
 
 app = typer.Typer(
     name="milan-bench",
@@ -75,7 +75,8 @@ def run_command(
     from harness.config import load_config, parse_assignments
 
     cfg = load_config(config, parse_assignments(set_ or []))  # config errors before heavy imports
-    from harness.run import preflight, run
+    from harness.run.checks import preflight
+    from harness.run.runner import run
 
     preflight(cfg)
     run_dir = out or Path("runs") / (config.stem if config else "default") / cfg.run_id()
@@ -106,8 +107,9 @@ def evaluate_command(
     import torch
 
     from harness.config import load_config, parse_assignments
-    from harness.milan.checkpoint import build_timm_vit, timm_encoder_from_checkpoint
-    from harness.run import evaluate_encoder, preflight
+    from harness.milan.weights import build_timm_vit, timm_encoder_from_checkpoint
+    from harness.run.checks import preflight
+    from harness.run.evaluation import evaluate_encoder
     from harness.train.pretrain import resolve_device
 
     if (checkpoint is None) == (not random_init):
@@ -217,7 +219,7 @@ def ablate_command(
         except UserError as err:
             typer.echo(f"report: not written ({err})")
     if rehearse and outcome.waited:
-        from harness.launch.views import rehearsal_verdict
+        from harness.launch.display import rehearsal_verdict
 
         typer.echo(rehearsal_verdict(outcome.views, grid or "smoke"))
     if not outcome.ok:
@@ -370,7 +372,7 @@ def report_bench_command(
 ) -> None:
     """Time a report over synthetic runs read from a real SQLite MLflow store and their run folders
     (prints seconds)."""
-    from harness.benchmarks.report import report_lines, run_benchmark
+    from harness.benchmarks.report_bench import report_lines, run_benchmark
 
     typer.echo(report_lines(run_benchmark(runs, steps, store)))
 
@@ -406,7 +408,7 @@ def share_bench_command(
         raise UserError(f"--seeds {seeds} is too few: give at least 1 (3 for the interval comparison)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: the benchmark starts from nothing; remove it or give another")
-    from harness.benchmarks.sharing import report_lines, share_bench
+    from harness.benchmarks.share_bench import report_lines, share_bench
 
     typer.echo(report_lines(share_bench(out, seeds, independent and seeds > 1)))
 
@@ -421,7 +423,7 @@ def finetune_bench_command(
     batch: Annotated[int, typer.Option(min=2, help="Effective batch (split over the ranks).")] = 64,
 ) -> None:
     """Fine-tune images/s on 1 rank vs several (DDP over gloo on CPU): prints one line per count."""
-    from harness.benchmarks.finetune import run_finetune_speed
+    from harness.benchmarks.finetune_speed import run_finetune_speed
     from harness.milan.presets import PRESETS
 
     if size not in PRESETS:
@@ -465,7 +467,7 @@ def speed_command(
     import pandas as pd
     import torch
 
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
     from harness.milan.presets import PRESETS
     from harness.benchmarks.speed import COMBINATIONS, as_dicts, default_teacher_for, run_speed
     from harness.train.pretrain import resolve_device

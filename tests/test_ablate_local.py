@@ -146,7 +146,7 @@ def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, 
     assert code == 1, out
     assert re.search(r"FAILED batch_size=1000 seed=0 at stage pretrain: ConfigError: the training split has "
                      r"300 images, fewer than one step \(1000\)", out), out
-    assert "| harness.errors.ConfigError" in out  # the last lines of the job's stderr
+    assert "| harness.core.errors.ConfigError" in out  # the last lines of the job's stderr
     code, status = invoke("status", "broken")
     assert "grid broken: 1 failed" in status and "fewer than one step" in status
 

@@ -24,7 +24,7 @@ from harness.data.datasets import (
     pretrain_transform,
 )
 from harness.data.demo import CLASSES, make_demo_dataset
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 SMALL = {"train_per_class": 6, "val_per_class": 3}
 

@@ -17,7 +17,7 @@ from harness.benchmarks.calibration import (
     AXES,
     BASE,
     METRIC,
-    Grid,
+    SimulatedGrid,
     false_resolution_rate,
     interval_coverage,
     planted_means,
@@ -75,7 +75,7 @@ def test_null_grid_rarely_resolves_any_effect_with_one_seed_through_lenth() -> N
 
 
 def test_precise_effect_within_margin_is_negligible_even_when_significant() -> None:
-    grid = Grid(AXES, 3)
+    grid = SimulatedGrid(AXES, 3)
     runs = grid.runs(planted_means({"target": 0.3}), np.random.default_rng(5), noise_sd=0.01)
     target = by_effect(estimate_effects(runs, METRIC, margin=0.5)).loc["target"]
     assert target["p_holm"] < 0.05
@@ -83,7 +83,7 @@ def test_precise_effect_within_margin_is_negligible_even_when_significant() -> N
 
 
 def test_clear_effects_are_resolved_by_sign() -> None:
-    grid = Grid(AXES, 3)
+    grid = SimulatedGrid(AXES, 3)
     runs = grid.runs(planted_means({"target": 3.0, "decoder": -3.0}), np.random.default_rng(6),
                      seed_sd=1.0, noise_sd=0.1)
     effects = by_effect(estimate_effects(runs, METRIC))
@@ -93,7 +93,7 @@ def test_clear_effects_are_resolved_by_sign() -> None:
 
 
 def test_noisy_effect_is_not_resolved_and_needs_more_seeds() -> None:
-    grid = Grid(AXES, 2)
+    grid = SimulatedGrid(AXES, 2)
     runs = grid.runs(planted_means({"target": 1.0}), np.random.default_rng(7), noise_sd=2.0)
     effects = estimate_effects(runs, METRIC, margin=0.5)
     target = by_effect(effects).loc["target"]
@@ -106,7 +106,7 @@ def test_noisy_effect_is_not_resolved_and_needs_more_seeds() -> None:
 
 def test_one_seed_without_a_two_level_factorial_gives_estimates_only() -> None:
     axes = {**AXES, "model.mask_ratio": [0.75, 0.5, 0.9]}  # three levels: no Lenth
-    grid = Grid(axes, 1)
+    grid = SimulatedGrid(axes, 1)
     effects = estimate_effects(grid.runs(np.full(24, BASE), np.random.default_rng(8)), METRIC)
     assert (effects["verdict"] == ONE_SEED).all()
     assert (effects["method"] == "none").all()
@@ -115,7 +115,7 @@ def test_one_seed_without_a_two_level_factorial_gives_estimates_only() -> None:
 
 
 def test_one_seed_two_level_grid_uses_lenth_except_for_random_init() -> None:
-    grid = Grid(AXES, 1)
+    grid = SimulatedGrid(AXES, 1)
     effects = by_effect(estimate_effects(grid.runs(planted_means({"target": 30.0}),
                                                    np.random.default_rng(9)), METRIC))
     assert effects.at[RANDOM_INIT_EFFECT, "verdict"] == ONE_SEED
@@ -146,7 +146,7 @@ def test_lenth_pse_and_margin_of_error_match_montgomery() -> None:
 
 def test_estimate_effects_reproduces_montgomery_through_lenth() -> None:
     axes = {factor: ["-", "+"] for factor in "DCBA"}  # product order: A varies fastest
-    grid = Grid(axes, 1, random_init=False)
+    grid = SimulatedGrid(axes, 1, random_init=False)
     runs = grid.frame.assign(**{METRIC: np.array(MONTGOMERY_RUNS, dtype=float)})
     effects = estimate_effects(runs, METRIC)
     # Names list axes in grid order (D before A): sort the letters to the textbook's.
@@ -188,7 +188,7 @@ def test_power_of_t_test_matches_statsmodels(effect_size: float, nobs: int, alph
 
 
 def test_failed_run_leaves_an_unbalanced_grid_that_still_works() -> None:
-    grid = Grid(AXES, 3)
+    grid = SimulatedGrid(AXES, 3)
     runs = grid.runs(planted_means({"target": 3.0}), np.random.default_rng(10), noise_sd=0.1)
     runs.loc[0, "status"] = "failed"  # the baseline cell's first seed
     effects = by_effect(estimate_effects(runs, METRIC))
@@ -202,7 +202,7 @@ def test_failed_run_leaves_an_unbalanced_grid_that_still_works() -> None:
 def test_three_level_axis_gives_each_level_against_its_baseline() -> None:
     axes = {"model.target": ["pixel", "clip"], "model.mask_ratio": [0.75, 0.5, 0.9]}
     planted_ratio = {0.75: 0.0, 0.5: -1.5, 0.9: 2.0}
-    grid = Grid(axes, 3, random_init=False)
+    grid = SimulatedGrid(axes, 3, random_init=False)
     cells = pd.DataFrame(itertools.product(*axes.values()), columns=list(axes))
     means = (BASE + 4.0 * (cells["model.target"] == "clip")
              + cells["model.mask_ratio"].map(planted_ratio)).to_numpy(dtype=float)
@@ -217,7 +217,7 @@ def test_three_level_axis_gives_each_level_against_its_baseline() -> None:
 
 
 def test_incomplete_grid_skips_interactions_that_are_not_estimable() -> None:
-    grid = Grid(AXES, 2)
+    grid = SimulatedGrid(AXES, 2)
     runs = grid.runs(planted_means({"target": 3.0}), np.random.default_rng(12), noise_sd=0.01)
     excluded = (runs["model.target"] == "clip") & (runs["model.decoder"] == "prompting") & (
         runs["model.masking"] == "semantic")
@@ -230,7 +230,7 @@ def test_incomplete_grid_skips_interactions_that_are_not_estimable() -> None:
 
 
 def test_random_init_runs_without_a_shared_seed_get_no_interval() -> None:
-    grid = Grid(AXES, 3)
+    grid = SimulatedGrid(AXES, 3)
     runs = grid.runs(planted_means({}), np.random.default_rng(13))
     runs.loc[runs["role"] == "random_init", "seed"] = 99  # seeds no cell ran with
     effects = by_effect(estimate_effects(runs, METRIC))
@@ -243,7 +243,7 @@ def test_random_init_runs_without_a_shared_seed_get_no_interval() -> None:
 
 
 def test_table_terminal_text_and_forest_plot(tmp_path: Path) -> None:
-    grid = Grid(AXES, 1)
+    grid = SimulatedGrid(AXES, 1)
     effects = estimate_effects(grid.runs(planted_means({"target": 30.0}),
                                          np.random.default_rng(14)), METRIC)
     assert list(effects.columns) == EFFECT_COLUMNS

@@ -12,18 +12,13 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness.evaluate import (
-    extract_features,
-    finetune,
-    finetune_transform,
-    knn_classify,
-    linear_probe,
-    linear_probe_on_features,
-)
+from harness.evaluate.features import extract_features
+from harness.evaluate.finetune import finetune, finetune_transform
+from harness.evaluate.knn import knn_classify
+from harness.evaluate.linear_probe import linear_probe, linear_probe_on_features
 from harness.evaluate.shards import sharded_features
-from harness.milan.checkpoint import build_timm_vit
+from harness.milan.weights import build_timm_vit
 
-# The package re-exports functions named like their modules, which hides the modules as attributes.
 finetune_module = importlib.import_module("harness.evaluate.finetune")
 linear_probe_module = importlib.import_module("harness.evaluate.linear_probe")
 
@@ -376,7 +371,7 @@ def _run_ranks(target, world: int, *args: object, timeout: float = 180) -> None:
 
 def _extract_shard(rank: int, world: int, port: int, folder: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from harness.train.distributed import barrier, init_distributed, shutdown
+    from harness.core.distributed import barrier, init_distributed, shutdown
 
     env = init_distributed(torch.device("cpu"), timeout_min=1)
     torch.manual_seed(0)
@@ -459,7 +454,7 @@ def test_finetune_resumes_after_its_last_epoch_checkpoint_with_the_same_result(t
 
 def _finetune_rank(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from harness.train.distributed import init_distributed, shutdown
+    from harness.core.distributed import init_distributed, shutdown
 
     env = init_distributed(CPU, timeout_min=1)
     finetune(tiny_vit(), checkpoint=Path(folder) / "ft.pt", **_finetune_args(epochs=2))
@@ -509,7 +504,7 @@ def test_linear_probe_resumes_after_its_last_epoch_checkpoint_with_the_same_resu
 
 
 def test_finetune_benchmark_measures_one_and_two_ranks() -> None:
-    from harness.benchmarks.finetune import run_finetune_speed
+    from harness.benchmarks.finetune_speed import run_finetune_speed
 
     for ranks in (1, 2):
         result = run_finetune_speed(ranks, images=96, batch=32, epochs=1)
@@ -519,7 +514,7 @@ def test_finetune_benchmark_measures_one_and_two_ranks() -> None:
 def _knn_shard(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from harness.evaluate.shards import average_over_ranks
-    from harness.train.distributed import init_distributed, shutdown
+    from harness.core.distributed import init_distributed, shutdown
 
     env = init_distributed(CPU, timeout_min=1)
     train, train_labels, test, test_labels = _knn_problem()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from harness.config import RunConfig
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.grid import MILAN_BASELINES, build_grid, find_grid_file, load_grid
 
 REPO = Path(__file__).resolve().parents[1]

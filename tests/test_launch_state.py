@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from harness.grid import Resources, build_grid
-from harness.launch import views
+from harness.launch import display
 from harness.launch.executors import local_slots
 from harness.launch.records import LAUNCH_FILE, GridRecord, LaunchRecord, Submission, read_record, write_record
 from harness.launch.slurm import SlurmJobState
-from harness.cell_state import CellState
-from harness.launch.state import CellView, collect, derive, local_job_state, plan, tail
+from harness.run.cell_state import CellState
+from harness.launch.cell_views import CellView, collect, derive, local_job_state, plan, tail
 
 
 def sub(job_id: str = "12_3", executor: str = "slurm") -> Submission:
@@ -168,12 +168,12 @@ def test_idempotence_decisions_from_folders(tmp_path: Path) -> None:
     assert [v.state.value for v in found] == ["done", "failed", "failed", "missing"]
     assert [plan(v, force=False) for v in found] == ["skip", "submit", "submit", "submit"]
     assert [plan(v, force=True) for v in found] == ["restart"] * 4
-    table = views.status_table(found)
+    table = display.status_table(found)
     assert "linear_top1=42" in table and "loss became nan" in table
-    details = views.failure_details(found)
+    details = display.failure_details(found)
     assert "FAILED vanished seed=0: job 999999990_0 is gone" in details
     assert "| RuntimeError: CUDA out of memory" in details
-    assert views.counts(found) == "1 missing, 1 done, 2 failed"
+    assert display.counts(found) == "1 missing, 1 done, 2 failed"
 
 
 def test_tail_reads_the_end_of_large_files(tmp_path: Path) -> None:
@@ -191,7 +191,7 @@ def test_plan_table_shows_cells_estimates_and_status(tmp_path: Path) -> None:
     reference = grid.cells[2]
     assert reference.is_random_init  # the grid's random-init reference comes after its cells
     hours = {grid.cells[0].run_id: 332.5, grid.cells[1].run_id: None, reference.run_id: 0.0}
-    text = views.plan_table(grid, found, hours, ["submit", "submit", "submit"], {0: 1, 1: 1, 2: 2})
+    text = display.plan_table(grid, found, hours, ["submit", "submit", "submit"], {0: 1, 1: 1, 2: 2})
     lines = text.splitlines()
     assert lines[0].split() == ["#", "cell", "seed", "run", "id", "resources", "GPU-h", "status", "ablate", "would",
                                 "job"]
@@ -206,7 +206,7 @@ def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch
     import sys
     import types
 
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
     from harness.launch.preflight import check_configs
 
     calls: list[str] = []
@@ -216,7 +216,7 @@ def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch
         if cfg.model.mask_ratio == 0.9:
             raise ConfigError("shapes do not fit")
 
-    monkeypatch.setitem(sys.modules, "harness.run", types.SimpleNamespace(preflight=fake_preflight))
+    monkeypatch.setitem(sys.modules, "harness.run.checks", types.SimpleNamespace(preflight=fake_preflight))
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     grid = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "seeds": 3,
@@ -239,7 +239,7 @@ def test_rehearsal_keeps_the_grids_structure_and_shrinks_its_compute(tmp_path: P
     """Same cells, axis values, seeds and protocols; GPU tasks become CPU tasks capped at a node's
     CPUs; micro student and teacher, sampled data, separate names; the real grid is left as is."""
     from harness.grid import load_grid
-    from harness.rehearsal import rehearse
+    from harness.grid.rehearsal import rehearse
 
     data = tmp_path / "imagenet"
     for split, n in (("train", 30), ("val", 10)):
@@ -272,8 +272,8 @@ def test_rehearsal_verdict_names_the_first_failed_cell_and_its_stage(tmp_path: P
     record = LaunchRecord(grid="g", name="target=clip", run_id="r", cell_id="c", seed=0, axes={})
     ok = CellView(tmp_path / "a", record, CellState.DONE)
     failed = CellView(tmp_path / "b", record, CellState.FAILED, reason="ValueError: bad batch", stage="finetune")
-    assert views.rehearsal_verdict([ok, ok], "g").startswith("rehearsal passed: all 2 cells")
-    verdict = views.rehearsal_verdict([ok, failed, failed], "g")
+    assert display.rehearsal_verdict([ok, ok], "g").startswith("rehearsal passed: all 2 cells")
+    verdict = display.rehearsal_verdict([ok, failed, failed], "g")
     assert verdict.startswith("rehearsal FAILED: 2 of 3 cells; the first, target=clip seed=0, at stage finetune: "
                               "ValueError: bad batch")
-    assert "FAILED target=clip seed=0 at stage finetune: ValueError: bad batch" in views.failure_details([failed])
+    assert "FAILED target=clip seed=0 at stage finetune: ValueError: bad batch" in display.failure_details([failed])

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.milan import build_pretrainer, build_student, build_teacher, build_timm_vit
-from harness.milan.checkpoint import load_encoder_into_timm, read_state_dict
+from harness.milan.weights import load_encoder_into_timm, read_state_dict
 from harness.milan.losses import clip_loss, patchify, pixel_loss, unpatchify
 from harness.milan.masking import (binary_mask, num_visible, random_ids_shuffle,
                                    semantic_ids_shuffle, split_ids)

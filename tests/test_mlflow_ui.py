@@ -34,12 +34,12 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.cli import app
 from harness.config import RunConfig
-from harness.files import write_json_atomic
+from harness.core.files import write_json_atomic
 from harness.grid import cell_name
-from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
+from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
 from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
 from harness.tracking.schema import cell_tags
 from harness.tracking.server import free_port, port_in_use
@@ -93,7 +93,7 @@ def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
             logger.log_metrics({"train/loss": 1 / step}, step)
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": {"linear_top1": float(cells[spec["run_name"]]),
                                                                "cpu_core_hours": 0.1}, "steps": 10})
-        # the four cells trained together, as one group job (harness.sharing)
+        # the four cells trained together, as one group job (harness.config.student_side)
         write_status(run_dir, CellState.DONE, stage="done", step=10, job="4711_0", group_size=4)
         sync_run(run_dir, uri, run_id)
     set_state(uri, parent, CellState.DONE)

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.cli import app
 from harness.config import RunConfig
-from harness.files import write_json_atomic
+from harness.core.files import write_json_atomic
 from harness.grid import RANDOM_INIT_NAME, cell_name
 from harness.report import ingest
 from harness.report.ingest import load_runs, sample_indices
-from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
+from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
 from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
 from harness.tracking.schema import GRID_FILE_TAG, GRID_MARGIN, GRID_OPTIONS, TrackingError, cell_tags
 from harness.tracking.server import free_port
@@ -403,7 +403,7 @@ def test_report_finds_the_store_ablate_recorded(grid_store, tmp_path, monkeypatc
 def test_parallel_figures_match_serial_ones(tmp_path, monkeypatch):
     """build_report draws figures in forked workers: same files, same bytes as drawn here."""
     from harness.report import build
-    from harness.benchmarks.report import synthetic_runs
+    from harness.benchmarks.report_bench import synthetic_runs
 
     pools = []
 

@@ -15,8 +15,8 @@ import yaml
 
 from conftest import micro_config
 from harness.config import load_config, parse_assignments
-from harness.errors import ConfigError
-from harness.run import run
+from harness.core.errors import ConfigError
+from harness.run.runner import run
 from harness.train.metrics_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def test_a_corrupt_checkpoint_is_named_with_the_fix(tmp_path):
 
 def _wait_for_a_slow_peer(rank: int, port: int, outcome) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from harness.train.distributed import barrier, init_distributed, shutdown
+    from harness.core.distributed import barrier, init_distributed, shutdown
 
     env = init_distributed(torch.device("cpu"), timeout_min=0.05)  # 3 s
     start = time.monotonic()

@@ -15,8 +15,8 @@ import torch
 from conftest import micro_config
 from harness.config import parse_config
 from harness.grid import build_grid
-from harness.run import run, run_group
-from harness.sharing import check_shareable, group_by_share_key, is_student_side, share_key
+from harness.run.runner import run, run_group
+from harness.config.student_side import check_shareable, group_by_share_key, is_student_side, share_key
 from harness.train.metrics_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_groups_are_split_at_max_cells_per_job_and_not_made_without_sharing() ->
 def test_every_cell_of_a_seed_starts_from_the_same_encoder(demo_assets) -> None:
     """Paired from the first weight: the target (with its teacher), decoder kind and decoder shape
     change the student's decoder and head, never its initial encoder; another seed does."""
-    from harness.milan.checkpoint import encoder_state_dict
+    from harness.milan.weights import encoder_state_dict
     from harness.train.pretrain import build_model
 
     base = parse_config(micro_config(*demo_assets))
@@ -177,7 +177,7 @@ def test_a_group_resumes_each_student_from_its_own_step(demo_assets, tmp_path) -
     a, b = configs(data, teacher, [STUDENTS[1], STUDENTS[2]], pretrain={"epochs": 8}, eval={"protocols": []})
     # student a alone, killed part-way through its 72 steps (a shorter run would have another schedule)
     proc = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from harness.config import parse_config; from harness.run import run; import json; "
+        "import sys; from harness.config import parse_config; from harness.run.runner import run; import json; "
         f"run(parse_config(json.loads({json.dumps(json.dumps(a.to_dict()))})), sys.argv[1])"),
         str(tmp_path / "a")], cwd=REPO, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "a" / "checkpoints" / "latest.pt"

@@ -26,7 +26,7 @@ import yaml
 from conftest import micro_config
 
 from harness.launch import slurm
-from harness.launch.state import CellView, collect
+from harness.launch.cell_views import CellView, collect
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.config import RunConfig
-from harness.run_folder import FolderBusy, StopWatch, hold, stopped_by_scheduler, write_status
+from harness.run.folder import FolderBusy, StopWatch, hold, stopped_by_scheduler, write_status
 from harness.tracking.runs import create_cell_runs, run_state, set_state, start_parent_run
 from harness.tracking.schema import TrackingError, cell_tags, decode_param, encode_param
 from harness.tracking.server import ensure_server, free_port, group_alive, read_state, stop_server

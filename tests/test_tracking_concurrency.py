@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.config import RunConfig
 from harness.tracking.runs import create_cell_runs, start_parent_run
 from harness.tracking.schema import cell_tags
@@ -34,7 +34,7 @@ def _init(barrier) -> None:
 def _log_run(task: tuple[str, str, str]) -> tuple[str, int | None, float, float]:
     from pathlib import Path
 
-    from harness.run_folder import write_status
+    from harness.run.folder import write_status
     from harness.tracking.store import client
     from harness.tracking.sync import backlog, sync_run
     from harness.train.metrics_log import JsonlLogger

@@ -99,7 +99,7 @@ def cheap_garbage_collection() -> Iterator[None]:
 # --- synthetic grids -------------------------------------------------------------------
 
 
-class Grid:
+class SimulatedGrid:
     """A full factorial grid's runs frame (one run per cell x seed, cells in
     itertools.product order of `axes`, plus one random-init run per seed), refilled with
     fresh values by `runs`: built once, so that simulating thousands of grids measures
@@ -165,7 +165,7 @@ def simulate(n_grids: int, seeds: int, cell_means: Callable[[np.random.Generator
              rng: np.random.Generator, *, seed_sd: float = SEED_SD,
              ) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
     """(true cell means, estimate_effects) of `n_grids` simulated grids of AXES."""
-    grid = Grid(AXES, seeds)
+    grid = SimulatedGrid(AXES, seeds)
     for _ in range(n_grids):
         means = cell_means(rng)
         yield means, estimate_effects(grid.runs(means, rng, seed_sd=seed_sd), METRIC,

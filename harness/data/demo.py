@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 GENERATOR_VERSION = 2
 SPLITS = ("train", "val")

@@ -1,18 +1,7 @@
 """Downstream evaluation of a pretrained encoder given as a timm VisionTransformer.
 
-Four protocols, each plain arguments in and a dict of metrics (accuracies in percent) out, with no
-knowledge of pretraining, configuration files, tracking or launching:
-
-- `extract_features`: cls-token features after the final norm, for the frozen protocols;
-- `knn_classify`: DINO-style weighted k-NN on such features;
-- `linear_probe`: MAE/MILAN linear probing (BatchNorm + linear head, LARS);
-- `finetune`: MAE/MILAN end-to-end fine-tuning (layer decay, Mixup/CutMix), with
-  `finetune_transform` for its training augmentation.
+The evaluation code (plain arguments in, a dict of metrics out, with no knowledge of pretraining,
+configuration files, tracking or launching): :mod:`.features` (cls-token features and the
+inference precision), :mod:`.shards` (extraction over ranks), :mod:`.knn`, :mod:`.linear_probe`,
+:mod:`.finetune`. The protocols that wrap them for a run, and their registry: :mod:`.protocols`.
 """
-
-from harness.evaluate.features import extract_features
-from harness.evaluate.finetune import finetune, finetune_transform
-from harness.evaluate.knn import knn_classify
-from harness.evaluate.linear_probe import linear_probe, linear_probe_on_features
-
-__all__ = ["extract_features", "finetune", "finetune_transform", "knn_classify", "linear_probe", "linear_probe_on_features"]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from harness.evaluate.features import autocast
 from harness.evaluate.shards import average_over_ranks
-from harness.train.checkpoint import save_atomic
+from harness.core.tensor_files import load_tensors, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def finetune(
         raise ValueError(f"Mixup/CutMix pair samples within a batch: {per_rank} per rank must be even")
     if len(train_dataset) < batch_size:
         raise ValueError(f"{len(train_dataset)} training samples make no full batch of {batch_size}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) \
+    state = load_tensors(checkpoint) \
         if checkpoint is not None and checkpoint.is_file() else {}
     if "metrics" in state:  # done before a requeue
         return state["metrics"] if rank == 0 else {}

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from harness.evaluate.features import extract_features
-from harness.train.checkpoint import save_atomic
+from harness.core.tensor_files import load_tensors, save_atomic
 
 
 def linear_probe(
@@ -92,7 +92,7 @@ def linear_probe_on_features(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if batch_size % world:
         raise ValueError(f"the linear-probe batch of {batch_size} does not split over {world} ranks")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) \
+    state = load_tensors(checkpoint) \
         if checkpoint is not None and checkpoint.is_file() else {}
     if "metrics" in state:  # done before a requeue
         return state["metrics"] if rank == 0 else {}

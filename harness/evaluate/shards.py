@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from harness.evaluate.features import extract_features
-from harness.train.checkpoint import save_atomic
+from harness.core.tensor_files import load_tensors, save_atomic
 
 
 def shard_path(folder: Path, name: str, rank: int, world: int) -> Path:
@@ -50,7 +50,7 @@ def sharded_features(
             features, labels = extract_features(encoder, loader, device)
         save_atomic({"features": features, "labels": labels, "indices": torch.tensor(indices, dtype=torch.long)}, path)
     wait()
-    shards = [torch.load(shard_path(folder, name, r, world), weights_only=True) for r in range(world)]
+    shards = [load_tensors(shard_path(folder, name, r, world)) for r in range(world)]
     shards = [s for s in shards if s["indices"].numel()]
     order = torch.cat([s["indices"] for s in shards])
     if not torch.equal(order.sort().values, torch.arange(len(dataset))):

@@ -1,7 +1,7 @@
 """``bench.py ablate``: a grid -> preflight -> tracking runs -> jobs -> (optionally) wait.
 
 The cells to (re)submit go out as group jobs: those that differ only on the student side train
-together on one data stream and one teacher (:mod:`harness.sharing`; ``share=False``: one job per
+together on one data stream and one teacher (:mod:`harness.config.student_side`; ``share=False``: one job per
 cell). Idempotent: a done cell is skipped, a cell with any live job is left alone, any other is
 (re)submitted (grouped again with the others resubmitted) and continues from its checkpoint in its
 own folder and its own MLflow run;
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.cell_state import CellState
-from harness.errors import UserError
+from harness.run.cell_state import CellState
+from harness.core.errors import UserError
 from harness.grid import Cell, Grid, find_grid_file, load_grid
-from harness.launch import views
+from harness.launch import display
 from harness.launch.records import (
     GRID_FILE,
     LAUNCH_FILE,
@@ -43,7 +43,7 @@ from harness.launch.records import (
     read_record,
     write_record,
 )
-from harness.launch.state import QUEUED_PREFIX, CellView, collect, plan
+from harness.launch.cell_views import QUEUED_PREFIX, CellView, collect, plan
 from harness.tracking.store import ARTIFACTS_DIR, DB_NAME, Store
 
 Echo = Callable[[str], None]
@@ -65,9 +65,9 @@ class AblateRequest:
     tracking_uri: str | None = None
     runs_dir: Path = Path("runs")
     cells: tuple[str, ...] = ()  # only the cells whose folder or name contains one of these
-    rehearse: bool = False  # the grid at micro scale, as <grid>-rehearsal (harness.rehearsal); waits
+    rehearse: bool = False  # the grid at micro scale, as <grid>-rehearsal (harness.grid.rehearsal); waits
     margin: float | None = None  # the verdicts' margin instead of the grid file's (recorded for later reports)
-    share: bool = True  # cells that differ only on the student side train as one job (harness.sharing)
+    share: bool = True  # cells that differ only on the student side train as one job (harness.config.student_side)
 
 
 @dataclass
@@ -123,12 +123,12 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
 
 
 def _rehearsal(grid: Grid, executor: str, runs_dir: Path, echo: Echo) -> Grid:
-    """The grid at micro scale (harness.rehearsal), after the checks of the real grid that a
+    """The grid at micro scale (harness.grid.rehearsal), after the checks of the real grid that a
     rehearsal cannot make (its evaluation batches over its tasks)."""
-    from harness.launch.preflight import check_batches
-    from harness.rehearsal import rehearse
+    from harness.launch.preflight import check_settings
+    from harness.grid.rehearsal import rehearse
 
-    check_batches(grid)
+    check_settings(grid)
     if executor == "slurm":
         from harness.launch import slurm
 
@@ -170,7 +170,7 @@ class _Batch:
     record: GridRecord
     cells: list[Cell]
     launches: list[LaunchRecord]
-    groups: list[list[int]]  # indices into cells: each group is one job (harness.sharing)
+    groups: list[list[int]]  # indices into cells: each group is one job (harness.config.student_side)
     setup_seconds: float = 0.0  # making the demo data / teacher on first use
 
 
@@ -184,7 +184,7 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
 
     now = collect([gdir / grid.cells[i].folder for i in chosen])
     todo = [i for i, v in zip(chosen, now) if plan(v, req.force) in ("submit", "restart")]
-    echo(f"grid {grid.name}: {len(chosen)} cells ({views.counts(now)}); "
+    echo(f"grid {grid.name}: {len(chosen)} cells ({display.counts(now)}); "
          f"{len(todo)} to {'restart' if req.force else 'submit'} with the {executor} executor")
     if req.force:
         _check_force_spares_other_cells(gdir, grid, [now[chosen.index(i)] for i in todo])
@@ -217,9 +217,9 @@ def _prepare(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
 
 def job_groups(cells: Sequence[Cell], share: bool, max_cells: int | None = None) -> list[list[int]]:
     """Indices of ``cells`` per job: the cells that differ only on the student side together
-    (harness.sharing), at most ``max_cells`` per job (a larger group is split evenly), or one job
+    (harness.config.student_side), at most ``max_cells`` per job (a larger group is split evenly), or one job
     per cell without sharing."""
-    from harness.sharing import group_by_share_key
+    from harness.config.student_side import group_by_share_key
 
     indices = list(range(len(cells)))
     if not share:
@@ -248,7 +248,7 @@ def _dry_run(grid: Grid, gdir: Path, executor: str, chosen: Sequence[int], req: 
                                                                 grid.resources.max_cells_per_job)]
     job_of = {i: n for n, group in enumerate(groups, 1) for i in group}
     hours = gpu_hours(grid)
-    echo(views.plan_table(grid, views_now, hours, actions, job_of))
+    echo(display.plan_table(grid, views_now, hours, actions, job_of))
     if todo:
         echo(_groups_line(grid, groups, req.share, [hours.get(grid.cells[i].run_id) for i in todo]))
         if executor == "slurm" and (line := job_time_limit(grid, grid.cells, groups, hours)[1]):
@@ -590,8 +590,8 @@ class _Progress:
         for view in self.views:
             if self.seen.get(view.folder) != view.state:
                 self.seen[view.folder] = view.state
-                self.echo(views.transition(view))
-        now = views.counts(self.views)
+                self.echo(display.transition(view))
+        now = display.counts(self.views)
         if now != self.last_counts:
             self.last_counts = now
             self.echo(f"         [{now}]")
@@ -607,7 +607,7 @@ def wait_for_cells(progress: _Progress, poll_s: float) -> list[CellView]:
 
 def _finish(gdir: Path, record: GridRecord, final: Sequence[CellView], echo: Echo) -> None:
     """Show the failures; end the invocation's MLflow parent run (when its jobs have not)."""
-    if details := views.failure_details([v for v in final if v.state == CellState.FAILED]):
+    if details := display.failure_details([v for v in final if v.state == CellState.FAILED]):
         echo(details)
     if record.store is not None:
         _backfill(collect([v.folder for v in final]), record.store, echo)

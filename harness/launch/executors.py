@@ -20,7 +20,7 @@ from typing import Any
 
 import submitit
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 from harness.grid import Resources
 
 EXECUTORS = ("auto", "local", "slurm", "debug")

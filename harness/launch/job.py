@@ -1,12 +1,12 @@
 """The job that runs a group of cells (one cell alone, or several that share data and teacher:
-:mod:`harness.sharing`), under any submitit executor (Slurm, local, debug).
+:mod:`harness.config.student_side`), under any submitit executor (Slurm, local, debug).
 
 A :class:`GroupJob` is pickled by submitit and called on the compute node. It holds plain data
 only (the configs as dicts, paths, the grid's store and the cells' MLflow run ids, which
 ``ablate`` created before submission), so it unpickles with nothing but the harness installed.
 
 * Every rank holds its lock on each run folder for the job's whole life: a duplicate job for a
-  cell exits at once and touches nothing (:func:`harness.run_folder.hold`).
+  cell exits at once and touches nothing (:func:`harness.run.folder.hold`).
 * Rank 0 runs one :class:`~harness.tracking.sync.Mirror` that copies each cell's folder into its
   MLflow run in the background; an unreachable server never stops training.
 * Stopped by the scheduler (``scontrol requeue``, preemption: SIGTERM to every process; the time
@@ -28,8 +28,8 @@ from typing import Any
 
 import submitit
 
-from harness.cell_state import CellState
-from harness.run_folder import METRICS_FILE, StopWatch, hold, job_id_here, stopped_by_scheduler, write_status
+from harness.run.cell_state import CellState
+from harness.run.folder import METRICS_FILE, StopWatch, hold, job_id_here, stopped_by_scheduler, write_status
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GroupJob(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
-            # One process per task (GPU); harness.train.distributed joins the group from these.
+            # One process per task (GPU); harness.core.distributed joins the group from these.
             # Every task keeps all of the node's GPUs visible: it picks cuda:LOCAL_RANK itself.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if self.threads:
@@ -74,7 +74,7 @@ class GroupJob(submitit.helpers.Checkpointable):
 
     def _run(self, cfgs: list[Any], *, main: bool) -> dict[str, Any]:
         """Run the group; only the main rank writes status and mirrors each cell to MLflow."""
-        from harness.run import run_group
+        from harness.run.runner import run_group
         from harness.train.metrics_log import JsonlLogger
 
         run_dirs = [Path(d) for d in self.run_dirs]
@@ -104,7 +104,7 @@ class GroupJob(submitit.helpers.Checkpointable):
 
     def _mark_unfinished(self, state: CellState, reason: str) -> None:
         """Record ``state`` for every cell of the group that has not ended (done or failed)."""
-        from harness.run_folder import read_status
+        from harness.run.folder import read_status
 
         for run_dir in map(Path, self.run_dirs):
             if not CellState.parse(read_status(run_dir).get("state"), CellState.MISSING).terminal:

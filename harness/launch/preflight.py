@@ -1,9 +1,9 @@
-"""Checks before anything is submitted, each failing with one line (exit code 2): evaluation
-batches that split over each cell's tasks, the Slurm partition or the local GPUs, then
-:func:`harness.run.preflight` (dataset tree and classes, teacher name, its weights loaded into its
-architecture, model shapes); the caller checks the tracking store.
+"""Checks before anything is submitted, each failing with one line (exit code 2): each evaluation
+protocol's settings against each cell's tasks (the registry's checks), the Slurm partition or the
+local GPUs, then :func:`harness.run.checks.preflight` (dataset trees and classes, teacher name, its
+weights loaded into its architecture, model shapes); the caller checks the tracking store.
 
-``harness.run.preflight`` reads a few config sections only, so it runs once per distinct
+``harness.run.checks.preflight`` reads a few config sections only, so it runs once per distinct
 combination of them, not once per cell. It needs torch, timm and open_clip (seconds to import), so
 a combination that passed is remembered in the runs folder with the state of what it read (split
 folders, teacher files, harness commit): submitting again, or another grid with the same settings,
@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 
 from harness.config import RunConfig
-from harness.errors import UserError
-from harness.files import read_json, write_json_atomic
+from harness.core.errors import UserError
+from harness.core.files import read_json, write_json_atomic
+from harness.evaluate.protocols import PROTOCOLS
 from harness.grid import Grid
 
 CACHE_FILE = ".preflight-passed.json"
@@ -60,7 +61,7 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
             todo[key] = (cell.name, cell.config)
     if not todo:
         return
-    from harness.run import preflight
+    from harness.run.checks import preflight
 
     for key, (name, cfg) in todo.items():
         try:
@@ -72,16 +73,16 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
         write_json_atomic(cache_path, passed[-CACHE_SIZE:])
 
 
-def check_batches(grid: Grid) -> None:
-    """Each evaluation protocol's batch (the recipe's effective batch) splits evenly over the
-    cell's tasks: what a rehearsal at micro batch sizes cannot show."""
+def check_settings(grid: Grid) -> None:
+    """Each evaluation protocol's settings against the cell's tasks (e.g. the recipe's effective
+    batch splits over them): what a rehearsal at micro batch sizes cannot show."""
     world = grid.resources.world_size
     for cell in grid.cells:
-        e = cell.config.eval
-        for protocol, batch in (("linear", e.linear.batch_size), ("finetune", e.finetune.batch_size)):
-            if protocol in e.protocols and batch % world:
-                raise UserError(f"cell {cell.name}: eval.{protocol}.batch_size={batch} does not split over the "
-                                f"cell's {world} tasks (resources): make it a multiple of {world}")
+        for name in cell.config.eval.protocols:
+            try:
+                PROTOCOLS[name].check_settings(getattr(cell.config.eval, name), world)
+            except UserError as err:
+                raise type(err)(f"cell {cell.name}: {err}") from None
 
 
 def check_resources(grid: Grid, executor: str) -> None:
@@ -107,6 +108,6 @@ def check_resources(grid: Grid, executor: str) -> None:
 
 
 def preflight_grid(grid: Grid, executor: str, cache_dir: Path | None = None) -> None:
-    check_batches(grid)
+    check_settings(grid)
     check_resources(grid, executor)
     check_configs(grid, cache_dir)

@@ -4,7 +4,7 @@ Layout under the runs folder (default ``runs/``)::
 
     runs/<grid>/grid.json            the latest ablate: grid file, store, parent run, executor,
                                      the cells it covers (folders)
-    runs/<grid>/<cell folder>/       the run folder (harness.run_folder) plus
+    runs/<grid>/<cell folder>/       the run folder (harness.run.folder) plus
         launch.json                  the cell: ids, axis values, MLflow run, every submission
         logs -> ../.submitit/<job>   the latest submission's submitit/Slurm logs
     runs/<grid>/.submitit/<job id>/  submitit's pickles and logs (one folder per job)
@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.cell_state import CellState
-from harness.files import write_atomic
-from harness.run_folder import read_status
+from harness.run.cell_state import CellState
+from harness.core.files import write_atomic
+from harness.run.folder import read_status
 from harness.tracking.store import Store
 
 log = logging.getLogger(__name__)

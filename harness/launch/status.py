@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.errors import UserError
-from harness.launch import views
+from harness.core.errors import UserError
+from harness.launch import display
 from harness.launch.records import GRID_FILE, GridRecord, grid_dir, read_record
-from harness.launch.state import CellView, collect
+from harness.launch.cell_views import CellView, collect
 
 Echo = Callable[[str], None]
 
@@ -29,9 +29,9 @@ def show_status(grid: str | None, runs_dir: Path, echo: Echo = print, log_lines:
     if grid is None:
         return _show_all(runs_dir, echo)
     name, cell_views = grid_views(grid, runs_dir)
-    echo(views.status_table(cell_views))
-    echo(f"grid {name}: {views.counts(cell_views)}")
-    if details := views.failure_details(cell_views, log_lines):
+    echo(display.status_table(cell_views))
+    echo(f"grid {name}: {display.counts(cell_views)}")
+    if details := display.failure_details(cell_views, log_lines):
         echo(details)
     return cell_views
 
@@ -43,7 +43,7 @@ def _show_all(runs_dir: Path, echo: Echo) -> list[CellView]:
     for path in records:
         if (record := read_record(path, GridRecord)) is not None:
             cell_views = collect([path.parent / f for f in record.folders])
-            echo(f"{record.grid:<30} {views.counts(cell_views)}")
+            echo(f"{record.grid:<30} {display.counts(cell_views)}")
             everything += cell_views
     echo("details: bench.py status <grid>")
     return everything

@@ -3,7 +3,7 @@
 Free of configuration files, launching and logging: plain arguments in, tensors out.
 """
 
-from harness.milan.checkpoint import build_timm_vit, load_encoder_into_timm, read_state_dict
+from harness.milan.weights import build_timm_vit, load_encoder_into_timm, read_state_dict
 from harness.milan.model import MaskedAutoencoderViT, build_student
 from harness.milan.pretrainer import MilanPretrainer, PretrainOutput, build_pretrainer, needs_teacher
 from harness.milan.presets import PRESETS, VitShape

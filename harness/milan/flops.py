@@ -1,6 +1,6 @@
 """Training FLOPs per image of one MILAN cell: the student's forward and backward on one image, plus
 the frozen teacher's forward where the cell needs one; and of a group of cells that share the
-teacher (:mod:`harness.sharing`): every student's, plus one teacher forward.
+teacher (:mod:`harness.config.student_side`): every student's, plus one teacher forward.
 
 Counted by torch's ``FlopCounterMode`` on the meta device (no memory, no arithmetic, about a second
 per distinct model). The teacher's visual tower runs in train mode: in eval mode the counter misses

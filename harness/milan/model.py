@@ -17,7 +17,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.milan.masking import binary_mask, split_ids
 from harness.milan.presets import PRESETS
 from harness.milan.prompting import PromptingBlock

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.milan.losses import clip_loss, patchify, pixel_loss
 from harness.milan.masking import random_ids_shuffle, semantic_ids_shuffle
 from harness.milan.model import DecoderKind, MaskedAutoencoderViT, build_student

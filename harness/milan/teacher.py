@@ -18,7 +18,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from harness.errors import ConfigError, did_you_mean
+from harness.core.errors import ConfigError, did_you_mean
 
 # Architectures shipped with the harness (tiny towers for the demo data and the tests).
 CONFIG_DIR = Path(__file__).with_name("clip_configs")

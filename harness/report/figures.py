@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
 from harness.report.effects import RESOLVED_DOWN, RESOLVED_UP, VERDICTS
+from harness.run.results import METRICS
 from harness.report.tables import (
     check_metric,
     cost_by_cell,
@@ -43,16 +44,6 @@ ROLE_COLORS = {"baseline": "#c44e52", "other": "#4c72b0"}
 # Above this many cells a per-cell legend is unreadable; the lines stay, the legend goes.
 MAX_LEGEND_CELLS = 12
 
-METRIC_LABELS: dict[str, str] = {
-    "linear_top1": "linear-probe top-1 (%)",
-    "knn_top1": "k-NN top-1 (%)",
-    "finetune_top1": "fine-tune top-1 (%)",
-    "final_loss": "final training loss",
-    "images_per_s": "throughput (images/s)",
-    "peak_memory_mb": "peak memory (MB)",
-    "gpu_hours": "compute (GPU-hours)",
-    "cpu_core_hours": "compute (CPU core-hours)",
-}
 # Facet title and x label (with unit) per cost column.
 COST_LABELS: dict[str, tuple[str, str]] = {
     "gpu_hours": ("total compute, all runs", "GPU-hours (wall time x GPUs)"),
@@ -68,7 +59,7 @@ LOSS_LABELS: dict[str, str] = {
 
 def metric_label(metric: str) -> str:
     """Axis label with unit for a metric column (the column name when unknown)."""
-    return METRIC_LABELS.get(metric, metric)
+    return METRICS[metric].label if metric in METRICS else metric
 
 
 def _figure(width_in: float, height_in: float, *, layout: str | None = "constrained") -> Figure:

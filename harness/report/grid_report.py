@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 Echo = Callable[[str], None]
 

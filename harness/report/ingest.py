@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.report.tables import CELL_ROLE, RANDOM_INIT
-from harness.run_folder import METRICS_FILE, read_results, read_status
+from harness.run.folder import METRICS_FILE, read_results, read_status
 from harness.tracking import schema
 from harness.tracking.store import check_store, client, find_experiment, is_http
 from harness.train.metrics_log import read_jsonl

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 DONE = "done"
 # The `role` column: a grid cell, or the grid's reference run of the untrained encoder.

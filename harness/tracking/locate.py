@@ -12,7 +12,7 @@ def resolve_store(name: str, tracking_uri: str | None, runs_dir: Path) -> tuple[
     its server when that answers), else ``sqlite:///<cwd>/mlflow.db``."""
     import os
 
-    from harness.files import read_json
+    from harness.core.files import read_json
     from harness.tracking.store import Store, default_tracking_uri
 
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip():

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.tracking import schema as S
 from harness.tracking.store import client, is_http
 

@@ -7,7 +7,7 @@
   ``--axis`` options (the report's ``--seeds`` command).
 * One child run per cell x seed (``role=cell``, ``mlflow.parentRunId``), named ``"<cell> seed=<seed>"``,
   kept across requeues and resubmissions. Params: the flattened config (:func:`encode_param`).
-  Tags: :func:`cell_tags`, then from the job ``status`` (a :class:`~harness.cell_state.CellState`),
+  Tags: :func:`cell_tags`, then from the job ``status`` (a :class:`~harness.run.cell_state.CellState`),
   ``failure_reason``, ``stage``, ``step``, ``attempts``, ``slurm.*``, ``checkpoint``.
 * Metrics: ``metrics.jsonl`` (per step), then ``results.json``'s summary; artifacts ``config.yaml`` and
   ``metrics.jsonl``. The run folder is the truth, the run its mirror (:mod:`harness.tracking.sync`).
@@ -26,7 +26,9 @@ from typing import Any
 
 from harness.config import format_value as encode_param
 from harness.config import parse_value
-from harness.errors import UserError
+from harness.core.errors import UserError
+from harness.evaluate.protocols import PROTOCOLS
+from harness.run.results import RUN_METRICS
 
 
 class TrackingError(UserError):
@@ -50,17 +52,18 @@ STATUS = "status"
 FAILURE_REASON = "failure_reason"
 CHECKPOINT = "checkpoint"
 SLURM_JOB_ID, SLURM_RESTART_COUNT = "slurm.job_id", "slurm.restart_count"
-GROUP_SIZE = "group_size"  # the cells its latest job trained together (harness.sharing), this one included
+GROUP_SIZE = "group_size"  # the cells its latest job trained together (harness.config.student_side), this one included
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
 UI_VIEW = "grid-cells"  # the saved runs-table view of an experiment's cells (store.prepare_store)
 LOSS_KEY, LR_KEY = "train/loss", "train/lr"
 
-# Report metric column -> MLflow metric keys, first present wins.
+# Report metric column -> MLflow metric keys, first present wins: each protocol's headline metric and the
+# run's own (harness.run.results); the pretraining loop also logs throughput and memory as train/<key>, which a
+# run that has not finished its evaluation has alone.
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
-    "linear_top1": ("linear_top1",), "knn_top1": ("knn_top1",), "finetune_top1": ("finetune_top1",),
-    "final_loss": ("final_loss",), "images_per_s": ("images_per_s", "train/images_per_s"),
-    "peak_memory_mb": ("peak_memory_mb", "train/peak_memory_mb"), "gpu_hours": ("gpu_hours",),
-    "cpu_core_hours": ("cpu_core_hours",),
+    **{p.headline.key: (p.headline.key,) for p in PROTOCOLS.values()},
+    **{m.key: (m.key, *(("train/" + m.key,) if m.key in ("images_per_s", "peak_memory_mb") else ()))
+       for m in RUN_METRICS},
 }
 
 MAX_TAG_CHARS = 5000  # MLflow's limit is 8000; failure reasons are cut well before

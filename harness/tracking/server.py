@@ -30,7 +30,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from harness.files import read_json, write_json_atomic
+from harness.core.files import read_json, write_json_atomic
 from harness.tracking.schema import TrackingError
 from harness.tracking.store import ARTIFACTS_DIR, default_artifact_root, init_schema
 

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.cell_state import CellState
-from harness.files import read_json, write_json_atomic
-from harness.run_folder import CONFIG_FILE, METRICS_FILE, read_results, read_status
+from harness.run.cell_state import CellState
+from harness.core.files import read_json, write_json_atomic
+from harness.run.folder import CONFIG_FILE, METRICS_FILE, read_results, read_status
 from harness.tracking import schema as S
 
 log = logging.getLogger(__name__)

@@ -1,46 +1,25 @@
 """Atomic training checkpoints.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
-over ``latest.pt``: a rename within one filesystem is atomic, so a kill at any moment leaves
-either the previous complete checkpoint or the new complete one, never a torn file.
+A checkpoint is written through :func:`harness.core.files.atomic_writer` (a temporary file in the
+same folder, flushed to disk, renamed over ``latest.pt``): a kill at any moment leaves either the
+previous complete checkpoint or the new complete one, never a torn file.
 """
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from harness.errors import UserError
+from harness.core.errors import UserError
+from harness.core.tensor_files import load_tensors
 
 LATEST = "latest.pt"
 
 
 class CorruptCheckpoint(UserError):
     """A checkpoint that does not load; the message names the file and how to start the cell over."""
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # make the rename itself durable
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_latest(folder: Path) -> dict[str, Any] | None:
@@ -53,7 +32,7 @@ def load_latest(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path)
     except Exception as err:  # a torn copy, a full disk, a file from elsewhere
         raise CorruptCheckpoint(
             f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "

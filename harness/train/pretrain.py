@@ -1,5 +1,5 @@
 """The pretraining loop: MAE/MILAN recipe, resumable to the step, optionally distributed, for one
-student or a group of students that share the data and the teacher (:mod:`harness.sharing`).
+student or a group of students that share the data and the teacher (:mod:`harness.config.student_side`).
 
 Per optimiser step: ``accum_steps`` micro-batches, each loaded once, through the teacher once
 (when some student needs it), with its masks drawn once per kind; then every student in turn:
@@ -35,11 +35,12 @@ from harness.config import RunConfig
 from harness.data.datasets import image_folder, make_loader, pretrain_transform
 from harness.milan import (ClipTeacher, MilanPretrainer, TeacherOutput, build_pretrainer, build_student,
                            build_teacher, needs_teacher)
-from harness.milan.checkpoint import encoder_state_dict
+from harness.milan.weights import encoder_state_dict
 from harness.milan.masking import mask_generator, random_ids_shuffle, semantic_ids_shuffle
-from harness.sharing import check_shareable
-from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, save_atomic, set_rng_state
-from harness.train.distributed import DistEnv, barrier
+from harness.config.student_side import check_shareable
+from harness.core.tensor_files import save_atomic
+from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, set_rng_state
+from harness.core.distributed import DistEnv, barrier
 from harness.train.metrics_log import RunLogger
 from harness.train.sampler import ResumableSampler
 from harness.train.schedule import lr_at, scaled_lr
@@ -75,7 +76,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
         raise ConfigError("runtime.device=cuda but no CUDA device is visible: use auto or cpu")
     return torch.device(name)
 
@@ -202,7 +203,7 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     and saves. A student whose loss goes non-finite stops (``on_failed(index, reason)`` at once)
     and gets a :class:`TrainingFailed` in the result list; the others go on."""
     check_shareable(cfgs)
-    shared = cfgs[0]  # the fields every run of the group agrees on (harness.sharing)
+    shared = cfgs[0]  # the fields every run of the group agrees on (harness.config.student_side)
     p, rt = shared.pretrain, shared.runtime
     torch.manual_seed(shared.seed * 1000 + env.rank)  # the augmentations' stream (main-process loading)
     if device.type == "cuda":
@@ -213,7 +214,7 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     images_per_step = p.batch_size * env.world_size * p.accum_steps
     steps_per_epoch = len(dataset) // images_per_step
     if steps_per_epoch == 0 and p.epochs:  # the untrained reference takes no step
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
         raise ConfigError(f"the training split has {len(dataset)} images, fewer than one step "
                           f"({images_per_step}): lower pretrain.batch_size or pretrain.accum_steps")
     # 0 epochs: the untrained encoder is saved as it is (a grid's random-init reference)

@@ -8,7 +8,7 @@ params, the ``run_dir`` tag), then each started run's folder (``status.json``, `
 :func:`run_benchmark` times :mod:`harness.report.ingest` (the runs through MLflow's search, the
 loss curves from the run folders) and :func:`~harness.report.build_report` on it. Goal: under 5 s.
 
-``python -m harness.benchmarks.report`` runs it too (``--help`` for the options).
+``python -m harness.benchmarks.report_bench`` runs it too (``--help`` for the options).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.report.build import build_report
 
 # Grid used by the benchmark: the three MILAN axes plus two extra ones, large enough that
@@ -180,9 +180,9 @@ def populate(uri: str, runs: pd.DataFrame, curves: pd.DataFrame, runs_root: Path
     """Write the synthetic ``runs``/``curves`` frames to the store as a grid, with a run folder
     per started run under ``runs_root``; returns the experiment id."""
     from harness.config import RunConfig
-    from harness.files import write_json_atomic
+    from harness.core.files import write_json_atomic
     from harness.grid import cell_name
-    from harness.run_folder import METRICS_FILE, RESULTS_FILE, write_status
+    from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
     from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
     from harness.tracking.schema import LOSS_KEY, LR_KEY, cell_tags
     from harness.tracking.store import prepare_store

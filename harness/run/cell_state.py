@@ -1,7 +1,7 @@
 """The one model of a cell's state, shared by the run, ``status``, ``ablate``, MLflow and the report.
 
 A cell's truth lives in its run folder (``status.json``, written only by
-:mod:`harness.run_folder`); the scheduler adds whether a job is alive; MLflow mirrors the
+:mod:`harness.run.folder`); the scheduler adds whether a job is alive; MLflow mirrors the
 folder (the ``status`` tag and the run status below). Every component names states through
 :class:`CellState`, never through string literals of its own.
 """

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from harness.config import (
     FIELD_NAMES,
@@ -54,7 +54,9 @@ from harness.config import (
     parse_config,
     set_dotted,
 )
-from harness.errors import ConfigError, did_you_mean
+from harness.core.errors import ConfigError, did_you_mean
+from harness.core.frozen import FrozenModel
+from harness.run.results import headline_metric
 
 # Baselines of MILAN's three switches (the MAE side of each); other axes use their first value.
 MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "standard",
@@ -64,17 +66,11 @@ MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "st
 RANDOM_INIT_NAME = "random init"
 # The report's default equivalence margin: effects whose whole interval lies within it are negligible.
 DEFAULT_MARGIN = 0.5
-# The headline metric is the first of these a grid's cells measure (the report's default).
-HEADLINE_METRICS = ("linear_top1", "finetune_top1", "knn_top1", "final_loss")
 # Shipped grids live here; `bench.py ablate NAME` also finds ablations/NAME.yaml.
 ABLATIONS_DIR = Path("ablations")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Resources(_Frozen):
+class Resources(FrozenModel):
     """What one cell asks the scheduler for (one task per GPU; CPU cells may ask for tasks)."""
 
     nodes: int = Field(1, ge=1)
@@ -116,12 +112,12 @@ class Resources(_Frozen):
         return f"{what}, {self.cpus_per_task} cpu/task{mem}, {self.time_min} min"
 
 
-class Tracking(_Frozen):
+class Tracking(FrozenModel):
     uri: str | None = None  # None: local executor -> SQLite in the cwd, slurm -> a server
     experiment: str | None = None  # None: the grid name
 
 
-class Estimate(_Frozen):
+class Estimate(FrozenModel):
     """Assumptions behind the dry-run GPU-hours column."""
 
     # Per-GPU sustained training throughput. 40 TFLOP/s reproduces the paper's 39 h on
@@ -135,7 +131,7 @@ AxisSpec = list[Any] | dict[str, dict[str, Any]]
 Rule = dict[str, Any]
 
 
-class GridFile(_Frozen):
+class GridFile(FrozenModel):
     """The YAML layout of a grid file."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -260,8 +256,7 @@ class Grid:
 
     @property
     def headline_metric(self) -> str:
-        protocols = {p for cell in self.cells for p in cell.config.eval.protocols}
-        return next(m for m in HEADLINE_METRICS if m.removesuffix("_top1") in protocols or m == "final_loss")
+        return headline_metric(p for cell in self.cells for p in cell.config.eval.protocols)
 
     def axes_spec(self) -> list[dict[str, Any]]:
         """``[{"name", "values", "baseline"}, ...]``: the tracking layer's ``grid.axes`` tag."""

@@ -35,10 +35,10 @@ def _free_port() -> int:
 
 def _rank(rank: int, world: int, port: int, size: str, images: int, batch: int, epochs: int, out: mp.Queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from harness.evaluate import finetune
-    from harness.milan.checkpoint import build_timm_vit
+    from harness.evaluate.finetune import finetune
+    from harness.milan.weights import build_timm_vit
     from harness.milan.presets import PRESETS
-    from harness.train.distributed import init_distributed, shutdown
+    from harness.core.distributed import init_distributed, shutdown
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device("cpu")

@@ -16,11 +16,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import RunConfig, parse_config
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from harness.config import RunConfig, parse_config
 from harness.data.datasets import DatasetError, check_image_folder
-from harness.grid import Cell, Grid, Resources
+from harness.evaluate.protocols import PROTOCOLS
+from harness.grid.grid_file import Cell, Grid, Resources
 
 SUFFIX = "-rehearsal"
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 24, 8
@@ -73,9 +74,8 @@ def _micro(cfg: RunConfig, data_root: str, world: int) -> RunConfig:
                          "accum_steps": 1}
     evaluation = data["eval"]
     evaluation["feature_batch_size"] = 64
-    evaluation["linear"] |= {"epochs": 2, "warmup_epochs": 0, "batch_size": 16 * world}
-    evaluation["finetune"] |= {"epochs": 2, "warmup_epochs": 0, "batch_size": 8 * world}
-    evaluation["knn"] |= {"k": min(evaluation["knn"]["k"], 10)}
+    for name, protocol in PROTOCOLS.items():  # each protocol's own micro scale
+        evaluation[name] |= protocol.micro(getattr(cfg.eval, name), world)
     data["runtime"] |= {"num_workers": min(data["runtime"]["num_workers"], 1), "log_every": 1, "checkpoint_every": 5}
     return parse_config(data, source="rehearsal")
 

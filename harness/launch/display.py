@@ -10,9 +10,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.cell_state import CellState
-from harness.grid import HEADLINE_METRICS, Grid
-from harness.launch.state import CellView, log_files, tail
+from harness.run.cell_state import CellState
+from harness.grid import Grid
+from harness.launch.cell_views import CellView, log_files, tail
+from harness.run.results import HEADLINE_METRICS
 
 
 def headline(folder: Path) -> str:

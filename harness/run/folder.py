@@ -3,7 +3,7 @@
 Layout::
 
     config.yaml      the resolved configuration
-    status.json      state (a :class:`~harness.cell_state.CellState`), reason, stage, step, attempts,
+    status.json      state (a :class:`~harness.run.cell_state.CellState`), reason, stage, step, attempts,
                      host, job: written by :func:`write_status` only
     metrics.jsonl    per-step metrics, the run's history (MLflow mirrors it: harness.tracking.sync)
     results.json     pretraining summary + evaluation metrics, written once both are done
@@ -33,9 +33,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from harness.cell_state import CellState
-from harness.errors import UserError
-from harness.files import read_json, write_json_atomic
+from harness.run.cell_state import CellState
+from harness.core.errors import UserError
+from harness.core.files import read_json, write_json_atomic
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"

@@ -15,16 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
-from harness.errors import ConfigError, did_you_mean
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from harness.core.errors import ConfigError, did_you_mean
+from harness.core.frozen import FrozenModel
+from harness.evaluate.protocols import DEFAULT_PROTOCOLS, PROTOCOLS
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(FrozenModel):
     size: str = "vit_base_patch16"  # a preset of harness.milan.presets
     img_size: int = Field(224, gt=0)
     target: Literal["pixel", "clip"] = "clip"
@@ -37,19 +35,19 @@ class ModelConfig(_Frozen):
     decoder_heads: int | None = Field(None, gt=0)
 
 
-class TeacherConfig(_Frozen):
+class TeacherConfig(FrozenModel):
     model: str = "ViT-B-16-quickgelu"  # open_clip name, or a model-config JSON path
     pretrained: str | None = "openai"  # open_clip tag, a checkpoint file, or null (random init)
     normalize: Literal["imagenet", "clip"] = "imagenet"  # the authors pass ImageNet-normalised input
 
 
-class DataConfig(_Frozen):
+class DataConfig(FrozenModel):
     root: str = "data/imagenet"  # ImageFolder tree with train/ and val/
     train_split: str = "train"
     val_split: str = "val"
 
 
-class PretrainConfig(_Frozen):
+class PretrainConfig(FrozenModel):
     # 0: no pretraining; the run evaluates the untrained encoder (a grid's random-init reference)
     epochs: float = Field(400, ge=0)
     warmup_epochs: float = Field(40, ge=0)
@@ -64,46 +62,21 @@ class PretrainConfig(_Frozen):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
-class LinearProbeConfig(_Frozen):
-    epochs: int = Field(100, gt=0)
-    warmup_epochs: int = Field(10, ge=0)
-    batch_size: int = Field(16384, gt=0)
-    base_lr: float = Field(0.05, gt=0)  # lr = base_lr * batch / 256
-    optimizer: Literal["lars", "sgd"] = "lars"
+def _eval_config() -> type[FrozenModel]:
+    """The ``eval`` section from the protocol registry: which protocols run, the frozen features'
+    batch, and one section per protocol (``eval.linear``, ``eval.knn``, ...) with its settings."""
+    protocol_name = Literal[tuple(PROTOCOLS)]  # type: ignore[valid-type]
+    sections = {name: (protocol.settings, protocol.settings()) for name, protocol in PROTOCOLS.items()}
+    return create_model("EvalConfig", __base__=FrozenModel,
+                        protocols=(tuple[protocol_name, ...], DEFAULT_PROTOCOLS),
+                        feature_batch_size=(int, Field(256, gt=0)),  # frozen-feature extraction
+                        **sections)
 
 
-class KnnConfig(_Frozen):
-    k: int = Field(20, gt=0)
-    temperature: float = Field(0.07, gt=0)
+EvalConfig = _eval_config()
 
 
-class FinetuneConfig(_Frozen):
-    epochs: int = Field(100, gt=0)
-    warmup_epochs: int = Field(5, ge=0)
-    batch_size: int = Field(1024, gt=0)
-    base_lr: float = Field(1e-4, gt=0)
-    layer_decay: float = Field(0.65, gt=0, le=1)
-    drop_path: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0)
-    mixup: float = Field(0.8, ge=0)
-    cutmix: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    randaug: str = "rand-m9-mstd0.5-inc1"
-    reprob: float = Field(0.25, ge=0, le=1)
-
-
-Protocol = Literal["linear", "knn", "finetune"]
-
-
-class EvalConfig(_Frozen):
-    protocols: tuple[Protocol, ...] = ("linear", "knn")
-    feature_batch_size: int = Field(256, gt=0)  # frozen-feature extraction
-    linear: LinearProbeConfig = LinearProbeConfig()
-    knn: KnnConfig = KnnConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-
-
-class RuntimeConfig(_Frozen):
+class RuntimeConfig(FrozenModel):
     """How a run executes; not part of its identity."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -116,13 +89,13 @@ class RuntimeConfig(_Frozen):
     dist_timeout_min: float = Field(60, gt=0)
 
 
-class RunConfig(_Frozen):
+class RunConfig(FrozenModel):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     teacher: TeacherConfig = TeacherConfig()
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = EvalConfig()  # type: ignore[valid-type]
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")

@@ -1,6 +1,6 @@
 """Each cell's state from its run folder and the scheduler, without ``sacct``; reads only.
 
-The run folder says what the run got to (``status.json``, ``results.json``: harness.run_folder);
+The run folder says what the run got to (``status.json``, ``results.json``: harness.run.folder);
 the scheduler says whether any job submitted for the cell is still queued or alive
 (:func:`harness.launch.slurm.job_states`; for local jobs, whether the process lives). Every
 submission recorded for the cell is asked about, not only the newest: while any of them lives,
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cell_state import CellState
+from harness.run.cell_state import CellState
 from harness.launch.records import LAUNCH_FILE, LaunchRecord, Submission, read_record
 from harness.launch.slurm import SlurmError, SlurmJobState
-from harness.run_folder import RESULTS_FILE, read_status
+from harness.run.folder import RESULTS_FILE, read_status
 
 _REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 _QUEUED = {"PENDING", "CONFIGURING", "RESV_DEL_HOLD", *_REQUEUED}

@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
 from harness.milan.presets import PRESETS
 
 DECODER_PREFIXES = ("decoder_", "mask_token")

@@ -30,7 +30,7 @@ import yaml
 
 from harness.grid import MILAN_BASELINES, RANDOM_INIT_NAME, find_grid_file, load_grid
 from harness.launch.records import GRID_FILE, LAUNCH_FILE
-from harness.run_folder import RESULTS_FILE
+from harness.run.folder import RESULTS_FILE
 
 GRID = "smoke"
 METRIC = "linear_top1"

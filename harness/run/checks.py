@@ -1,0 +1,39 @@
+"""Everything about one run's config that can be checked before any training: the teacher's name and
+weights, the student's shapes, the pretraining data, and the data of each evaluation protocol it
+selects (its own check, from the registry). Raises a one-line UserError."""
+
+import open_clip
+import torch
+
+from harness.config import RunConfig
+from harness.core.errors import ConfigError
+from harness.data.datasets import check_image_folder
+from harness.evaluate.protocols import PROTOCOLS
+from harness.milan import build_student, needs_teacher
+from harness.milan.presets import PRESETS
+from harness.milan.teacher import check_teacher_weights, resolve_model_name
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Everything that can be checked before any training: raises a one-line UserError."""
+    m = cfg.model
+    teacher_grid = None
+    if needs_teacher(m.target, m.masking):
+        name = resolve_model_name(cfg.teacher.model)
+        check_teacher_weights(name, cfg.teacher.pretrained)
+        vision = open_clip.get_model_config(name)["vision_cfg"]
+        teacher_grid = vision["image_size"] // vision["patch_size"]
+    # the student's shape checks, on the meta device (no memory, no time)
+    with torch.device("meta"):
+        build_student(m.size, img_size=m.img_size, decoder=m.decoder, pred_dim=1,
+                      mask_ratio=m.mask_ratio, decoder_embed_dim=m.decoder_width,
+                      decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads)
+    student_grid = m.img_size // PRESETS[m.size].patch_size
+    if teacher_grid is not None and teacher_grid != student_grid:
+        raise ConfigError(f"teacher {cfg.teacher.model} has a {teacher_grid}x{teacher_grid} patch grid but "
+                          f"the student ({m.size} at {m.img_size}px) has {student_grid}x{student_grid}: "
+                          "choose a teacher with the student's patch grid or change model.img_size")
+    check_image_folder(cfg.data.root, cfg.data.train_split)
+    # protocols that read the same data share its check
+    for check in dict.fromkeys(PROTOCOLS[name].check_data for name in cfg.eval.protocols):
+        check(cfg)
