@@ -26,8 +26,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets: generate the demo data.", no_args_is_help=True)
 teacher_app = typer.Typer(help="CLIP teachers: train the demo teacher, list models.", no_args_is_help=True)
+server_app = typer.Typer(help="The MLflow server that `ablate` starts for Slurm jobs: status, stop.",
+                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
+app.add_typer(server_app, name="server")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -215,7 +218,7 @@ def ablate_command(
         try:  # a report that cannot be built does not fail the grid
             write_grid_report(outcome.record.experiment, tracking_uri=outcome.record.store.reader_uri(),
                               metric=outcome.grid.headline_metric, formats=("md", "csv", "tex", "html"),
-                              margin=margin, out=None, log_to_mlflow=True, runs_dir=runs_dir, echo=typer.echo)
+                              margin=margin, out=None, log_report=True, runs_dir=runs_dir, echo=typer.echo)
         except UserError as err:
             typer.echo(f"report: not written ({err})")
     if rehearse and outcome.waited:
@@ -309,7 +312,7 @@ def report_command(
     format_: Annotated[str, typer.Option(
         "--format", help="Table formats, comma-separated: md,csv,tex,html.")] = "md,csv,tex,html",
     out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/<grid>/).")] = None,
-    log_to_mlflow: Annotated[bool, typer.Option(
+    log_report: Annotated[bool, typer.Option(
         "--log/--no-log", help="Also log report.md, tables and figures to the grid's newest parent run.")] = True,
     runs_dir: Annotated[Path, typer.Option(
         help="Where `bench.py ablate` recorded the grid's store (<runs>/<grid>/grid.json).")] = Path("runs"),
@@ -324,7 +327,7 @@ def report_command(
     formats = parse_formats(format_)
     ensure_writable_dir(out or REPORTS_DIR, "--out" if out else "reports folder")
     write_grid_report(grid, tracking_uri=tracking_uri, metric=metric, formats=formats, margin=margin,
-                      out=out, log_to_mlflow=log_to_mlflow, runs_dir=runs_dir, echo=typer.echo,
+                      out=out, log_report=log_report, runs_dir=runs_dir, echo=typer.echo,
                       warn=lambda line: typer.secho(line, err=True))
 
 
@@ -337,9 +340,8 @@ def ui_command(
     """Start the MLflow UI on 127.0.0.1 for the store; runs until Ctrl-C."""
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port: give one in 1..65535 (e.g. 5000)")
-    from harness.tracking.locate import experiment_links
-    from harness.tracking.server import port_in_use, serve_ui
-    from harness.tracking.store import check_store, default_tracking_uri, display_uri, is_http
+    from harness.tracking import check_store, default_tracking_uri, display_uri, experiment_links, is_http, port_in_use, \
+        serve_ui
 
     uri = tracking_uri or default_tracking_uri()
     if is_http(uri):
@@ -360,6 +362,38 @@ def ui_command(
     code = serve_ui(uri, port=port, on_ready=ready)
     if code:
         raise typer.Exit(code)
+
+
+RunsDirOption = Annotated[Path, typer.Option(help="The runs folder whose grids the server serves.")]
+
+
+@server_app.command("status")
+@user_errors
+def server_status(runs_dir: RunsDirOption = Path("runs")) -> None:
+    """Whether the MLflow server of the runs folder runs, where, and over which store."""
+    from harness.tracking import SERVER_DIR, read_state, server_answers
+
+    info = read_state(runs_dir / SERVER_DIR)
+    if info is None:
+        typer.echo(f"no MLflow server is recorded under {runs_dir}: `bench.py ablate --executor slurm` starts one")
+        return
+    state = "answers" if server_answers(info.url) else "does not answer"
+    typer.echo(f"MLflow server {info.url} {state} (process group {info.pgid}, store {info.store_uri}, "
+               f"log {info.log_path})")
+
+
+@server_app.command("stop")
+@user_errors
+def server_stop(runs_dir: RunsDirOption = Path("runs")) -> None:
+    """Stop the MLflow server that `ablate` started for the runs folder (its whole process group). Jobs
+    still running keep their metrics in their run folders; the next `ablate` restarts the server and
+    sends them."""
+    from harness.tracking import SERVER_DIR, stop_server
+
+    if stop_server(runs_dir / SERVER_DIR):
+        typer.echo(f"stopped the MLflow server of {runs_dir}")
+    else:
+        typer.echo(f"no MLflow server of {runs_dir} was running")
 
 
 @app.command("report-bench")
@@ -505,7 +539,7 @@ def main() -> None:
     try:
         app()
     finally:
-        # The commands import torch, torchvision, timm, open_clip and mlflow: half a million
+        # The commands import torch, torchvision, timm, open_clip and MLflow: half a million
         # objects whose final garbage collections at interpreter exit took ~10 s on a 2-core
         # machine, longer than a Slurm submission itself. Freezing them skips those scans; the
         # OS frees the memory, and files and atexit hooks are handled without the collector.

@@ -98,7 +98,7 @@ def test_gpu_hours_scale_with_epochs_and_skip_cpu_cells() -> None:
 def test_a_job_may_requeue_at_least_twice_as_often_as_its_estimated_length_needs() -> None:
     """3 time-limit requeues per cell a job trains, or twice the periods of the time limit that
     its estimated pretraining spans, whichever is more; CPU jobs have no estimate."""
-    from harness.launch.ablate import job_groups, job_time_limit
+    from harness.launch.plan import job_groups, job_time_limit
     from harness.launch.estimate import gpu_hours
 
     base = {"model": {"size": "vit_base_patch16", "target": "clip", "masking": "semantic"},
@@ -192,9 +192,9 @@ def test_debug_executor_runs_in_process(cwd: Path, demo_assets: tuple[Path, Path
     assert code == 0 and "2 cells (2 done); 2 to restart" in out, out  # the cell and its reference
     assert not (cell / "marker").exists() and (cell / "results.json").is_file()
     again = json.loads((cell / "launch.json").read_text())
-    assert again["mlflow_run_id"] != launch["mlflow_run_id"] and len(again["submissions"]) == 1
+    assert again["tracking_run_id"] != launch["tracking_run_id"] and len(again["submissions"]) == 1
     # the newest parent run's grid.margin / grid_file / grid.options tags, as the report reads them
-    from harness.report.ingest import load_runs
+    from harness.tracking.read import load_runs
     from harness.tracking.store import sqlite_uri
 
     runs, _ = load_runs(sqlite_uri(cwd / "mlflow.db"), "g")

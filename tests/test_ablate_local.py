@@ -58,10 +58,10 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
         results = json.loads((cell / "results.json").read_text())
         assert {"linear_top1", "knn_top1"} <= results["metrics"].keys()
         launch = json.loads((cell / "launch.json").read_text())
-        assert launch["submissions"][-1]["executor"] == "local" and launch["mlflow_run_id"]
+        assert launch["submissions"][-1]["executor"] == "local" and launch["tracking_run_id"]
         assert (cell / "logs").resolve() == Path(launch["submissions"][-1]["log_dir"])
 
-    from harness.report.ingest import load_runs
+    from harness.tracking.read import load_runs
 
     runs, _ = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
     assert sorted(runs["status"]) == ["done"] * 3 and runs["linear_top1"].notna().all()
@@ -76,13 +76,13 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
 
     # a failed cell is resubmitted and resumes in its own folder and MLflow run
     failed = cells[0]
-    mlflow_run = json.loads((failed / "launch.json").read_text())["mlflow_run_id"]
+    mlflow_run = json.loads((failed / "launch.json").read_text())["tracking_run_id"]
     (failed / "results.json").unlink()
     status_file = failed / "status.json"
     status_file.write_text(json.dumps({**json.loads(status_file.read_text()), "state": "failed", "reason": "test"}))
     code, out = invoke("ablate")
     assert code == 0 and "1 to submit" in out, out
-    assert json.loads((failed / "launch.json").read_text())["mlflow_run_id"] == mlflow_run
+    assert json.loads((failed / "launch.json").read_text())["tracking_run_id"] == mlflow_run
     assert len(json.loads((failed / "launch.json").read_text())["submissions"]) == 2  # first run, rerun
     assert (failed / "results.json").is_file()
 
@@ -199,11 +199,11 @@ def test_sigterm_with_busy_dataloader_workers_is_requeued_not_failed(
     assert code == 0 and "requeued" in shown and "failed" not in shown, shown
     assert hashlib.sha256(store.read_bytes()).hexdigest() == digest  # status only reads
 
-    run_id = json.loads((folder / "launch.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((folder / "launch.json").read_text())["tracking_run_id"]
     resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "1 to submit" in resumed.stdout, resumed.stdout + resumed.stderr
     assert json.loads((folder / "status.json").read_text())["state"] == "done"
-    assert json.loads((folder / "launch.json").read_text())["mlflow_run_id"] == run_id
+    assert json.loads((folder / "launch.json").read_text())["tracking_run_id"] == run_id
     from harness.tracking.store import client
 
     uri = f"sqlite:///{store}"

@@ -16,7 +16,7 @@ from harness.launch.executors import local_slots
 from harness.launch.records import LAUNCH_FILE, GridRecord, LaunchRecord, Submission, read_record, write_record
 from harness.launch.slurm import SlurmJobState
 from harness.run.cell_state import CellState
-from harness.launch.cell_views import CellView, collect, derive, local_job_state, plan, tail
+from harness.launch.cell_views import CellView, collect, derive, local_job_state, plan_action, tail
 
 
 def sub(job_id: str = "12_3", executor: str = "slurm") -> Submission:
@@ -78,9 +78,9 @@ def test_every_submission_is_asked_about_not_only_the_newest() -> None:
     assert (state, job_id, alive) == (CellState.RUNNING, "12_3", True)
     assert why == "duplicate job 13_0 exited: job 12_3 holds the run folder"
     view = CellView(Path("x"), None, state, job_id=job_id, job_alive=alive)
-    assert plan(view, force=False) == "leave"
+    assert plan_action(view, force=False) == "leave"
     done = CellView(Path("x"), None, CellState.DONE, job_alive=True)  # still syncing to MLflow
-    assert (plan(done, force=False), done.settled) == ("skip", False)
+    assert (plan_action(done, force=False), done.settled) == ("skip", False)
 
 
 @pytest.mark.parametrize(("state", "alive", "force", "action"), [
@@ -90,15 +90,17 @@ def test_every_submission_is_asked_about_not_only_the_newest() -> None:
     ("done", False, True, "restart"), ("running", True, True, "restart"),
 ])
 def test_plan(state: str, alive: bool, force: bool, action: str) -> None:
-    assert plan(CellView(Path("x"), None, CellState(state), job_alive=alive), force) == action
+    assert plan_action(CellView(Path("x"), None, CellState(state), job_alive=alive), force) == action
 
 
 def test_cell_state_maps_to_mlflow() -> None:
-    assert {s: s.mlflow_status for s in CellState} == {
+    from harness.tracking.runs import RUN_STATUS, state_of_run_status
+
+    assert {s: RUN_STATUS[s] for s in CellState} == {
         CellState.MISSING: "RUNNING", CellState.PENDING: "RUNNING", CellState.RUNNING: "RUNNING",
         CellState.REQUEUED: "RUNNING", CellState.PREEMPTED: "RUNNING", CellState.DONE: "FINISHED",
         CellState.FAILED: "FAILED"}
-    assert CellState.from_mlflow("KILLED") == CellState.FAILED and CellState.parse("bogus") is None
+    assert state_of_run_status("KILLED") == CellState.FAILED and CellState.parse("bogus") is None
 
 
 def test_local_slots_never_oversubscribe() -> None:
@@ -166,8 +168,8 @@ def test_idempotence_decisions_from_folders(tmp_path: Path) -> None:
     ]
     found = collect(dirs)
     assert [v.state.value for v in found] == ["done", "failed", "failed", "missing"]
-    assert [plan(v, force=False) for v in found] == ["skip", "submit", "submit", "submit"]
-    assert [plan(v, force=True) for v in found] == ["restart"] * 4
+    assert [plan_action(v, force=False) for v in found] == ["skip", "submit", "submit", "submit"]
+    assert [plan_action(v, force=True) for v in found] == ["restart"] * 4
     table = display.status_table(found)
     assert "linear_top1=42" in table and "loss became nan" in table
     details = display.failure_details(found)

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.core.errors import ConfigError
-from harness.milan import build_pretrainer, build_student, build_teacher, build_timm_vit
+from harness.milan.model import build_student
+from harness.milan.pretrainer import build_pretrainer
+from harness.milan.teacher import build_teacher
+from harness.milan.weights import build_timm_vit
 from harness.milan.weights import load_encoder_into_timm, read_state_dict
 from harness.milan.losses import clip_loss, patchify, pixel_loss, unpatchify
 from harness.milan.masking import (binary_mask, num_visible, random_ids_shuffle,

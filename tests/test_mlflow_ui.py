@@ -4,13 +4,13 @@ The browser test drives Debian's Chromium (`bash scripts/install-chromium.sh`) t
 Playwright's Python API (its own browser download is not used). It is skipped when either is
 missing, and fails instead when CI=true. The screenshots are kept in test-artifacts/.
 
-What MLflow 3.17's UI does with a grid's experiment (read from its bundle, checked here): a
-fresh browser opens an experiment on the GenAI overview unless the link says
-``workflowType=machine_learning`` (its GenAI / Model training switch; the experiment's
-``mlflow.experimentKind`` tag is read only when that switch is compiled out); the runs table
-folds child runs under their parent whenever it is sorted by start time (its default) and shows
-no metric column until one is picked, unless a saved view is opened: ``viewStateShareKey=<key>``
-applies the experiment tag ``mlflow.sharedViewState.<key>``, which ``prepare_store`` sets.
+What MLflow 3.17's UI does with a grid's experiment, using only what MLflow documents (checked
+here): the links are the ones MLflow itself prints for an experiment and a run
+(``<ui>/#/experiments/<id>``, ``.../runs/<run id>``); a fresh browser opens an experiment on its
+GenAI overview, and its "Model training" switch shows the runs table, where the cells are the child
+runs of their ``ablate`` run; a run's page shows its metrics and tags. The experiment's
+description is MLflow's documented ``mlflow.note.content`` tag. No documented setting arranges the
+runs table (unfolded cells, metric columns): that view is the user's to pick.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from harness.core.files import write_json_atomic
 from harness.grid import cell_name
 from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
 from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
-from harness.tracking.schema import cell_tags
+from harness.tracking.schema import cell_tags, experiment_description
 from harness.tracking.server import free_port, port_in_use
 from harness.tracking.store import client, prepare_store, sqlite_uri
 from harness.tracking.sync import sync_run
@@ -53,7 +53,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 GRID = "ui-grid"
-VIEW_KEY = "grid-cells"  # prepare_store's saved view of the cell runs
 START_TIMEOUT_S = 300  # the server imports MLflow in its worker: slow on a busy 2-core machine
 
 
@@ -64,15 +63,16 @@ class UI:
     runs_link: str
     experiment_id: str
     cells: dict[str, str]  # run name -> its linear_top1 as the UI prints it
+    run_ids: dict[str, str]  # run name -> its run id
     proc: subprocess.Popen
     output: list[str]
 
 
-def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
+def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str], dict[str, str]]:
     """A finished 2x2 grid (one seed) as ``ablate`` and its jobs leave it: cell runs nested under
-    the ablate run, each mirrored from its run folder. Returns the experiment id and each cell
-    run's name with its linear_top1."""
-    exp_id = prepare_store(uri, GRID)
+    the ablate run, each mirrored from its run folder. Returns the experiment id, each cell run's
+    name with its linear_top1, and each one's run id."""
+    exp_id = prepare_store(uri, GRID, description=experiment_description(GRID))
     axes = [{"name": "model.target", "values": ["pixel", "clip"], "baseline": "pixel"},
             {"name": "model.decoder", "values": ["standard", "prompting"], "baseline": "standard"}]
     parent = start_parent_run(uri, exp_id, grid=GRID, tags={"executor": "local"}, axes=axes)
@@ -85,7 +85,8 @@ def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
         specs.append({"run_name": name, "params": cfg.flat(), "tags": cell_tags(
             cfg, grid=GRID, cell=cell_name(values), axis_values=values, executor="local",
             run_dir=runs_root / cfg.run_id())})
-    for spec, run_id in zip(specs, create_cell_runs(uri, exp_id, parent_run_id=parent, cells=specs)):
+    run_ids = dict(zip(cells, create_cell_runs(uri, exp_id, parent_run_id=parent, cells=specs)))
+    for spec, run_id in zip(specs, run_ids.values()):
         run_dir = Path(spec["tags"]["run_dir"])
         run_dir.mkdir(parents=True)
         logger = JsonlLogger(run_dir / METRICS_FILE)
@@ -97,7 +98,7 @@ def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str]]:
         write_status(run_dir, CellState.DONE, stage="done", step=10, job="4711_0", group_size=4)
         sync_run(run_dir, uri, run_id)
     set_state(uri, parent, CellState.DONE)
-    return exp_id, cells
+    return exp_id, cells, run_ids
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -110,7 +111,7 @@ def ui(tmp_path_factory):
     """`bench.py ui` in a subprocess over a store holding a finished grid; Ctrl-C at the end."""
     base = tmp_path_factory.mktemp("ui")
     uri = sqlite_uri(base / "mlflow.db")
-    experiment_id, cells = make_finished_grid(uri, base / "runs")
+    experiment_id, cells, run_ids = make_finished_grid(uri, base / "runs")
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -135,7 +136,7 @@ def ui(tmp_path_factory):
             output.append(lines.get())
         url = re.search(r"MLflow UI: (\S+)", "\n".join(output)).group(1)
         link = next(line.split(": ", 1)[1] for line in output if line.strip().startswith(f"{GRID}:"))
-        yield UI(url, port, link, experiment_id, cells, proc, output)
+        yield UI(url, port, link, experiment_id, cells, run_ids, proc, output)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # what Ctrl-C does
@@ -155,8 +156,7 @@ def test_ui_prints_its_loopback_address_and_serves_the_store(ui):
                          params={"experiment_name": GRID}, timeout=10)
     assert found.status_code == 200, found.text
     experiment_id = found.json()["experiment"]["experiment_id"]
-    assert ui.runs_link == (f"{ui.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-                            f"&viewStateShareKey={VIEW_KEY}")
+    assert ui.runs_link == f"{ui.url}/#/experiments/{experiment_id}"  # the link MLflow prints for it
 
 
 def require_browser() -> None:
@@ -174,17 +174,15 @@ def require_browser() -> None:
     pytest.skip("; ".join(reasons))
 
 
-def test_prepare_store_marks_the_experiment_for_the_ui(tmp_path):
-    """New experiments and ones made before (without the tags) get the UI's tags."""
+def test_prepare_store_describes_the_experiment_with_documented_tags_only(tmp_path):
+    """New experiments and ones made before get the grid's description (MLflow's documented
+    ``mlflow.note.content``) and no tag of the UI's internals."""
     uri = sqlite_uri(tmp_path / "mlflow.db")
     old = client(uri).create_experiment("made-before")
-    for experiment_id in (prepare_store(uri, "new-grid"), prepare_store(uri, "made-before")):
-        tags = client(uri).get_experiment(experiment_id).tags
-        assert tags["mlflow.experimentKind"] == "custom_model_development"
-        view = json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
-        assert view["searchFilter"] == "tags.role = 'cell'" and view["orderByKey"] != "attributes.start_time"
-        assert "metrics.`linear_top1`" in view["selectedColumns"]
-        assert {"tags.`slurm.job_id`", "tags.`group_size`"} <= set(view["selectedColumns"])  # which cells trained together
+    for name in ("new-grid", "made-before"):
+        tags = client(uri).get_experiment(prepare_store(uri, name, description=experiment_description(name))).tags
+        assert f"milan-bench grid `{name}`" in tags["mlflow.note.content"]
+        assert not [key for key in tags if key.startswith(("mlflow.sharedViewState", "mlflow.experimentKind"))]
     assert prepare_store(uri, "made-before") == old
 
 
@@ -204,32 +202,33 @@ def browser_page():
 
 
 @pytest.mark.browser
-def test_printed_link_shows_every_cell_with_its_metric_unfolded(ui, browser_page):
-    """The link `bench.py ui` prints opens the experiment on its runs table (not the GenAI overview)
-    in its saved view: every cell run listed by name (its axis values) with its linear_top1 and its
-    group job's size on the same row, the ablate run left out, and nothing clicked."""
+def test_printed_link_leads_to_every_cell_and_its_metric(ui, browser_page):
+    """The experiment link `bench.py ui` prints opens the grid's experiment; its "Model training"
+    switch shows the runs, the ablate run holds the four cells; each cell's run page (the link
+    MLflow prints for a run) shows its linear_top1 and the size of the group job it trained in."""
     page = browser_page
-    screenshot = ARTIFACTS / "mlflow-ui-grid-cells.png"
     try:
         page.goto(ui.runs_link, wait_until="domcontentloaded", timeout=60_000)
-        page.get_by_text(f"{len(ui.cells)} matching runs").wait_for(timeout=90_000)
-        assert f"/experiments/{ui.experiment_id}/runs" in page.url
-        assert page.get_by_role("heading", name="Runs").is_visible()
-        assert not page.get_by_role("heading", name="Overview").count()  # not the GenAI overview
-        header = page.locator("[role=columnheader]").filter(has_text="linear_top1").first
-        header.wait_for(state="visible", timeout=30_000)
+        switch = page.get_by_text("Model training", exact=True).first
+        switch.wait_for(state="visible", timeout=90_000)
+        page.keyboard.press("Escape")  # the overview's first-visit tour pops over the page
+        switch.click(timeout=90_000)
+        page.get_by_text(f"{len(ui.cells) + 1} matching runs").wait_for(timeout=90_000)
+        assert f"/experiments/{ui.experiment_id}" in page.url
+        parent = page.locator("[role=row]").filter(has_text=GRID).first
+        parent.locator("button").first.click()  # unfold the ablate run: its children are the cells
+        for name in ui.cells:
+            page.get_by_text(name, exact=True).first.wait_for(state="visible", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-grid-cells.png"), full_page=True)
         for name, top1 in ui.cells.items():
-            cell = page.get_by_text(name, exact=True).first
-            cell.wait_for(state="visible", timeout=30_000)
-            # the grid draws the pinned run-name column and the other columns as two rows
-            index = cell.locator("xpath=ancestor::*[@role='row'][1]").get_attribute("row-index")
-            value = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`linear_top1`']")
-            assert value.first.inner_text().strip() == top1, name
-            group = page.locator(f"[role=row][row-index='{index}'] [col-id='tags.`group_size`']")
-            assert group.first.inner_text().strip() == "4", name  # which cells trained together
+            page.goto(f"{ui.runs_link}/runs/{ui.run_ids[name]}", wait_until="domcontentloaded", timeout=60_000)
+            metric = page.locator("tr, [role=row]").filter(has_text="linear_top1").first
+            metric.wait_for(state="visible", timeout=60_000)
+            assert top1 in metric.inner_text(), name
+            assert page.get_by_text("group_size").first.is_visible(), name  # which cells trained together
     finally:
-        page.screenshot(path=str(screenshot), full_page=True)
-    assert screenshot.stat().st_size > 10_000
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-cell.png"), full_page=True)
+    assert (ARTIFACTS / "mlflow-ui-grid-cells.png").stat().st_size > 10_000
 
 
 def test_ui_for_a_server_uri_points_at_the_server():

@@ -1,4 +1,4 @@
-"""harness.report.ingest and `bench.py report` on a small finished grid in real MLflow stores."""
+"""harness.tracking.read and `bench.py report` on a small finished grid in real MLflow stores."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from harness.cli import app
 from harness.config import RunConfig
 from harness.core.files import write_json_atomic
 from harness.grid import RANDOM_INIT_NAME, cell_name
-from harness.report import ingest
-from harness.report.ingest import load_runs, sample_indices
+from harness.tracking import read as ingest
+from harness.tracking.read import load_runs, sample_indices
 from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
 from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
 from harness.tracking.schema import GRID_FILE_TAG, GRID_MARGIN, GRID_OPTIONS, TrackingError, cell_tags
@@ -140,7 +140,7 @@ def test_runs_frame_matches_the_report_contract(grid_store):
     assert len(runs) == 8  # 2 x 2 cells x 2 seeds: the re-runs are not counted twice
     for column in ["cell_id", "cell", "seed", "status", "failure_reason", "role", "model.target", "model.masking",
                    "linear_top1", "knn_top1", "finetune_top1", "final_loss", "images_per_s",
-                   "peak_memory_mb", "gpu_hours", "linear_top5", "mlflow_run_id", "parent_run_id"]:
+                   "peak_memory_mb", "gpu_hours", "linear_top5", "tracking_run_id", "parent_run_id"]:
         assert column in runs, column
     assert runs.attrs["axes"] == ["model.target", "model.masking"]
     assert runs.attrs["axis_baselines"] == {"model.target": "pixel", "model.masking": "random"}
@@ -196,7 +196,7 @@ def test_curves_come_from_run_folders_else_from_mlflow(grid_store, history_calls
     runs, curves = load_runs(uri, GRID)
     # only the run whose folder is not here; the pending one has no folder yet, and no loss
     # in MLflow either: no request
-    assert history_calls == [row(runs, *ELSEWHERE)["mlflow_run_id"]]
+    assert history_calls == [row(runs, *ELSEWHERE)["tracking_run_id"]]
     assert list(curves.columns) == ["cell_id", "cell", "seed", "target", "step", "loss"]
     per_run = curves.groupby(["cell_id", "seed"])["step"].apply(list)
     assert len(per_run) == 7  # every run but the pending one

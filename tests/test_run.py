@@ -135,7 +135,7 @@ def test_evaluate_runs_every_protocol_on_a_checkpoint_in_the_authors_layout(demo
     Namespace of arguments), made here at micro size: linear, k-NN and fine-tune all report."""
     import argparse
 
-    from harness.milan import build_student
+    from harness.milan.model import build_student
 
     data, teacher = demo_assets
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ def test_a_grid_groups_per_seed_and_keeps_its_reference_apart() -> None:
 
 
 def test_groups_are_split_at_max_cells_per_job_and_not_made_without_sharing() -> None:
-    from harness.launch.ablate import job_groups
+    from harness.launch.plan import job_groups
 
     grid = build_grid({"name": "g", "base_config": str(REPO / "configs" / "smoke.yaml"), "random_init": False,
                        "axes": {"model.target": ["pixel", "clip"], "model.decoder": ["standard", "prompting"],

@@ -89,7 +89,7 @@ def mlflow_loss_steps(uri: str, run_id: str) -> list[int]:
 
 
 def store_of(cell: Path):
-    from harness.tracking.store import Store
+    from harness.tracking import Store
 
     return Store(**json.loads((cell / "launch.json").read_text())["store"])
 
@@ -126,7 +126,7 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
         assert {"linear_top1", "knn_top1", "final_loss"} <= results["metrics"].keys()
         assert (view.folder / "logs").is_dir()
 
-    from harness.report.ingest import load_runs
+    from harness.tracking.read import load_runs
 
     uri = views[0].record.store.reader_uri()
     assert uri.startswith("http://") and views[0].record.store.backend.startswith("sqlite:///")
@@ -265,8 +265,8 @@ def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir:
     from harness.tracking.store import client
 
     uri = store_of(cell).reader_uri()
-    assert mlflow_loss_steps(uri, launch["mlflow_run_id"]) == list(range(1, total + 1))
-    assert run_state(uri, launch["mlflow_run_id"]).value == "done"
+    assert mlflow_loss_steps(uri, launch["tracking_run_id"]) == list(range(1, total + 1))
+    assert run_state(uri, launch["tracking_run_id"]).value == "done"
     runs = client(uri).search_runs([client(uri).get_experiment_by_name("requeue").experiment_id],
                                    "tags.role = 'cell'")
     assert len(runs) == 1  # one MLflow run for the cell, never a second
@@ -322,7 +322,7 @@ def test_a_requeued_group_job_resumes_every_student(workdir: Path, demo_assets: 
         assert loss_steps(cell) == list(range(1, total + 1))  # no gap, no repeat
         resumed = re.search(rf"resuming {re.escape(cell.name)} from step (\d+) of {total}", log_text)
         assert resumed and int(resumed.group(1)) >= 10, f"{cell.name} did not resume from its checkpoint"
-        run_id = json.loads((cell / "launch.json").read_text())["mlflow_run_id"]
+        run_id = json.loads((cell / "launch.json").read_text())["tracking_run_id"]
         assert mlflow_loss_steps(uri, run_id) == list(range(1, total + 1))
 
 
@@ -419,7 +419,7 @@ def test_a_dead_tracking_server_costs_no_run(workdir: Path, demo_assets: tuple[P
     runs = client(uri).search_runs([experiment], "tags.role = 'cell'")
     assert len(runs) == 2 and {r.data.tags["status"] for r in runs} == {"done"}
     for cell in cells:
-        run_id = json.loads((cell / "launch.json").read_text())["mlflow_run_id"]
+        run_id = json.loads((cell / "launch.json").read_text())["tracking_run_id"]
         assert mlflow_loss_steps(uri, run_id) == list(range(1, total + 1))
     [parent] = client(uri).search_runs([experiment], "tags.role = 'ablate'")
     assert run_state(uri, parent.info.run_id).value == "done"

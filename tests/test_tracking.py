@@ -17,7 +17,8 @@ from harness.run.folder import FolderBusy, StopWatch, hold, stopped_by_scheduler
 from harness.tracking.runs import create_cell_runs, run_state, set_state, start_parent_run
 from harness.tracking.schema import TrackingError, cell_tags, decode_param, encode_param
 from harness.tracking.server import ensure_server, free_port, group_alive, read_state, stop_server
-from harness.tracking.store import Store, check_store, client, default_tracking_uri, prepare_store, sqlite_uri
+from harness.tracking import Store
+from harness.tracking.store import check_store, client, default_tracking_uri, prepare_store, sqlite_uri
 from harness.tracking.sync import SYNC_FILE, Mirror, backlog, sync_run
 from harness.train.metrics_log import JsonlLogger
 

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
+from harness.core.distributed import init_distributed, shutdown
+from harness.evaluate.finetune import finetune
+from harness.milan.presets import PRESETS
+from harness.milan.weights import build_timm_vit
+
 
 @dataclass(frozen=True)
 class FinetuneSpeed:
@@ -35,11 +40,6 @@ def _free_port() -> int:
 
 def _rank(rank: int, world: int, port: int, size: str, images: int, batch: int, epochs: int, out: mp.Queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from harness.evaluate.finetune import finetune
-    from harness.milan.weights import build_timm_vit
-    from harness.milan.presets import PRESETS
-    from harness.core.distributed import init_distributed, shutdown
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device("cpu")
     env = init_distributed(device, timeout_min=10)

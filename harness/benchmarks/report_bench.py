@@ -4,8 +4,8 @@
 noise, failed and unfinished runs). :func:`populate` writes them as a grid the way ``ablate``
 and the jobs do: one parent run, a pending cell run per cell x seed (the full flattened config as
 params, the ``run_dir`` tag), then each started run's folder (``status.json``, ``metrics.jsonl``,
-``results.json``) mirrored into its run by :func:`harness.tracking.sync.sync_run`.
-:func:`run_benchmark` times :mod:`harness.report.ingest` (the runs through MLflow's search, the
+``results.json``) mirrored into its run by :func:`harness.tracking.sync_run`.
+:func:`run_benchmark` times :mod:`harness.tracking.read` (the runs through MLflow's search, the
 loss curves from the run folders) and :func:`~harness.report.build_report` on it. Goal: under 5 s.
 
 ``python -m harness.benchmarks.report_bench`` runs it too (``--help`` for the options).
@@ -26,8 +26,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.run.cell_state import CellState
+from harness.config import RunConfig
+from harness.core.files import write_json_atomic
+from harness.grid import cell_name
 from harness.report.build import build_report
+from harness.run.cell_state import CellState
+from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
+from harness.tracking import (DB_NAME, create_cell_runs, experiment_exists, prepare_store, set_state,
+                              sqlite_uri, start_parent_run, sync_run)
+from harness.tracking import read as tracking_read
+from harness.tracking.schema import LOSS_KEY, LR_KEY, cell_tags
+from harness.tracking.store import find_experiment
 
 # Grid used by the benchmark: the three MILAN axes plus two extra ones, large enough that
 # 8 seeds x the first 125 cells give 1,000 runs.
@@ -179,15 +188,6 @@ def populate(uri: str, runs: pd.DataFrame, curves: pd.DataFrame, runs_root: Path
              progress: bool = False) -> str:
     """Write the synthetic ``runs``/``curves`` frames to the store as a grid, with a run folder
     per started run under ``runs_root``; returns the experiment id."""
-    from harness.config import RunConfig
-    from harness.core.files import write_json_atomic
-    from harness.grid import cell_name
-    from harness.run.folder import METRICS_FILE, RESULTS_FILE, write_status
-    from harness.tracking.runs import create_cell_runs, set_state, start_parent_run
-    from harness.tracking.schema import LOSS_KEY, LR_KEY, cell_tags
-    from harness.tracking.store import prepare_store
-    from harness.tracking.sync import sync_run
-
     experiment_id = prepare_store(uri, grid)
     axes = [{"name": name, "values": values, "baseline": values[0]} for name, values in SYNTHETIC_AXES.items()]
     parent = start_parent_run(uri, experiment_id, grid=grid, tags={"executor": "local"}, axes=axes)
@@ -235,36 +235,33 @@ def run_benchmark(n_runs: int = 1000, n_steps: int = 100, store: Path | None = N
                   out_dir: Path | None = None) -> BenchResult:
     """Populate a SQLite store and its run folders (reused when ``store`` already holds the grid;
     the folders are in ``runs/`` beside it) and time a report read from it."""
-    from harness.report import ingest
-    from harness.tracking.store import client, find_experiment, sqlite_uri
-
     # A fresh store is filled on tmpfs where there is one: filling is fsync-bound on disk and
     # not what is measured; reading hits the page cache either way.
     shm = Path("/dev/shm")
     tmp_parent = str(shm) if store is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
-        db = Path(store) if store else Path(tmp) / "mlflow.db"
+        db = Path(store) if store else Path(tmp) / DB_NAME
         db.parent.mkdir(parents=True, exist_ok=True)
         uri = sqlite_uri(db)
         start = time.perf_counter()
-        existing = db.exists() and client(uri).get_experiment_by_name(GRID) is not None
+        existing = db.exists() and experiment_exists(uri, GRID)
         if not existing:
             runs, curves = synthetic_runs(n_runs, n_steps)
             populate(uri, runs, curves, db.parent / "runs", progress=True)
         populate_s = time.perf_counter() - start
 
-        # ingest.load_runs, step by step
+        # tracking.load_runs, step by step
         cpu_start = _cpu_seconds()
         start = time.perf_counter()
         experiment = find_experiment(uri, GRID)
-        raw = ingest.read_runs(uri, experiment.experiment_id)
+        raw = tracking_read.read_runs(uri, experiment.experiment_id)
         search_s = time.perf_counter() - start
         start = time.perf_counter()
-        ingest.overlay_run_folders(raw)
-        runs = ingest.assemble(raw, experiment.name, experiment.experiment_id)
+        tracking_read.overlay_run_folders(raw)
+        runs = tracking_read.assemble(raw, experiment.name, experiment.experiment_id)
         frame_s = time.perf_counter() - start
         start = time.perf_counter()
-        curves = ingest.load_curves(uri, runs, raw)
+        curves = tracking_read.load_curves(uri, runs, raw)
         curves_s = time.perf_counter() - start
         start = time.perf_counter()
         build_report(runs, curves, Path(out_dir) if out_dir else Path(tmp) / "report")

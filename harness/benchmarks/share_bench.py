@@ -29,8 +29,13 @@ import pandas as pd
 import yaml
 
 from harness.grid import MILAN_BASELINES, RANDOM_INIT_NAME, find_grid_file, load_grid
+from harness.launch.ablate import AblateRequest, ablate
+from harness.launch.estimate import sharing_saving
+from harness.launch.plan import job_groups
 from harness.launch.records import GRID_FILE, LAUNCH_FILE
+from harness.report.effects import estimate_effects
 from harness.run.folder import RESULTS_FILE
+from harness.tracking import DB_NAME, sqlite_uri
 
 GRID = "smoke"
 METRIC = "linear_top1"
@@ -54,11 +59,9 @@ def _cpu_seconds() -> float:
 
 
 def _ablate(label: str, grid: str, out: Path, *, seeds: int | None, share: bool) -> GridRun:
-    from harness.launch.ablate import AblateRequest, ablate
-
     runs_dir = out / label / "runs"
     request = AblateRequest(grid=grid, seeds=seeds, executor="local", share=share, runs_dir=runs_dir,
-                            tracking_uri=f"sqlite:///{(out / label / 'mlflow.db').absolute()}")
+                            tracking_uri=sqlite_uri(out / label / DB_NAME))
     wall, cpu = time.perf_counter(), _cpu_seconds()
     outcome = ablate(request, echo=lambda line: None)
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
@@ -101,8 +104,6 @@ def _independent(out: Path, seeds: int, cells: pd.DataFrame) -> GridRun:
 
 def effects_of(runs: pd.DataFrame, margin: float) -> pd.DataFrame:
     """The report's effects of a benchmark's runs (cells only: the pairing is between cells)."""
-    from harness.report.effects import estimate_effects
-
     cells = runs[runs["role"].eq("cell")].copy()
     cells["cell_id"] = cells["cell"]
     cells.attrs = {"axes": list(MILAN_BASELINES), "axis_baselines": dict(MILAN_BASELINES), "metrics": [METRIC]}
@@ -121,9 +122,6 @@ class ShareBench:
 
 
 def share_bench(out: Path, seeds: int = 3, independent: bool = True) -> ShareBench:
-    from harness.launch.ablate import job_groups
-    from harness.launch.estimate import sharing_saving
-
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     margin = load_grid(find_grid_file(GRID)).spec.margin

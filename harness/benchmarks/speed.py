@@ -22,7 +22,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.milan import MilanPretrainer, build_pretrainer, build_teacher, needs_teacher
+from harness.milan.pretrainer import MilanPretrainer, build_pretrainer
+from harness.milan.switches import needs_teacher
+from harness.milan.teacher import build_teacher
 from harness.milan.presets import PRESETS
 
 COMBINATIONS = list(itertools.product(("pixel", "clip"), ("standard", "prompting"), ("random", "semantic")))

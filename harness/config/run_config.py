@@ -20,14 +20,15 @@ from pydantic import Field, ValidationError, create_model, model_validator
 from harness.core.errors import ConfigError, did_you_mean
 from harness.core.frozen import FrozenModel
 from harness.evaluate.protocols import DEFAULT_PROTOCOLS, PROTOCOLS
+from harness.milan.switches import DecoderKind, Masking, Target
 
 
 class ModelConfig(FrozenModel):
     size: str = "vit_base_patch16"  # a preset of harness.milan.presets
     img_size: int = Field(224, gt=0)
-    target: Literal["pixel", "clip"] = "clip"
-    decoder: Literal["standard", "prompting"] = "prompting"
-    masking: Literal["random", "semantic"] = "semantic"
+    target: Target = "clip"
+    decoder: DecoderKind = "prompting"
+    masking: Masking = "semantic"
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     norm_pix_loss: bool = True  # pixel target only
     decoder_width: int | None = Field(None, gt=0)  # None: the preset's decoder shape

@@ -6,23 +6,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from harness.config import RunConfig
 
 # Where `bench.py data demo` / `bench.py teacher demo` write by default (and configs/smoke.yaml reads).
 DEMO_DATA = Path("data/demo")
 DEMO_TEACHER = Path("data/demo-teacher/milan-clip-tiny.pt")
 
 
-def ensure_demo_assets(configs: Iterable[RunConfig], echo: Callable[[str], None]) -> float:
-    """Make the demo dataset / demo teacher if a config points at their default paths and
-    they are missing (the teacher takes minutes on a CPU: say so); returns the seconds spent."""
+def ensure_demo_assets(data_roots: Iterable[str], teacher_files: Iterable[str | None],
+                       echo: Callable[[str], None]) -> float:
+    """Make the demo dataset / demo teacher if runs read them at their default paths (``data_roots``:
+    the runs' data.root, ``teacher_files``: their teacher.pretrained) and they are missing (the
+    teacher takes minutes on a CPU: say so); returns the seconds spent."""
     start = time.perf_counter()
-    configs = list(configs)
-    needs_data = any(Path(c.data.root) == DEMO_DATA for c in configs)
-    needs_teacher = any(c.teacher.pretrained and Path(c.teacher.pretrained) == DEMO_TEACHER for c in configs)
+    needs_data = any(Path(root) == DEMO_DATA for root in data_roots)
+    needs_teacher = any(file and Path(file) == DEMO_TEACHER for file in teacher_files)
     if (needs_data or needs_teacher) and not (DEMO_DATA / "meta.json").is_file():
         from harness.data.demo import make_demo_dataset
 

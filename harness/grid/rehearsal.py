@@ -22,6 +22,7 @@ from harness.config import RunConfig, parse_config
 from harness.data.datasets import DatasetError, check_image_folder
 from harness.evaluate.protocols import PROTOCOLS
 from harness.grid.grid_file import Cell, Grid, Resources
+from harness.milan.switches import needs_teacher
 
 SUFFIX = "-rehearsal"
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 24, 8
@@ -42,8 +43,6 @@ def rehearse(grid: Grid, *, runs_dir: Path, cpu_only: bool, cpus_per_node: int |
     data_root = _data(grid, (runs_dir / f"{grid.name}{SUFFIX}" / "data").absolute(), notes)
     resources = _resources(grid.resources, cpu_only, cpus_per_node, notes)
     world = resources.world_size
-    from harness.milan import needs_teacher  # torch, timm, open_clip: imported only to rehearse
-
     if any(needs_teacher(c.config.model.target, c.config.model.masking) for c in grid.cells):
         teacher = grid.cells[0].config.teacher
         notes.append(f"teacher: a random-init {TEACHER['model']} (patch 4 at 32 px) instead of {teacher.model} "

@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.run.cell_state import CellState
+import psutil
+
+from harness.launch import slurm
 from harness.launch.records import LAUNCH_FILE, LaunchRecord, Submission, read_record
 from harness.launch.slurm import SlurmError, SlurmJobState
+from harness.run.cell_state import CellState
 from harness.run.folder import RESULTS_FILE, read_status
+from harness.tracking import backlog
 
 _REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 _QUEUED = {"PENDING", "CONFIGURING", "RESV_DEL_HOLD", *_REQUEUED}
@@ -93,7 +97,7 @@ def derive(status: Mapping[str, Any], finished: bool, submissions: Sequence[Subm
             "or the submitting command was interrupted): see its log", job_id, False)
 
 
-def plan(view: CellView, force: bool) -> str:
+def plan_action(view: CellView, force: bool) -> str:
     """What ``ablate`` does with a cell: ``restart`` (--force), ``skip`` (done), ``leave`` (a job
     of it lives), else ``submit`` (resuming from its checkpoint)."""
     if force:
@@ -106,8 +110,6 @@ def plan(view: CellView, force: bool) -> str:
 def local_job_state(submission: Submission) -> SlurmJobState | None:
     """A local job seen from this host: RUNNING while its process lives, PENDING while the ablate
     process that will start it lives, else None (gone)."""
-    import psutil
-
     queued = submission.job_id.startswith(QUEUED_PREFIX)
     pid = submission.job_id.removeprefix(QUEUED_PREFIX)
     if submission.host != socket.gethostname() or not pid.isdigit():
@@ -128,8 +130,6 @@ def local_job_state(submission: Submission) -> SlurmJobState | None:
 def scheduler_states(submissions: Sequence[Submission]) -> dict[str, SlurmJobState | None]:
     """Job id -> scheduler state for the given submissions (one squeue/scontrol round). When
     Slurm cannot be asked, its jobs map to None and the folders decide alone."""
-    from harness.launch import slurm
-
     out: dict[str, SlurmJobState | None] = {}
     if slurm_ids := [s.job_id for s in submissions if s.executor == "slurm"]:
         try:
@@ -144,7 +144,7 @@ def scheduler_states(submissions: Sequence[Submission]) -> dict[str, SlurmJobSta
 
 def collect(cell_dirs: Sequence[Path]) -> list[CellView]:
     """Read every cell folder and ask the scheduler once about all their jobs."""
-    from harness.tracking.sync import backlog
+
 
     records = [read_record(d / LAUNCH_FILE, LaunchRecord) for d in cell_dirs]
     jobs = scheduler_states([s for r in records if r is not None for s in r.submissions])
@@ -155,7 +155,7 @@ def collect(cell_dirs: Sequence[Path]) -> list[CellView]:
                                               record.submissions if record else [], jobs)
         views.append(CellView(folder, record, state, reason, job_id, alive, int(status.get("attempts", 0)),
                               status.get("stage"), status.get("step"),
-                              backlog(folder, live=alive) if record is not None and record.mlflow_run_id else ""))
+                              backlog(folder, live=alive) if record is not None and record.tracking_run_id else ""))
     return views
 
 

@@ -22,6 +22,7 @@ import submitit
 
 from harness.core.errors import UserError
 from harness.grid import Resources
+from harness.launch.slurm import slurm_available
 
 EXECUTORS = ("auto", "local", "slurm", "debug")
 
@@ -32,8 +33,6 @@ def resolve_executor(name: str) -> str:
         raise UserError(f"unknown executor {name!r}: use one of {', '.join(EXECUTORS)}")
     if name != "auto":
         return name
-    from harness.launch.slurm import slurm_available
-
     return "slurm" if slurm_available() else "local"
 
 

@@ -28,15 +28,15 @@ from typing import Any
 
 import submitit
 
+from harness.config import RunConfig, parse_config
+from harness.launch.records import close_parent_if_settled
 from harness.run.cell_state import CellState
-from harness.run.folder import METRICS_FILE, StopWatch, hold, job_id_here, stopped_by_scheduler, write_status
+from harness.run.folder import (METRICS_FILE, StopWatch, hold, job_id_here, read_status, stopped_by_scheduler,
+                                write_status)
+from harness.tracking import Mirror, Store, limit_http
+from harness.train.metrics_log import JsonlLogger
 
 log = logging.getLogger(__name__)
-
-# A job gives up on an unreachable tracking server quickly (MLflow's client retries for minutes
-# by default): the mirror tries again on its next round, and training never waits on it.
-_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 @dataclass
@@ -47,13 +47,11 @@ class GroupJob(submitit.helpers.Checkpointable):
     configs: list[dict[str, Any]]  # RunConfig.to_dict() per cell
     run_dirs: list[str]  # absolute, one per cell
     workdir: str  # the submitting directory: relative paths in the configs start here
-    store: dict[str, Any] | None = None  # harness.tracking.store.Store, as a dict
-    mlflow_run_ids: list[str | None] | None = None  # one per cell
+    store: dict[str, Any] | None = None  # harness.tracking.Store, as a dict
+    tracking_run_ids: list[str | None] | None = None  # one per cell
     threads: int | None = None  # torch intra-op threads (the CPUs given to each task)
 
     def __call__(self) -> dict[str, Any]:
-        from harness.config import parse_config
-
         os.chdir(self.workdir)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         env = submitit.JobEnvironment()
@@ -61,10 +59,6 @@ class GroupJob(submitit.helpers.Checkpointable):
             # One process per task (GPU); harness.core.distributed joins the group from these.
             # Every task keeps all of the node's GPUs visible: it picks cuda:LOCAL_RANK itself.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        if self.threads:
-            import torch
-
-            torch.set_num_threads(self.threads)
         cfgs = [parse_config(c, source=f"job {d}") for c, d in zip(self.configs, self.run_dirs)]
         # a folder another live job holds makes this job a duplicate: it exits touching nothing
         with contextlib.ExitStack() as held:
@@ -72,11 +66,16 @@ class GroupJob(submitit.helpers.Checkpointable):
                 held.enter_context(hold(Path(run_dir), env.global_rank))
             return self._run(cfgs, main=env.global_rank == 0)
 
-    def _run(self, cfgs: list[Any], *, main: bool) -> dict[str, Any]:
+    def _run(self, cfgs: list[RunConfig], *, main: bool) -> dict[str, Any]:
         """Run the group; only the main rank writes status and mirrors each cell to MLflow."""
-        from harness.run.runner import run_group
-        from harness.train.metrics_log import JsonlLogger
+        # the training code (torch, timm, open_clip: seconds of imports) is imported on the node only,
+        # never by the ablate process that pickles this job
+        import torch
 
+        from harness.run.runner import run_group
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
         run_dirs = [Path(d) for d in self.run_dirs]
         job = {"job": job_id_here(), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
 
@@ -95,30 +94,22 @@ class GroupJob(submitit.helpers.Checkpointable):
                                               why or f"{type(err).__name__}: {err}")
                     raise
         finally:  # done or failed, these cells may be the last of their ablate to settle
-            if main and self.store and self.mlflow_run_ids:
-                from harness.launch.records import close_parent_if_settled
-
+            if main and self.store and self.tracking_run_ids:
                 close_parent_if_settled(run_dirs[0].parent)
         return {d.name: {"state": r.state.value, "metrics": r.metrics, "reason": r.failure_reason}
                 for d, r in zip(run_dirs, results)}
 
     def _mark_unfinished(self, state: CellState, reason: str) -> None:
         """Record ``state`` for every cell of the group that has not ended (done or failed)."""
-        from harness.run.folder import read_status
-
         for run_dir in map(Path, self.run_dirs):
             if not CellState.parse(read_status(run_dir).get("state"), CellState.MISSING).terminal:
                 write_status(run_dir, state, reason=reason)
 
     def _mirror(self, run_dirs: list[Path], main: bool) -> contextlib.AbstractContextManager[Any]:
-        runs = [(d, run_id) for d, run_id in zip(run_dirs, self.mlflow_run_ids or []) if run_id]
+        runs = [(d, run_id) for d, run_id in zip(run_dirs, self.tracking_run_ids or []) if run_id]
         if not (main and self.store and runs):
             return contextlib.nullcontext()
-        from harness.tracking.store import Store
-        from harness.tracking.sync import Mirror
-
-        for name, value in _HTTP_LIMITS.items():
-            os.environ.setdefault(name, value)
+        limit_http()  # the mirror tries again on its next round: training never waits on the server
         return Mirror(runs, Store(**self.store).writer_uri)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

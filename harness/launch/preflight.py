@@ -22,6 +22,8 @@ from harness.core.errors import UserError
 from harness.core.files import read_json, write_json_atomic
 from harness.evaluate.protocols import PROTOCOLS
 from harness.grid import Grid
+from harness.launch import slurm
+from harness.tracking.schema import git_commit_of
 
 CACHE_FILE = ".preflight-passed.json"
 CACHE_SIZE = 2000
@@ -47,9 +49,7 @@ def _fingerprint(cfg: RunConfig, commit: str | None) -> str:
 
 
 def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
-    """harness.run.preflight once per fingerprint that has not passed (per ``cache_dir``'s record)."""
-    from harness.tracking.schema import git_commit_of
-
+    """harness.run.checks.preflight once per fingerprint that has not passed (per ``cache_dir``'s record)."""
     cache_path = cache_dir / CACHE_FILE if cache_dir else None
     cached = read_json(cache_path) if cache_path else None
     passed = [k for k in cached if isinstance(k, str)] if isinstance(cached, list) else []
@@ -61,7 +61,7 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
             todo[key] = (cell.name, cell.config)
     if not todo:
         return
-    from harness.run.checks import preflight
+    from harness.run.checks import preflight  # torch, timm, open_clip: only when a check must run
 
     for key, (name, cfg) in todo.items():
         try:
@@ -88,8 +88,6 @@ def check_settings(grid: Grid) -> None:
 def check_resources(grid: Grid, executor: str) -> None:
     r = grid.resources
     if executor == "slurm":
-        from harness.launch import slurm
-
         try:
             names, default = slurm.partitions()
         except slurm.SlurmError as err:
@@ -100,7 +98,7 @@ def check_resources(grid: Grid, executor: str) -> None:
         if not r.partition and default is None:
             raise UserError(f"Slurm has no default partition: set resources.partition to one of {', '.join(names)}")
     elif r.gpus_per_node:
-        import torch
+        import torch  # only for a local grid that asks for GPUs
 
         if torch.cuda.device_count() < r.gpus_per_node:
             raise UserError(f"the grid asks for {r.gpus_per_node} GPUs per node but this machine has "

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from harness.run.cell_state import CellState
 from harness.core.files import write_atomic
 from harness.run.folder import read_status
-from harness.tracking.store import Store
+from harness.tracking import Store, run_state, set_state
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class LaunchRecord(_Record):
     seed: int
     axes: dict[str, Any]
     store: Store | None = None
-    mlflow_run_id: str | None = None
+    tracking_run_id: str | None = None
     submissions: list[Submission] = []
 
     @property
@@ -124,8 +124,6 @@ def close_parent_if_settled(gdir: Path, superseded: bool = False) -> bool:
     unfinished = sum(s is None or not s.terminal for s in states)
     if unfinished and not superseded:
         return False
-    from harness.tracking.runs import run_state, set_state
-
     failed = sum(s == CellState.FAILED for s in states)
     reason = "; ".join(([f"{failed} of {len(states)} cells failed"] if failed else []) +
                        ([f"{unfinished} of {len(states)} cells had not ended when a later ablate took them over"]

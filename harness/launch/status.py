@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.core.errors import UserError
+from harness.grid import find_grid_file, load_grid
 from harness.launch import display
 from harness.launch.records import GRID_FILE, GridRecord, grid_dir, read_record
 from harness.launch.cell_views import CellView, collect
@@ -17,8 +18,6 @@ Echo = Callable[[str], None]
 def grid_views(grid: str, runs_dir: Path) -> tuple[str, list[CellView]]:
     """(grid name, cell views) for a grid name or file; a grid never submitted shows its cells as missing."""
     if (record := read_record(grid_dir(runs_dir, grid) / GRID_FILE, GridRecord)) is None:
-        from harness.grid import find_grid_file, load_grid
-
         loaded = load_grid(find_grid_file(grid))
         if (record := read_record(grid_dir(runs_dir, loaded.name) / GRID_FILE, GridRecord)) is None:
             return loaded.name, collect([grid_dir(runs_dir, loaded.name) / c.folder for c in loaded.cells])

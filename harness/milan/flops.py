@@ -12,33 +12,50 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.milan.model import build_student
-from harness.milan.pretrainer import needs_teacher
+from harness.milan.switches import DecoderKind, Masking, Target, needs_teacher
 from harness.milan.teacher import resolve_model_name
 
-if TYPE_CHECKING:
-    from harness.config import ModelConfig, TeacherConfig
+
+class ModelFields(Protocol):
+    """What a count reads of a run config's ``model`` section."""
+
+    size: str
+    img_size: int
+    target: Target
+    decoder: DecoderKind
+    masking: Masking
+    mask_ratio: float
+    decoder_width: int | None
+    decoder_depth: int | None
+    decoder_heads: int | None
 
 
-def train_flops_per_image(model: ModelConfig, teacher: TeacherConfig) -> float:
+class TeacherFields(Protocol):
+    """What a count reads of a run config's ``teacher`` section."""
+
+    model: str
+
+
+def train_flops_per_image(model: ModelFields, teacher: TeacherFields) -> float:
     """FLOPs of one training image for a config's ``model`` and ``teacher`` sections."""
     return sum(_split(model, teacher))
 
 
-def group_flops_per_image(sections: Sequence[tuple[ModelConfig, TeacherConfig]]) -> float:
+def group_flops_per_image(sections: Sequence[tuple[ModelFields, TeacherFields]]) -> float:
     """FLOPs of one training image for a group job: each student's, and the teacher's once when
     any student needs it (the group shares one teacher config)."""
     splits = [_split(model, teacher) for model, teacher in sections]
     return sum(student for student, _ in splits) + max(teacher for _, teacher in splits)
 
 
-def _split(model: ModelConfig, teacher: TeacherConfig) -> tuple[float, float]:
+def _split(model: ModelFields, teacher: TeacherFields) -> tuple[float, float]:
     """(student forward + backward, teacher forward or 0) FLOPs per image."""
     return _count(model.size, model.img_size, model.decoder, model.mask_ratio, model.decoder_width,
                   model.decoder_depth, model.decoder_heads,

@@ -6,7 +6,12 @@ return such a permutation, so the model never needs to know how a mask was drawn
 evaluation can pass an explicit one.
 """
 
+from collections.abc import Callable
+
 import torch
+
+from harness.core.errors import ConfigError
+from harness.milan.switches import Masking
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -41,6 +46,35 @@ def semantic_ids_shuffle(importance: torch.Tensor,
     # multinomial needs non-negative finite float weights; the teacher may run in bf16.
     weights = importance.float().clamp_min(0)
     return torch.multinomial(weights, importance.shape[1], replacement=False, generator=generator)
+
+
+# Each sampler draws from its own stream of a micro-batch's generator (mask_generator's ``stream``).
+_STREAM: dict[str, int] = {"random": 0, "semantic": 1}
+
+
+def draw_ids_shuffle(masking: Masking, *, batch_size: int, num_patches: int, device: torch.device,
+                     importance: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The one dispatch from a mask sampling's name to its sampler: ``random`` draws uniform
+    permutations, ``semantic`` weighs them by the teacher's ``importance`` [N, L]. -> [N, L] int64."""
+    samplers: dict[str, Callable[[], torch.Tensor]] = {
+        "random": lambda: random_ids_shuffle(batch_size, num_patches, device, generator),
+        "semantic": lambda: semantic_ids_shuffle(_needs_importance(importance), generator),
+    }
+    if masking not in samplers:
+        raise ConfigError(f"unknown mask sampling {masking!r}: choose {' or '.join(samplers)}")
+    return samplers[masking]()
+
+
+def stream_of(masking: Masking) -> int:
+    """The generator stream a sampler draws from, so that two samplers never share random numbers."""
+    return _STREAM[masking]
+
+
+def _needs_importance(importance: torch.Tensor | None) -> torch.Tensor:
+    if importance is None:
+        raise ValueError("semantic masks are drawn from the teacher's attention: pass its importance")
+    return importance
 
 
 def split_ids(ids_shuffle: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ width, C decoder width, P prediction width (p*p*3 for pixels, the teacher width 
 """
 
 from functools import partial
-from typing import Literal
 
 import torch
 from open_clip.pos_embed import get_2d_sincos_pos_embed
@@ -20,9 +19,9 @@ from torch import nn
 from harness.core.errors import ConfigError
 from harness.milan.masking import binary_mask, split_ids
 from harness.milan.presets import PRESETS
+from harness.milan.switches import DecoderKind
 from harness.milan.prompting import PromptingBlock
 
-DecoderKind = Literal["standard", "prompting"]
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 

@@ -1,28 +1,28 @@
 """One MILAN pretraining objective: teacher -> mask -> student -> loss.
 
-The three ablation axes meet here and nowhere else:
+The three ablation axes (:mod:`harness.milan.switches`) meet here:
 - target ``pixel`` | ``clip``: what the decoder predicts and which loss applies;
 - decoder ``standard`` | ``prompting``: chosen when the student is built;
-- masking ``random`` | ``semantic``: how ``ids_shuffle`` is drawn when none is given.
+- masking ``random`` | ``semantic``: how ``ids_shuffle`` is drawn when none is given, by the one
+  dispatch :func:`harness.milan.masking.draw_ids_shuffle` (a group job draws its students' masks
+  through it too, once per sampling).
 The teacher is built whenever a cell needs it: for CLIP targets, for semantic masks, or both
 (with a pixel target it only supplies the attention).
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import nn
 
 from harness.core.errors import ConfigError
 from harness.milan.losses import clip_loss, patchify, pixel_loss
-from harness.milan.masking import random_ids_shuffle, semantic_ids_shuffle
-from harness.milan.model import DecoderKind, MaskedAutoencoderViT, build_student
+from harness.milan.masking import draw_ids_shuffle
+from harness.milan.model import MaskedAutoencoderViT, build_student
 from harness.milan.presets import PRESETS
+from harness.milan.switches import DecoderKind, Masking, Target, needs_teacher
 from harness.milan.teacher import ClipTeacher, TeacherOutput
-
-Target = Literal["pixel", "clip"]
-Masking = Literal["random", "semantic"]
 
 
 @dataclass
@@ -33,20 +33,16 @@ class PretrainOutput:
     ids_shuffle: torch.Tensor  # [N, L], the permutation used
 
 
-def needs_teacher(target: Target, masking: Masking) -> bool:
-    return target == "clip" or masking == "semantic"
-
-
 class MilanPretrainer(nn.Module):
     """Student + optional frozen teacher; ``state_dict()`` of ``student`` is the checkpoint."""
 
     def __init__(self, student: MaskedAutoencoderViT, teacher: ClipTeacher | None, *,
                  target: Target, masking: Masking, norm_pix_loss: bool = True) -> None:
         super().__init__()
-        if target not in ("pixel", "clip"):
-            raise ConfigError(f"unknown target {target!r}: choose pixel or clip")
-        if masking not in ("random", "semantic"):
-            raise ConfigError(f"unknown masking {masking!r}: choose random or semantic")
+        if target not in get_args(Target):
+            raise ConfigError(f"unknown target {target!r}: choose {' or '.join(get_args(Target))}")
+        if masking not in get_args(Masking):
+            raise ConfigError(f"unknown masking {masking!r}: choose {' or '.join(get_args(Masking))}")
         if teacher is None and needs_teacher(target, masking):
             raise ConfigError(f"target={target} with masking={masking} needs a CLIP teacher")
         if teacher is not None and tuple(teacher.grid_size) != tuple(student.grid_size):
@@ -75,11 +71,9 @@ class MilanPretrainer(nn.Module):
         if teacher_out is None and self.teacher is not None:
             teacher_out = self.teacher(imgs)
         if ids_shuffle is None:
-            if self.masking == "semantic":
-                ids_shuffle = semantic_ids_shuffle(teacher_out.importance, generator)
-            else:
-                ids_shuffle = random_ids_shuffle(imgs.shape[0], self.student.num_patches,
-                                                 imgs.device, generator)
+            ids_shuffle = draw_ids_shuffle(self.masking, batch_size=imgs.shape[0], num_patches=self.student.num_patches,
+                                           device=imgs.device, generator=generator,
+                                           importance=teacher_out.importance if teacher_out is not None else None)
         pred, mask = self.student(imgs, ids_shuffle)
         if self.target == "clip":
             loss = clip_loss(pred, teacher_out.targets)

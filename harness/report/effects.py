@@ -56,9 +56,8 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.tools.sm_exceptions import SingularMatrixWarning
 
+from harness.tracking.schema import CELL_ROLE, RANDOM_INIT
 from harness.report.tables import (
-    CELL_ROLE,
-    RANDOM_INIT,
     axis_levels,
     check_metric,
     finished_values,

@@ -45,7 +45,7 @@ def write_grid_report(
     metric: str,
     formats: Iterable[str],
     out: Path | None,
-    log_to_mlflow: bool,
+    log_report: bool,
     runs_dir: Path,
     margin: float | None = None,
     echo: Echo = print,
@@ -56,10 +56,10 @@ def write_grid_report(
     the verdict table, the verdicts in words and one summary line go to ``echo``, notes and
     warnings to ``warn`` (default ``echo``). Bad input raises a one-line UserError."""
     from harness.report.build import build_report
-    from harness.report.ingest import load_runs
+    from harness.report.effects import format_effects_for_terminal
     from harness.report.tables import ReportError
-    from harness.tracking.locate import resolve_store
-    from harness.tracking.store import bounded_http, display_uri
+    from harness.tracking import bounded_http, display_uri, log_artifacts, resolve_store
+    from harness.tracking.read import load_runs
 
     warn = warn or echo
     start = time.perf_counter()
@@ -78,8 +78,6 @@ def write_grid_report(
             result = build_report(runs, curves, out_dir, metric=metric, formats=formats, margin=margin)
         except ReportError as err:
             raise UserError(str(err)) from None
-        from harness.report.effects import format_effects_for_terminal
-
         echo(format_effects_for_terminal(result.effects))
         echo(result.headline.replace("**", ""))
         counts = runs["status"].value_counts()
@@ -88,20 +86,10 @@ def write_grid_report(
              f"{len(result.tables)} tables, {len(result.figures)} figures "
              f"in {time.perf_counter() - start:.1f} s")
         parent = runs.attrs.get("parent_run_id")
-        if log_to_mlflow and parent:
+        if log_report and parent:
             try:
-                _log_report(uri, parent, result.files, out_dir)
+                log_artifacts(uri, parent, result.files, out_dir, prefix="report")
                 echo(f"logged to MLflow run {parent} (artifacts report/)")
             except Exception as err:  # noqa: BLE001 - the report itself is written
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warn(f"warning: could not log the report to MLflow run {parent}: {first[:200]}")
-
-
-def _log_report(uri: str, run_id: str, files: Iterable[Path], out_dir: Path) -> None:
-    """Log the report's files to the run under ``report/``, keeping their layout in ``out_dir``."""
-    from harness.tracking.store import client
-
-    mlflow_client = client(uri)
-    for file in files:
-        folder = Path(file).resolve().relative_to(out_dir.resolve()).parent.as_posix()
-        mlflow_client.log_artifact(run_id, str(file), "report" if folder == "." else f"report/{folder}")

@@ -16,10 +16,9 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from harness.core.errors import UserError
+from harness.tracking.schema import RANDOM_INIT
 
 DONE = "done"
-# The `role` column: a grid cell, or the grid's reference run of the untrained encoder.
-CELL_ROLE, RANDOM_INIT = "cell", "random_init"
 # Cost columns per run, first present wins: GPU-hours where the runs used GPUs, else CPU core-hours.
 DEVICE_HOURS_COLUMNS: tuple[str, ...] = ("gpu_hours", "cpu_core_hours")
 # Order in which statuses are listed in summaries: finished first, then the ones that

@@ -32,17 +32,6 @@ class CellState(str, Enum):
     def terminal(self) -> bool:
         return self in (CellState.DONE, CellState.FAILED)
 
-    @property
-    def mlflow_status(self) -> str:
-        """The MLflow run status that mirrors this state."""
-        return MLFLOW_STATUS[self]
-
-    @classmethod
-    def from_mlflow(cls, status: str) -> CellState:
-        """A state for a run that has no ``status`` tag, from its MLflow run status."""
-        return {"FINISHED": cls.DONE, "FAILED": cls.FAILED, "KILLED": cls.FAILED,
-                "SCHEDULED": cls.PENDING}.get(status, cls.RUNNING)
-
     @classmethod
     def parse(cls, text: str | None, default: CellState | None = None) -> CellState | None:
         """The state named ``text``, or ``default`` for anything else (a missing or foreign value)."""
@@ -50,14 +39,3 @@ class CellState(str, Enum):
 
 
 ACTIVE = frozenset({CellState.PENDING, CellState.RUNNING, CellState.REQUEUED, CellState.PREEMPTED})
-
-# An MLflow run is created RUNNING; a pending cell's run stays so (its ``status`` tag says pending).
-MLFLOW_STATUS: dict[CellState, str] = {
-    CellState.MISSING: "RUNNING",
-    CellState.PENDING: "RUNNING",
-    CellState.RUNNING: "RUNNING",
-    CellState.REQUEUED: "RUNNING",
-    CellState.PREEMPTED: "RUNNING",
-    CellState.DONE: "FINISHED",
-    CellState.FAILED: "FAILED",
-}

@@ -9,7 +9,8 @@ from harness.config import RunConfig
 from harness.core.errors import ConfigError
 from harness.data.datasets import check_image_folder
 from harness.evaluate.protocols import PROTOCOLS
-from harness.milan import build_student, needs_teacher
+from harness.milan.model import build_student
+from harness.milan.switches import needs_teacher
 from harness.milan.presets import PRESETS
 from harness.milan.teacher import check_teacher_weights, resolve_model_name
 

@@ -5,13 +5,32 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from harness.run.cell_state import CellState
 from harness.tracking import schema as S
 from harness.tracking.store import client, is_http
+
+
+# An MLflow run is created RUNNING; a pending cell's run stays so (its ``status`` tag says pending).
+RUN_STATUS: dict[CellState, str] = {
+    CellState.MISSING: "RUNNING",
+    CellState.PENDING: "RUNNING",
+    CellState.RUNNING: "RUNNING",
+    CellState.REQUEUED: "RUNNING",
+    CellState.PREEMPTED: "RUNNING",
+    CellState.DONE: "FINISHED",
+    CellState.FAILED: "FAILED",
+}
+
+
+def state_of_run_status(status: str) -> CellState:
+    """A state for a run that has no ``status`` tag, from its MLflow run status."""
+    return {"FINISHED": CellState.DONE, "FAILED": CellState.FAILED, "KILLED": CellState.FAILED,
+            "SCHEDULED": CellState.PENDING}.get(status, CellState.RUNNING)
 
 
 def _tags(tags: Mapping[str, Any]) -> dict[str, str]:
@@ -48,6 +67,20 @@ def create_cell_runs(uri: str, experiment_id: str, *, parent_run_id: str,
         return list(pool.map(one, cells))
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def per_run(uri: str, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``fn`` over ``items``, each a call or two to the store about one run: concurrent over HTTP,
+    where each call mostly waits on the server; one after another on SQLite, which takes one writer
+    at a time."""
+    if not is_http(uri) or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(fn, items))
+
+
 def set_run_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -62,12 +95,20 @@ def set_state(uri: str, run_id: str, state: CellState, reason: str | None = None
     state = CellState(state)
     set_run_tags(uri, run_id, {**(tags or {}), S.STATUS: state, S.FAILURE_REASON: S.one_line(reason)})
     if state.terminal:
-        client(uri).set_terminated(run_id, state.mlflow_status)
+        client(uri).set_terminated(run_id, RUN_STATUS[state])
     else:
-        client(uri).update_run(run_id, status=state.mlflow_status)
+        client(uri).update_run(run_id, status=RUN_STATUS[state])
 
 
 def run_state(uri: str, run_id: str) -> CellState:
     """The state a run's tags say (its MLflow status when it has no ``status`` tag)."""
     run = client(uri).get_run(run_id)
-    return CellState.parse(run.data.tags.get(S.STATUS)) or CellState.from_mlflow(run.info.status)
+    return CellState.parse(run.data.tags.get(S.STATUS)) or state_of_run_status(run.info.status)
+
+
+def log_artifacts(uri: str, run_id: str, files: Iterable[Path], root: Path, prefix: str) -> None:
+    """Log ``files`` to the run under ``prefix/``, keeping their layout below ``root``."""
+    mlflow_client = client(uri)
+    for file in files:
+        folder = Path(file).resolve().relative_to(root.resolve()).parent.as_posix()
+        mlflow_client.log_artifact(run_id, str(file), prefix if folder == "." else f"{prefix}/{folder}")

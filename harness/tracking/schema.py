@@ -54,8 +54,10 @@ CHECKPOINT = "checkpoint"
 SLURM_JOB_ID, SLURM_RESTART_COUNT = "slurm.job_id", "slurm.restart_count"
 GROUP_SIZE = "group_size"  # the cells its latest job trained together (harness.config.student_side), this one included
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
-UI_VIEW = "grid-cells"  # the saved runs-table view of an experiment's cells (store.prepare_store)
 LOSS_KEY, LR_KEY = "train/loss", "train/lr"
+# The runs frame's ``role`` column (harness.tracking.read): a grid cell, or the grid's reference run of the
+# untrained encoder (a 0-epoch cell).
+CELL_ROLE, RANDOM_INIT = "cell", "random_init"
 
 # Report metric column -> MLflow metric keys, first present wins: each protocol's headline metric and the
 # run's own (harness.run.results); the pretraining loop also logs throughput and memory as train/<key>, which a
@@ -122,6 +124,18 @@ def cell_tags(cfg: Any, *, grid: str, cell: str, axis_values: Mapping[str, Any],
     if run_dir is not None:
         tags[RUN_DIR] = os.fspath(run_dir)
     return {k: tag_text(v) for k, v in tags.items()}
+
+
+def experiment_description(grid: str, description: str = "") -> str:
+    """The grid experiment's description in the MLflow UI (its documented ``mlflow.note.content``
+    tag): what the runs are and how to see the cells side by side, which no documented setting
+    arranges for the user."""
+    what = f"{description.strip()}\n\n" if description.strip() else ""
+    return (f"{what}milan-bench grid `{grid}`. Each `bench.py ablate` is a parent run ({ROLE}={ROLE_PARENT}); its "
+            f"child runs are the grid's cells, one per cell and seed ({ROLE}={ROLE_CELL}), named by their axis "
+            f"values. To compare the cells: in the runs table, search `tags.{ROLE} = '{ROLE_CELL}'`, and add the "
+            f"columns of the metrics (linear_top1, knn_top1, ...) and the tags `{STATUS}` and `{SLURM_JOB_ID}`. "
+            "`bench.py report` writes the comparison tables, the verdicts and the plots.")
 
 
 def git_commit_of() -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import threading
@@ -21,41 +20,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict
-
-from harness.tracking.schema import GROUP_SIZE, SLURM_JOB_ID, UI_VIEW, TrackingError
+from harness.tracking.schema import TrackingError
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlflow-artifacts"
-
-
-class Store(BaseModel):
-    """Where a grid's runs live: the ``backend`` store (``sqlite:///...``, a database URI or a server URL
-    the user gave) and, when ``ablate`` serves it to Slurm jobs, the folder where its server records its
-    address (a restarted server on any port is found again through it)."""
-
-    model_config = ConfigDict(frozen=True)
-    backend: str
-    server_dir: str | None = None
-
-    def server_url(self) -> str | None:
-        """The address of the server recorded for this store (it may be down)."""
-        from harness.tracking.server import read_state
-
-        info = read_state(self.server_dir) if self.server_dir else None
-        return info.url if info is not None and info.store_uri == self.backend else None
-
-    def writer_uri(self) -> str | None:
-        """What a job logs to: the server when the store is served (None: no server recorded yet), else
-        the store itself."""
-        return self.server_url() if self.server_dir else self.backend
-
-    def reader_uri(self) -> str:
-        """What a reader uses: the server when it answers, else the store itself."""
-        from harness.tracking.server import server_answers
-
-        url = self.server_url()
-        return url if url and server_answers(url) else self.backend
+SERVER_DIR = ".mlflow-server"  # under a runs folder: the Slurm grids' MLflow server records itself here
 
 
 def default_tracking_uri() -> str:
@@ -184,13 +153,25 @@ def check_store(uri: str, timeout_s: float = 5, *, must_exist: bool = False) -> 
         _check_other(uri, timeout_s)
 
 
+def _http_limits(retries: int, timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP client settings that make it give up after ``retries`` retries and ``timeout_s``
+    per request (its defaults retry for minutes)."""
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def limit_http(retries: int = 1, timeout_s: float = 20) -> None:
+    """For the rest of this process, unless the user set them: MLflow's HTTP client gives up quickly.
+    A job's mirror tries again on its next round, so training never waits on an unreachable server."""
+    for name, value in _http_limits(retries, timeout_s).items():
+        os.environ.setdefault(name, value)
+
+
 @contextlib.contextmanager
 def bounded_http(retries: int = 1, timeout_s: float = 30) -> Iterator[None]:
     """Within the block, MLflow's HTTP client gives up after ``retries`` retries and ``timeout_s`` per
-    request (its default retries for minutes). For commands a person waits on; jobs keep MLflow's
-    patient default so a server restart loses nothing. Only these variables are restored after."""
-    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
-             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    request. For commands a person waits on; only these variables are restored after."""
+    names = _http_limits(retries, timeout_s)
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:
@@ -219,28 +200,20 @@ def init_schema(uri: str) -> None:
     client(uri).search_experiments(max_results=1)
 
 
-def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike | None = None) -> str:
+def prepare_store(uri: str, experiment: str, *, description: str | None = None,
+                  artifact_root: str | os.PathLike | None = None) -> str:
     """Create the store's schema and the experiment once, before any worker starts (idempotent, also
     against a concurrent call; a deleted experiment is restored). Returns the experiment id.
 
     A new experiment in a SQLite store keeps its artifacts in ``<artifact_root or mlflow-artifacts/
     beside the database>/<experiment>``, a plain path valid for local jobs and for a server on that
-    store. Its tags mark it a model-training experiment and save the runs-table view that links open
-    (the cell runs sorted by name, so not folded under their parent, with the headline metrics, the
-    state, the job and how many cells it trained together as columns): what MLflow 3's UI does with
-    them is in tests/test_mlflow_ui.py.
+    store. ``description`` becomes the experiment's description in the UI (MLflow's documented
+    ``mlflow.note.content`` tag).
     """
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-    from harness.grid import HEADLINE_METRICS
-
-    run_name = "attributes.`Run Name`"
-    columns = [*(f"metrics.`{m}`" for m in HEADLINE_METRICS), "tags.`status`", f"tags.`{SLURM_JOB_ID}`",
-               f"tags.`{GROUP_SIZE}`"]
-    view = {"searchFilter": "tags.role = 'cell'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
-            "selectedColumns": columns, "columnOrder": [run_name, *columns], "columnWidths": {run_name: 380}}
-    ui_tags = {"mlflow.experimentKind": "custom_model_development",
-               f"mlflow.sharedViewState.{UI_VIEW}": json.dumps(view)}
+    tags = {MLFLOW_RUN_NOTE: description} if description else {}
     init_schema(uri)
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(experiment)
@@ -249,14 +222,14 @@ def prepare_store(uri: str, experiment: str, *, artifact_root: str | os.PathLike
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
         location = str((root / safe).absolute()) if root is not None and not is_http(uri) else None
         try:
-            return mlflow_client.create_experiment(experiment, artifact_location=location, tags=ui_tags)
+            return mlflow_client.create_experiment(experiment, artifact_location=location, tags=tags)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             found = mlflow_client.get_experiment_by_name(experiment)
     if found.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(found.experiment_id)
-    for key, value in ui_tags.items():
+    for key, value in tags.items():
         if found.tags.get(key) != value:
             mlflow_client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
@@ -277,6 +250,11 @@ def find_experiment(uri: str, name_or_id: str) -> Any:
     names = sorted(e.name for e in mlflow_client.search_experiments(max_results=1000) if e.name != "Default")
     listed = ", ".join(names) if names else "none (run `bench.py ablate` first)"
     raise TrackingError(f"no grid or experiment {name_or_id!r} in {display_uri(uri)}; experiments: {listed}")
+
+
+def experiment_exists(uri: str, name: str) -> bool:
+    """Whether the store holds an experiment called ``name`` (deleted ones included)."""
+    return client(uri).get_experiment_by_name(name) is not None
 
 
 def display_uri(uri: str) -> str:

@@ -33,10 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import RunConfig
 from harness.data.datasets import image_folder, make_loader, pretrain_transform
-from harness.milan import (ClipTeacher, MilanPretrainer, TeacherOutput, build_pretrainer, build_student,
-                           build_teacher, needs_teacher)
+from harness.milan.masking import draw_ids_shuffle, mask_generator, stream_of
+from harness.milan.model import build_student
+from harness.milan.pretrainer import MilanPretrainer, build_pretrainer
+from harness.milan.switches import needs_teacher
+from harness.milan.teacher import ClipTeacher, TeacherOutput, build_teacher
 from harness.milan.weights import encoder_state_dict
-from harness.milan.masking import mask_generator, random_ids_shuffle, semantic_ids_shuffle
 from harness.config.student_side import check_shareable
 from harness.core.tensor_files import save_atomic
 from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, set_rng_state
@@ -345,10 +347,6 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teach
     return s
 
 
-# Offsets that keep the two mask samplers' streams apart.
-_MASK_STREAM = {"random": 0, "semantic": 1}
-
-
 def _masks(active: Sequence[_Student], imgs: torch.Tensor, teacher_out: TeacherOutput | None, seed: int,
            step: int, micro: int, rank: int) -> dict[tuple[str, int], torch.Tensor]:
     """One micro-batch's masks (``ids_shuffle``) per (mask sampling, number of patches) the active
@@ -359,11 +357,10 @@ def _masks(active: Sequence[_Student], imgs: torch.Tensor, teacher_out: TeacherO
         key = (s.cfg.model.masking, s.model.student.num_patches)
         if key in masks:
             continue
-        generator = mask_generator(seed, step, micro, rank, stream=_MASK_STREAM[key[0]], device=imgs.device)
-        if key[0] == "semantic":
-            masks[key] = semantic_ids_shuffle(teacher_out.importance, generator)
-        else:
-            masks[key] = random_ids_shuffle(imgs.shape[0], key[1], imgs.device, generator)
+        generator = mask_generator(seed, step, micro, rank, stream=stream_of(key[0]), device=imgs.device)
+        masks[key] = draw_ids_shuffle(key[0], batch_size=imgs.shape[0], num_patches=key[1], device=imgs.device,
+                                      generator=generator,
+                                      importance=teacher_out.importance if teacher_out is not None else None)
     return masks
 
 

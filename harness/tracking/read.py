@@ -1,4 +1,4 @@
-"""Read a grid's runs from MLflow into the frames :func:`harness.report.build_report` takes.
+"""A grid's runs read from MLflow into the frames the report takes (:func:`harness.report.build_report`).
 
 ``load_runs(uri, grid_or_experiment) -> (runs, curves)``:
 
@@ -10,7 +10,7 @@
   (typed like the grid's values), the report metrics (``linear_top1``, ``knn_top1``,
   ``finetune_top1``, ``final_loss``, ``images_per_s``, ``peak_memory_mb``, ``gpu_hours``,
   ``cpu_core_hours``) plus any other top-level metric (``linear_top5``, ...), and
-  ``mlflow_run_id``, ``run_name``, ``parent_run_id``, ``start_time``, ``end_time``.
+  ``tracking_run_id``, ``run_name``, ``parent_run_id``, ``start_time``, ``end_time``.
   ``runs.attrs`` holds ``axes``, ``axis_baselines`` and ``paper_setting`` from the newest parent
   run's ``grid.axes`` / ``grid.paper_setting`` tags, ``margin``, ``grid_file`` and ``grid_options``
   from its ``grid.margin`` / ``grid_file`` / ``grid.options`` tags (None, None, "" when absent), ``grid``, ``metrics``, ``experiment_id``,
@@ -45,9 +45,9 @@ import numpy as np
 import pandas as pd
 
 from harness.run.cell_state import CellState
-from harness.report.tables import CELL_ROLE, RANDOM_INIT
 from harness.run.folder import METRICS_FILE, read_results, read_status
 from harness.tracking import schema
+from harness.tracking.runs import state_of_run_status
 from harness.tracking.store import check_store, client, find_experiment, is_http
 from harness.train.metrics_log import read_jsonl
 
@@ -232,14 +232,15 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
                     and k not in config and k not in axes and k not in frame)
     results |= {k: metrics[k].astype(float) for k in extras}
     meta_cols = {
-        "mlflow_run_id": info["run_id"],
+        "tracking_run_id": info["run_id"],
         "run_name": info["run_name"],
         "parent_run_id": tag(schema.PARENT_RUN_ID),
         "start_time": pd.to_datetime(info["start_time"], unit="ms", utc=True),
         "end_time": pd.to_datetime(info["end_time"], unit="ms", utc=True),
     }
     epochs = config.get("pretrain.epochs")
-    frame["role"] = np.where(epochs == 0, RANDOM_INIT, CELL_ROLE) if epochs is not None else CELL_ROLE
+    frame["role"] = np.where(epochs == 0, schema.RANDOM_INIT, schema.CELL_ROLE) if epochs is not None \
+        else schema.CELL_ROLE
     config = {k: v for k, v in config.items() if k not in axes and k not in frame}
     runs = pd.concat([frame, pd.DataFrame(axes, index=info.index), pd.DataFrame(results, index=info.index),
                       pd.DataFrame(config, index=info.index), pd.DataFrame(meta_cols, index=info.index)],
@@ -267,11 +268,11 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
     return runs
 
 
-def _status(tagged: pd.Series, mlflow_status: pd.Series) -> pd.Series:
+def _status(tagged: pd.Series, run_status: pd.Series) -> pd.Series:
     """Each run's :class:`CellState` value: its ``status`` tag, else (tag missing, empty or not
     a state) the state its MLflow run status implies. A run whose tag still says pending or
     running but that MLflow ended as failed or killed died without saying so: failed."""
-    implied = mlflow_status.map(lambda s: CellState.from_mlflow(s).value)
+    implied = run_status.map(lambda s: state_of_run_status(s).value)
     status = tagged.where(tagged.isin([state.value for state in CellState]), implied)
     died = status.isin([CellState.PENDING.value, CellState.RUNNING.value]) & implied.eq(CellState.FAILED.value)
     return status.mask(died, CellState.FAILED.value).astype(str)
@@ -391,7 +392,7 @@ def load_curves(uri: str, runs: pd.DataFrame, raw: RawRuns, *, max_points: int |
     logged = raw.metrics[schema.LOSS_KEY].notna() if schema.LOSS_KEY in raw.metrics else pd.Series(dtype=bool)
     by_run: dict[str, Points] = {}
     missing = []
-    for run_id in runs["mlflow_run_id"]:
+    for run_id in runs["tracking_run_id"]:
         points = _points_from_file(run_dirs.get(run_id))
         if points is not None:
             by_run[run_id] = points
@@ -401,7 +402,7 @@ def load_curves(uri: str, runs: pd.DataFrame, raw: RawRuns, *, max_points: int |
         log.debug("%d of %d runs have no readable run folder: loss curves from MLflow", len(missing), len(runs))
         by_run |= _points_from_mlflow(uri, missing)
     rows, steps, losses = [], [], []
-    for position, run_id in enumerate(runs["mlflow_run_id"]):
+    for position, run_id in enumerate(runs["tracking_run_id"]):
         if run_id not in by_run:
             continue
         run_steps, run_losses = by_run[run_id]
