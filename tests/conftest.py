@@ -34,6 +34,12 @@ def require_slurm() -> None:
     pytest.skip(reason)
 
 
+def scontrol_requeue(job_id: str) -> None:
+    """What an operator does to a running job: ``scontrol requeue`` (the job is requeueable: ablate
+    submits with ``--requeue``)."""
+    subprocess.run(["scontrol", "requeue", str(job_id)], check=True, capture_output=True, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """A Slurm cluster that answers (skip, or fail under CI=true, when there is none)."""

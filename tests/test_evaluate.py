@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from harness.evaluate.features import extract_features
 from harness.evaluate.finetune import finetune, finetune_transform
 from harness.evaluate.knn import knn_classify
-from harness.evaluate.linear_probe import linear_probe, linear_probe_on_features
+from harness.evaluate.linear_probe import linear_probe_on_features
 from harness.evaluate.shards import sharded_features
 from harness.milan.weights import build_timm_vit
 
@@ -23,6 +23,13 @@ finetune_module = importlib.import_module("harness.evaluate.finetune")
 linear_probe_module = importlib.import_module("harness.evaluate.linear_probe")
 
 CPU = torch.device("cpu")
+
+
+def linear_probe(encoder: VisionTransformer, train_loader: DataLoader, val_loader: DataLoader,
+                 **settings: object) -> dict[str, float]:
+    """The probe as a run does it: the frozen features of both splits, then the head on them."""
+    return linear_probe_on_features(*extract_features(encoder, train_loader, CPU),
+                                    *extract_features(encoder, val_loader, CPU), **settings)
 
 
 @pytest.fixture(autouse=True)

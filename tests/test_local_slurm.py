@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import scontrol_requeue
+
 from harness.launch import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -111,7 +113,7 @@ def test_requeue_counts_restarts(tmp_path: Path) -> None:
     job_id = sbatch(tmp_path, "--requeue", "--wrap", "sleep 60")
     try:
         wait_for([job_id], lambda s: s[job_id].state == "RUNNING")
-        slurm.requeue(job_id)
+        scontrol_requeue(job_id)
         state = wait_for([job_id], lambda s: s[job_id].restarts == 1)[job_id]
         assert state.state in {"REQUEUED", "PENDING", "COMPLETING", "RUNNING"}, state
     finally:

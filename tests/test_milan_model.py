@@ -13,7 +13,7 @@ from harness.milan.pretrainer import build_pretrainer
 from harness.milan.teacher import build_teacher
 from harness.milan.weights import build_timm_vit
 from harness.milan.weights import load_encoder_into_timm, read_state_dict
-from harness.milan.losses import clip_loss, patchify, pixel_loss, unpatchify
+from harness.milan.losses import clip_loss, patchify, pixel_loss
 from harness.milan.masking import (binary_mask, num_visible, random_ids_shuffle,
                                    semantic_ids_shuffle, split_ids)
 from harness.milan.presets import PRESETS
@@ -148,7 +148,9 @@ def test_patchify_roundtrip_and_order():
     assert patches.shape == (2, 4, 48)
     # first patch, first pixel: channels are innermost (p, q, c order)
     assert patches[0, 0, :3].tolist() == [imgs[0, 0, 0, 0], imgs[0, 1, 0, 0], imgs[0, 2, 0, 0]]
-    assert torch.equal(unpatchify(patches, 4), imgs)
+    grid = imgs.shape[-1] // 4  # MAE's unpatchify: [N, L, p*p*3] -> [N, 3, H, W]
+    restored = torch.einsum("nhwpqc->nchpwq", patches.reshape(len(imgs), grid, grid, 4, 4, 3))
+    assert torch.equal(restored.reshape(imgs.shape), imgs)
 
 
 def test_pixel_loss_averages_over_masked_patches_only():
@@ -372,3 +374,23 @@ def test_adamw_groups_are_the_authors():
     assert all(n.endswith(".bias") or model.student.get_parameter(n).ndim <= 1 for n in decay[0.0])
     assert any(n.endswith("norm.weight") for n in decay[0.0])
     assert not {n for n, p in model.student.named_parameters() if p.requires_grad} - decay[0.0] - decay[cfg.pretrain.weight_decay]
+
+
+def test_lr_schedule_is_the_authors_warmup_and_half_cycle_cosine():
+    """The authors' adjust_learning_rate (MAE util/lr_sched.py) at fractional epochs, against the
+    per-step schedule, over the paper's recipe (400 epochs, 40 of warm-up, lr 1.5e-4 * 4096 / 256)."""
+    import math
+
+    from harness.train.schedule import lr_at, scaled_lr
+
+    def authors(epoch: float, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
+        if epoch < warmup:
+            return lr * epoch / warmup
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+    per_epoch, epochs, warmup = 312, 400, 40
+    base = scaled_lr(1.5e-4, 4096)
+    for min_lr in (0.0, 1e-6):
+        for step in range(0, per_epoch * epochs, 11):
+            ours = lr_at(step, base=base, total_steps=per_epoch * epochs, warmup_steps=warmup * per_epoch, min_lr=min_lr)
+            assert ours == pytest.approx(authors(step / per_epoch, base, min_lr, warmup, epochs), rel=0, abs=1e-15 * base)

@@ -201,6 +201,24 @@ def browser_page():
             browser.close()
 
 
+def click_past_the_tour(page, target, timeout_s: float = 90) -> None:
+    """Click ``target``; the GenAI overview's first-visit tour ("Detect Issues ... Got it") may pop
+    up over the page at any moment of its loading and take every click: dismiss it, as a user does."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            target.click(timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+            tour = page.get_by_role("button", name="Got it")
+            if tour.count():
+                tour.first.click(timeout=5_000)
+
+
 @pytest.mark.browser
 def test_printed_link_leads_to_every_cell_and_its_metric(ui, browser_page):
     """The experiment link `bench.py ui` prints opens the grid's experiment; its "Model training"
@@ -209,10 +227,7 @@ def test_printed_link_leads_to_every_cell_and_its_metric(ui, browser_page):
     page = browser_page
     try:
         page.goto(ui.runs_link, wait_until="domcontentloaded", timeout=60_000)
-        switch = page.get_by_text("Model training", exact=True).first
-        switch.wait_for(state="visible", timeout=90_000)
-        page.keyboard.press("Escape")  # the overview's first-visit tour pops over the page
-        switch.click(timeout=90_000)
+        click_past_the_tour(page, page.get_by_text("Model training", exact=True).first)
         page.get_by_text(f"{len(ui.cells) + 1} matching runs").wait_for(timeout=90_000)
         assert f"/experiments/{ui.experiment_id}" in page.url
         parent = page.locator("[role=row]").filter(has_text=GRID).first

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import micro_config
+from conftest import micro_config, scontrol_requeue
 
 from harness.launch import slurm
 from harness.launch.cell_views import CellView, collect
@@ -230,7 +230,7 @@ def test_requeued_cell_resumes_once_however_often_ablate_runs_meanwhile(workdir:
         return (cell / "checkpoints" / "latest.pt").is_file() and (cell / "metrics.jsonl").is_file() \
             and max(loss_steps(cell), default=0) >= 12
     poll(checkpointed, timeout=240, every=0.5)
-    slurm.requeue(job_id)
+    scontrol_requeue(job_id)
 
     def stopped() -> bool:
         """status.json to say requeued"""
@@ -298,7 +298,7 @@ def test_a_requeued_group_job_resumes_every_student(workdir: Path, demo_assets: 
     assert force.returncode == 2 and f"--force would cancel job {job_id}, which also trains" in force.stderr, \
         force.stdout + force.stderr
     assert "Traceback" not in force.stdout + force.stderr and slurm.job_states([job_id])[job_id].state == "RUNNING"
-    slurm.requeue(job_id)
+    scontrol_requeue(job_id)
 
     def stopped() -> bool:
         """every student's status.json to say requeued"""
@@ -347,7 +347,7 @@ def test_a_cell_requeued_during_its_fine_tune_resumes_from_its_last_epoch(workdi
         status = json.loads((cell / "status.json").read_text()) if (cell / "status.json").is_file() else {}
         return status["step"] if status.get("stage") == "finetune" and (status.get("step") or 0) >= 2 else None
     at = poll(fine_tuning, timeout=300, every=0.2)
-    slurm.requeue(job_id)
+    scontrol_requeue(job_id)
 
     def ended() -> CellView | None:
         """the cell to end"""

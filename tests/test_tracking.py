@@ -13,7 +13,7 @@ import pytest
 
 from harness.run.cell_state import CellState
 from harness.config import RunConfig
-from harness.run.folder import FolderBusy, StopWatch, hold, stopped_by_scheduler, write_status
+from harness.run.folder import FolderBusy, SchedulerStopWatch, hold, stopped_by_scheduler, write_status
 from harness.tracking.runs import create_cell_runs, run_state, set_state, start_parent_run
 from harness.tracking.schema import TrackingError, cell_tags, decode_param, encode_param
 from harness.tracking.server import ensure_server, free_port, group_alive, read_state, stop_server
@@ -164,7 +164,7 @@ def test_a_duplicate_job_finds_the_folder_held_and_touches_nothing(tmp_path):
 
 def test_sigterm_and_a_terminated_worker_are_scheduler_stops():
     seen = []
-    with StopWatch(on_stop=seen.append) as watch:
+    with SchedulerStopWatch(on_stop=seen.append) as watch:
         assert stopped_by_scheduler(RuntimeError("boom"), watch) is None
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)

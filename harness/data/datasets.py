@@ -23,8 +23,6 @@ from harness.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _LAYOUT_HINT = "point data.root at an ImageFolder tree with train/ and val/ (make one with `bench.py data demo DIR`)"
 

@@ -7,57 +7,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from timm.utils import AverageMeter, accuracy
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from harness.evaluate.features import extract_features
 from harness.core.tensor_files import load_tensors, save_atomic
-
-
-def linear_probe(
-    encoder: VisionTransformer,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    *,
-    num_classes: int,
-    epochs: int,
-    batch_size: int,
-    base_lr: float,
-    warmup_epochs: float,
-    weight_decay: float = 0.0,
-    optimizer: Literal["lars", "sgd"] = "lars",
-    device: torch.device,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Train a linear classifier on the frozen encoder's cls token and report validation accuracy.
-
-    Recipe (MAE, used by MILAN): head = BatchNorm1d(affine=False, eps=1e-6) + Linear (weight
-    trunc_normal std 0.01, bias 0); lr = base_lr * batch_size / 256 with a per-iteration linear
-    warm-up and half-cycle cosine to 0; LARS with momentum 0.9 (SGD with momentum 0.9 as an option).
-
-    The encoder runs once over each loader (which should use deterministic eval transforms) and
-    the head trains on those features, `batch_size` at a time: see :func:`linear_probe_on_features`.
-    The encoder is moved to `device` and never updated; its train/eval mode is restored. `seed`
-    fixes the head's initialisation and the order of the feature batches.
-    Returns "linear_top1", "linear_top5" (at least 5 classes), percentages, and
-    "linear_train_seconds": wall time of fitting the head, including the train-feature pass.
-    """
-    start = time.perf_counter()
-    features, labels = extract_features(encoder, train_loader, device)
-    extract_seconds = time.perf_counter() - start
-    metrics = linear_probe_on_features(
-        features, labels, *extract_features(encoder, val_loader, device),
-        num_classes=num_classes, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
-        warmup_epochs=warmup_epochs, weight_decay=weight_decay, optimizer=optimizer,
-        device=device, seed=seed,
-    )
-    metrics["linear_train_seconds"] += extract_seconds
-    return metrics
 
 
 def linear_probe_on_features(
@@ -77,10 +33,14 @@ def linear_probe_on_features(
     seed: int = 0,
     checkpoint: Path | None = None,
 ) -> dict[str, float]:
-    """The cached-feature probe on features already extracted (e.g. shared with k-NN).
+    """Train a linear classifier on frozen cls-token features and report validation accuracy.
 
-    Same recipe and return value as :func:`linear_probe`; "linear_train_seconds" covers fitting
-    the head only. In a torch.distributed job every rank calls it with all the features: each
+    Recipe (MAE, used by MILAN): head = BatchNorm1d(affine=False, eps=1e-6) + Linear (weight
+    trunc_normal std 0.01, bias 0); lr = base_lr * batch_size / 256 with a per-iteration linear
+    warm-up and half-cycle cosine to 0; LARS with momentum 0.9 (SGD with momentum 0.9 as an option).
+    The head trains on the features (extracted once, e.g. shared with k-NN), `batch_size` at a time;
+    `seed` fixes its initialisation and the order of the feature batches. Returns "linear_top1",
+    "linear_top5" (at least 5 classes), percentages, and "linear_train_seconds" (fitting the head). In a torch.distributed job every rank calls it with all the features: each
     epoch's shuffle is the same on every rank, each rank takes its share of every batch of
     `batch_size` and the head trains with DDP (its BatchNorm normalises per rank, as in MAE's
     probe); rank 0 evaluates, the other ranks return {}. With `checkpoint`, rank 0 saves the head,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.grid import Cell, Grid
+from harness.grid import Grid
 from harness.launch import follow, plan, register, submit
 from harness.launch.cell_views import CellView
 from harness.launch.records import GridRecord, grid_dir, grid_lock
@@ -54,7 +54,6 @@ class AblateRequest:
 class AblateOutcome:
     grid: Grid
     executor: str
-    submitted: list[Cell] = field(default_factory=list)
     views: list[CellView] = field(default_factory=list)  # final states when waited for
     record: GridRecord | None = None  # what this invocation recorded (its store and experiment)
 
@@ -88,7 +87,7 @@ def ablate(req: AblateRequest, echo: Echo = print) -> AblateOutcome:
         submitter = submit.Submitter(planned, registration, echo)
         if planned.todo and executor == "slurm":
             submitter.slurm()
-    outcome.submitted, outcome.record = planned.cells, registration.record
+    outcome.record = registration.record
     if not wait:
         follow.how_to_follow(grid, gdir, req.runs_dir, AblateRequest.runs_dir, echo)
         echo(f"ablate took {_elapsed(start, planned.setup_seconds)}")

@@ -31,7 +31,7 @@ import submitit
 from harness.config import RunConfig, parse_config
 from harness.launch.records import close_parent_if_settled
 from harness.run.cell_state import CellState
-from harness.run.folder import (METRICS_FILE, StopWatch, hold, job_id_here, read_status, stopped_by_scheduler,
+from harness.run.folder import (METRICS_FILE, SchedulerStopWatch, hold, job_id_here, read_status, stopped_by_scheduler,
                                 write_status)
 from harness.tracking import Mirror, Store, limit_http
 from harness.train.metrics_log import JsonlLogger
@@ -83,7 +83,7 @@ class GroupJob(submitit.helpers.Checkpointable):
             self._mark_unfinished(CellState.REQUEUED, f"stopped by the scheduler ({signal_name})")
 
         try:
-            with StopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dirs, main):
+            with SchedulerStopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dirs, main):
                 try:
                     results = run_group(cfgs, run_dirs, [JsonlLogger(d / METRICS_FILE) for d in run_dirs],
                                         job_fields=job)

@@ -226,11 +226,6 @@ def job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     return result
 
 
-def requeue(job_id: str) -> None:
-    """``scontrol requeue`` (the job must be requeueable: ``--requeue`` or ``JobRequeue=1``)."""
-    _run(["scontrol", "requeue", str(job_id)])
-
-
 def cancel(job_ids: Iterable[str]) -> None:
     if ids := [str(j) for j in job_ids]:
         _run(["scancel", *ids])

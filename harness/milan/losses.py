@@ -17,15 +17,6 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(n, gh * gw, patch_size * patch_size * c)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """[N, L, p*p*C] -> [N, C, H, W], the inverse of :func:`patchify` for a square grid."""
-    n, num_patches, _ = patches.shape
-    grid = int(num_patches**0.5)
-    x = patches.reshape(n, grid, grid, patch_size, patch_size, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, channels, grid * patch_size, grid * patch_size)
-
-
 def pixel_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                norm_pix_loss: bool) -> torch.Tensor:
     """Per-patch MSE averaged over MASKED patches only.

@@ -1,9 +1,9 @@
 """The frozen CLIP teacher: per-token targets and cls-to-patch attention from open_clip.
 
 open_clip's ViT returns tokens after ``ln_post`` but not projected, and never returns attention
-weights, so the teacher runs the tower itself: embeddings and all but the last block as
-open_clip does, then the last block's cls-query attention computed by hand (one query row,
-cheap), then the block itself on its fast path, ``ln_post`` and ``proj`` on every token.
+weights, so the teacher takes the last block's input from open_clip's public
+``forward_intermediates``, computes that block's cls-query attention by hand (one query row, cheap),
+then runs the block itself on its fast path, ``ln_post`` and ``proj`` on every token.
 """
 
 import json
@@ -43,6 +43,8 @@ class ClipTeacher(nn.Module):
         if not isinstance(last, ResidualAttentionBlock) or not isinstance(last.attn, nn.MultiheadAttention):
             raise ConfigError("the teacher's blocks are not standard open_clip attention blocks: "
                               "choose a plain ViT CLIP model")
+        if len(visual.transformer.resblocks) < 2:
+            raise ConfigError("the teacher's image tower has one block: its attention and targets need two or more")
         if visual.attn_pool is not None:
             raise ConfigError("teachers with attentional pooling (CoCa-style) have no per-token "
                               "targets: choose a plain ViT CLIP model")
@@ -75,10 +77,11 @@ class ClipTeacher(nn.Module):
         if self.renormalize:
             imgs = imgs * self.input_scale + self.input_shift
         v = self.visual
-        x = v._embeds(imgs)  # conv1, cls, positions, ln_pre: [N, L+1, W]
-        *blocks, last = v.transformer.resblocks
-        for blk in blocks:
-            x = blk(x)
+        last = v.transformer.resblocks[-1]
+        # the input of the last block, through open_clip's public intermediates: [N, L+1, W]
+        inputs = v.forward_intermediates(imgs, indices=[len(v.transformer.resblocks) - 2], stop_early=True,
+                                         intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+        x = torch.cat([inputs["image_intermediates_prefix"][0], inputs["image_intermediates"][0]], dim=1)
         importance = cls_attention(last, x)[:, 1:]  # drop the cls column: [N, L]
         x = last(x)
         targets = v.ln_post(x) @ v.proj  # [N, L+1, D]

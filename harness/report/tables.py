@@ -127,11 +127,6 @@ def ordered_cells(runs: pd.DataFrame) -> pd.DataFrame:
     return cells.assign(is_baseline=is_baseline).reset_index(drop=True)
 
 
-def cell_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs of grid cells, without the random-init reference."""
-    return runs[runs["role"].ne(RANDOM_INIT)] if "role" in runs else runs
-
-
 def device_hours(runs: pd.DataFrame) -> pd.Series | None:
     """Per run, what it cost in the unit the grid ran on (the series' name: ``gpu_hours`` when any
     run used GPUs, else ``cpu_core_hours``); None when no run reports a cost."""

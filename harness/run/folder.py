@@ -15,7 +15,7 @@ finds the lock taken and exits at once without writing anything (:class:`FolderB
 
 A run stopped by the scheduler (``scontrol requeue`` and preemption send SIGTERM to every process
 of the job, DataLoader workers included; submitit turns the time limit's USR2 into a requeue) is
-``requeued``, never ``failed``: :class:`StopWatch` remembers the signal, and
+``requeued``, never ``failed``: :class:`SchedulerStopWatch` remembers the signal, and
 :func:`stopped_by_scheduler` also recognises the error a worker killed by that signal raises in
 the main process before the signal reaches it.
 """
@@ -106,7 +106,7 @@ def hold(run_dir: Path, rank: int = 0) -> Iterator[None]:
         lock.release()
 
 
-class StopWatch:
+class SchedulerStopWatch:
     """Remembers whether the scheduler asked this process to stop (SIGTERM), while installed, and
     calls ``on_stop(signal name)`` the first time (to record it before the SIGKILL that may follow).
 
@@ -118,7 +118,7 @@ class StopWatch:
         self.on_stop = on_stop
         self._previous: Any = None
 
-    def __enter__(self) -> StopWatch:
+    def __enter__(self) -> SchedulerStopWatch:
         with contextlib.suppress(ValueError):  # not the main thread: nothing to watch
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -142,7 +142,7 @@ class StopWatch:
 _WORKER_TERMINATED = "is killed by signal: Terminated"
 
 
-def stopped_by_scheduler(err: BaseException, watch: StopWatch | None) -> str | None:
+def stopped_by_scheduler(err: BaseException, watch: SchedulerStopWatch | None) -> str | None:
     """Why the run stopped, when it was the scheduler and not the run's own failure; else None."""
     if watch is not None and watch.signal:
         return (f"stopped by the scheduler ({watch.signal}: requeue, preemption or cancellation); "

@@ -127,7 +127,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class _Stopwatch:
+class SectionTimer:
     """Seconds spent in timed sections, read after a device sync: CUDA events on GPUs (no sync of
     their own), the wall clock on CPUs."""
 
@@ -174,7 +174,7 @@ class _Student:
     start_step: int
     clock: dict[str, float]
     logged_through: float
-    watch: _Stopwatch
+    watch: SectionTimer
     train_model: torch.nn.Module | None = None
     window: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)  # (step, lr, loss on device)
     failed: str | None = None
@@ -242,8 +242,8 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
                                rank=env.rank, world_size=env.world_size)
     loader = make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=rt.num_workers,
                          drop_last=True, seed=shared.seed, sampler=sampler)
-    progress = _Progress(total_steps, start_step, enabled=env.is_main)
-    teacher_watch = _Stopwatch(device)
+    progress = ProgressBar(total_steps, start_step, enabled=env.is_main)
+    teacher_watch = SectionTimer(device)
     batches = None
     window_start, first_window = time.perf_counter(), True
     window_loaded = window_teacher = 0  # images loaded / through the teacher in this window, all ranks
@@ -327,7 +327,7 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teach
                  # steps already in the log (a kill after the last checkpoint) are recomputed, not
                  # re-logged; only rank 0 logs
                  logged_through=(logger.last_step("train/loss") or -1) if env.is_main else math.inf,
-                 watch=_Stopwatch(device))
+                 watch=SectionTimer(device))
     try:
         state = load_latest(s.ckpt_path.parent)
     except CorruptCheckpoint as err:
@@ -429,7 +429,7 @@ def apportion(active: Sequence[_Student], wall: float, teacher_seconds: float, l
             s.clock["timed_seconds"] += seconds
 
 
-class _Progress:
+class ProgressBar:
     """A tqdm bar in a terminal; otherwise a plain line at most every 30 s (Slurm log files)."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
