@@ -154,42 +154,61 @@ def test_evaluate_runs_every_protocol_on_a_checkpoint_in_the_authors_layout(demo
         assert metric in out
 
 
-def test_sigkill_partway_then_resume_has_no_gap_and_matches_an_uninterrupted_run(demo_assets, tmp_path):
-    """Kill `bench.py run` with SIGKILL mid-pretraining, run it again, compare with a clean run."""
-    data, teacher = demo_assets
-    config = micro_config(data, teacher, pretrain={"epochs": 3}, eval={"protocols": []})
-    path = write_config(tmp_path / "cell.yaml", config)
-    killed = tmp_path / "killed"
-    proc = bench("run", str(path), "--out", str(killed))
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, delay_s: float) -> int:
+    """SIGKILL ``proc`` ``delay_s`` after its checkpoint reaches ``step`` (a few steps later: a step
+    that is not a checkpoint step); the step it will resume from."""
+    ckpt = run_dir / "checkpoints" / "latest.pt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        ckpt = killed / "checkpoints" / "latest.pt"
-        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= 8:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= step:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
+    time.sleep(delay_s)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)["step"]
-    total = 3 * (300 // 32)
-    assert 8 <= before < total
+    return torch.load(ckpt, weights_only=True)["step"]
 
+
+def train_log(run_dir: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["train/loss"], r["train/lr"]) for r in read_jsonl(run_dir / "metrics.jsonl")
+            if "train/loss" in r]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_at_any_step_then_resume_computes_what_an_uninterrupted_run_computes(demo_assets, tmp_path, workers):
+    """`bench.py run` killed with SIGKILL twice, mid-epoch and between checkpoints, then run again:
+    the same weights, losses, log and evaluation as an uninterrupted run, to the last bit, whether
+    the images are augmented in the main process or in DataLoader workers."""
+    data, teacher = demo_assets
+    config = micro_config(data, teacher, pretrain={"epochs": 3}, eval={"protocols": ["knn"]},
+                          runtime={"num_workers": workers, "log_every": 2, "checkpoint_every": 5})
+    path = write_config(tmp_path / "cell.yaml", config)
+    total = 3 * (300 // 32)  # 9 steps an epoch
+    killed = tmp_path / "killed"
+    stops = []
+    for step, delay_s in ((5, 0.3), (15, 0.5)):
+        stops.append(kill_after_checkpoint(bench("run", str(path), "--out", str(killed)), killed, step, delay_s))
+    assert 5 <= stops[0] < stops[1] < total, stops
     resumed = bench("run", str(path), "--out", str(killed))
-    _, err = resumed.communicate(timeout=300)
+    out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert f"resuming killed from step {before} of {total}" in err
-    assert logged_steps(killed) == list(range(1, total + 1))  # no gap, no repeat
+    assert f"resuming killed from step {stops[1]} of {total}" in err
     status = json.loads((killed / "status.json").read_text())
-    assert status["state"] == "done" and status["attempts"] == 2
+    assert status["state"] == "done" and status["attempts"] == 3
 
-    # model, optimiser, schedule, data order and RNG were all restored: same weights as a clean run
     clean = run(load_config(path), tmp_path / "clean")
     assert clean.state == "done"
+    assert logged_steps(killed) == list(range(1, total + 1))  # each step once
+    assert train_log(killed) == train_log(tmp_path / "clean")  # with the values of the attempt that counts
     final_killed = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)
     final_clean = torch.load(tmp_path / "clean" / "checkpoints" / "latest.pt", weights_only=True)
     assert final_killed["step"] == final_clean["step"] == total
     for key, value in final_clean["model"].items():
         torch.testing.assert_close(final_killed["model"][key], value, rtol=0, atol=0, msg=key)
+    results = json.loads((killed / "results.json").read_text())["metrics"]
+    for metric in ("final_loss", "knn_top1"):
+        assert results[metric] == clean.metrics[metric], metric
 
 
 def test_non_finite_loss_fails_with_a_reason(demo_assets, tmp_path):

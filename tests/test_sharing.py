@@ -201,6 +201,41 @@ def test_a_group_resumes_each_student_from_its_own_step(demo_assets, tmp_path) -
     assert logged == list(range(1, 73))  # no gap, no repeat across the two jobs
 
 
+def test_a_group_killed_at_any_step_resumes_to_what_each_student_computes_alone(demo_assets, tmp_path) -> None:
+    """A group job of three students (both targets, both samplers), its images augmented in two
+    DataLoader workers, SIGKILLed twice between checkpoints and run again: every student's weights,
+    losses (each step once) and evaluation equal those of the student run alone, uninterrupted."""
+    data, teacher = demo_assets
+    cfgs = configs(data, teacher, [STUDENTS[0], STUDENTS[1], STUDENTS[2]], pretrain={"epochs": 3},
+                   eval={"protocols": ["knn"]}, runtime={"num_workers": 2, "log_every": 2, "checkpoint_every": 5})
+    dirs = [tmp_path / f"s{i}" for i in range(len(cfgs))]
+    script = ("import json, sys; from harness.config import parse_config; from harness.run.runner import run_group; "
+              "run_group([parse_config(c) for c in json.loads(sys.argv[1])], sys.argv[2:])")
+    args = [json.dumps([c.to_dict() for c in cfgs]), *map(str, dirs)]
+    ckpt = dirs[0] / "checkpoints" / "latest.pt"
+    for step, delay_s in ((5, 0.4), (15, 0.6)):
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= step:
+                break
+            time.sleep(0.05)
+        time.sleep(delay_s)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [r.state for r in run_group(cfgs, dirs)] == ["done"] * 3
+    total = 3 * (300 // 32)
+    for cfg, run_dir in zip(cfgs, dirs):
+        alone = run(cfg, tmp_path / f"{run_dir.name}-alone")
+        assert_same_weights(run_dir, tmp_path / f"{run_dir.name}-alone")
+        logged = [(r["step"], r["train/loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+        assert [step for step, _ in logged] == list(range(1, total + 1))
+        assert [loss for _, loss in logged] == losses(tmp_path / f"{run_dir.name}-alone")
+        results = json.loads((run_dir / "results.json").read_text())["metrics"]
+        assert (results["final_loss"], results["knn_top1"]) == (alone.metrics["final_loss"], alone.metrics["knn_top1"])
+
+
 def test_a_cell_finished_after_its_group_pretrained_keeps_the_groups_bookkeeping(demo_assets, tmp_path) -> None:
     """Requeued between two cells' evaluations, the job still records its group's size; a cell whose
     pretraining was shared says its cost is a share, also when a later job evaluates it alone."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import micro_config, scontrol_requeue
 
@@ -324,6 +325,27 @@ def test_a_requeued_group_job_resumes_every_student(workdir: Path, demo_assets: 
         assert resumed and int(resumed.group(1)) >= 10, f"{cell.name} did not resume from its checkpoint"
         run_id = json.loads((cell / "launch.json").read_text())["tracking_run_id"]
         assert mlflow_loss_steps(uri, run_id) == list(range(1, total + 1))
+    # and each student computed, to the last bit, what it computes alone and uninterrupted
+    from harness.config import load_config
+    from harness.run.runner import run
+    from harness.train.metrics_log import read_jsonl
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job ran (cpus_per_task 1): a reduction's result depends on the threads
+    try:
+        alone_runs = [run(load_config(cell / "config.yaml"), workdir / f"{cell.name}-alone") for cell in cells]
+    finally:
+        torch.set_num_threads(threads)
+    for cell, alone in zip(cells, alone_runs):
+        assert alone.state == "done"
+        requeued, clean = (torch.load(d / "checkpoints" / "latest.pt", weights_only=True)["model"]
+                           for d in (cell, workdir / f"{cell.name}-alone"))
+        for key, value in clean.items():
+            torch.testing.assert_close(requeued[key], value, rtol=0, atol=0, msg=f"{cell.name}: {key}")
+        assert [(r["step"], r["train/loss"]) for r in read_jsonl(cell / "metrics.jsonl") if "train/loss" in r] == \
+            [(r["step"], r["train/loss"]) for r in read_jsonl(workdir / f"{cell.name}-alone" / "metrics.jsonl")
+             if "train/loss" in r]
+        assert json.loads((cell / "results.json").read_text())["metrics"]["knn_top1"] == alone.metrics["knn_top1"]
 
 
 def test_a_cell_requeued_during_its_fine_tune_resumes_from_its_last_epoch(workdir: Path,

@@ -106,7 +106,7 @@ def finetune(
     With `checkpoint`, rank 0 saves the model and optimizer there after every epoch, and a call that
     finds the file continues after its last epoch (a requeued job), with the same result as an
     uninterrupted call; at the end the file also holds the metrics, which a later call returns. `on_epoch(epoch,
-    mean loss)` on rank 0 after each epoch (1-based).
+    mean loss)` on rank 0 after each epoch (1-based) is saved, and for the last saved one again on resuming.
 
     `train_dataset` yields augmented (image, label) pairs, e.g. with `finetune_transform`. The
     caller's encoder is not modified. Returns "finetune_top1", "finetune_top5" (at least 5 classes),
@@ -150,6 +150,8 @@ def finetune(
         optimizer.load_state_dict(state["optimizer"])
         first_epoch, train_seconds = state["epoch"], state["train_seconds"]
         log.info("fine-tuning resumes after epoch %d of %d (%s)", first_epoch, epochs, checkpoint)
+        if rank == 0 and "epoch_loss" in state:  # again, in case the kill came between its save and its report
+            on_epoch(first_epoch, state["epoch_loss"])
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     model.train()
@@ -179,11 +181,11 @@ def finetune(
             torch.cuda.synchronize(device)
         train_seconds += time.perf_counter() - start
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "train_seconds": train_seconds}
+                 "train_seconds": train_seconds, "epoch_loss": sum(losses) / len(losses)}
         if rank == 0:
             if checkpoint is not None:
                 save_atomic(state, checkpoint)
-            on_epoch(epoch + 1, sum(losses) / len(losses))
+            on_epoch(epoch + 1, state["epoch_loss"])
     # each rank evaluates what its val_loader holds (in a job: its share of the validation set)
     metrics = average_over_ranks(_evaluate(model, val_loader, device), len(val_loader.dataset), device)
     if rank != 0:

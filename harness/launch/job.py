@@ -31,8 +31,8 @@ import submitit
 from harness.config import RunConfig, parse_config
 from harness.launch.records import close_parent_if_settled
 from harness.run.cell_state import CellState
-from harness.run.folder import (METRICS_FILE, SchedulerStopWatch, hold, job_id_here, read_status, stopped_by_scheduler,
-                                write_status)
+from harness.run.folder import (METRICS_FILE, SchedulerStopWatch, check_owner, hold, job_id_here, read_status,
+                                stopped_by_scheduler, write_status)
 from harness.tracking import Mirror, Store, limit_http
 from harness.train.metrics_log import JsonlLogger
 
@@ -60,6 +60,8 @@ class GroupJob(submitit.helpers.Checkpointable):
             # Every task keeps all of the node's GPUs visible: it picks cuda:LOCAL_RANK itself.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfgs = [parse_config(c, source=f"job {d}") for c, d in zip(self.configs, self.run_dirs)]
+        for cfg, run_dir in zip(cfgs, self.run_dirs):  # a folder of another config's run: touched by no one
+            check_owner(Path(run_dir), cfg.run_id())
         # a folder another live job holds makes this job a duplicate: it exits touching nothing
         with contextlib.ExitStack() as held:
             for run_dir in self.run_dirs:

@@ -23,6 +23,7 @@ from harness.launch.estimate import gpu_hours, job_hours, sharing_saving
 from harness.launch.executors import resolve_executor, timeout_allowance
 from harness.launch.preflight import check_settings, preflight_grid
 from harness.launch.records import LAUNCH_FILE, LaunchRecord, grid_dir, read_record
+from harness.run.folder import check_owner
 
 Echo = Callable[[str], None]
 DEFAULT_GRID = "smoke"
@@ -101,6 +102,9 @@ def plan(grid: Grid, executor: str, runs_dir: Path, chosen: Sequence[int], *, fo
          f"{len(todo)} to {'restart' if force else 'submit'} with the {executor} executor")
     if force:
         check_force_spares_other_cells(gdir, grid, [views[chosen.index(i)] for i in todo])
+    for i in todo:  # a folder of another config's run is neither resumed nor overwritten
+        if not force:
+            check_owner(gdir / grid.cells[i].folder, grid.cells[i].run_id)
     setup_seconds = 0.0
     if todo:
         configs = [grid.cells[i].config for i in todo]

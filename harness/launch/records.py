@@ -74,7 +74,8 @@ class GridRecord(_Record):
     experiment_id: str | None = None
     parent_run_id: str | None = None
     submitted_at: float
-    folders: list[str]  # the cells of this ablate invocation, grid order
+    folders: list[str]  # the grid's cells, grid order
+    submitted: list[str] = []  # the cells this invocation (its parent run) submitted
 
 
 R = TypeVar("R", bound=_Record)
@@ -113,14 +114,14 @@ def grid_lock(directory: Path) -> FileLock:
 
 
 def close_parent_if_settled(gdir: Path, superseded: bool = False) -> bool:
-    """End the latest ``ablate``'s parent run once every cell it covers has ended (FAILED, with
+    """End the latest ``ablate``'s parent run once every cell it submitted has ended (FAILED, with
     the count, when any failed), or at once when a later ``ablate`` takes its cells over
     (``superseded``: FAILED when some had not ended). Called by whoever settles a cell; True when
     the run was ended. A store that cannot be reached leaves it for the next caller."""
     record = read_record(gdir / GRID_FILE, GridRecord)
     if record is None or record.store is None or not record.parent_run_id:
         return False
-    states = [CellState.parse(read_status(gdir / folder).get("state")) for folder in record.folders]
+    states = [CellState.parse(read_status(gdir / folder).get("state")) for folder in record.submitted or record.folders]
     unfinished = sum(s is None or not s.terminal for s in states)
     if unfinished and not superseded:
         return False

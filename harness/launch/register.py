@@ -61,12 +61,13 @@ def register(plan: Plan, store: Store, *, options: str, margin: float | None, re
     record = GridRecord(grid=grid.name, experiment=grid.experiment, grid_file=str(grid.path) if grid.path else None,
                         executor=plan.executor, store=store, submitted_at=time.time(),
                         folders=[c.folder for c in grid.cells])
-    if same_store:
+    if same_store:  # no cell to submit: the previous parent run stays the grid's
         record = record.model_copy(update={"experiment_id": previous.experiment_id,
-                                           "parent_run_id": previous.parent_run_id})
+                                           "parent_run_id": previous.parent_run_id, "submitted": previous.submitted})
     launches: list[LaunchRecord] = []
     if plan.todo:
         record = _start_parent(record, grid, plan.executor, options, margin or grid.spec.margin)
+        record = record.model_copy(update={"submitted": [c.folder for c in plan.cells]})
         launches = _launch_records(gdir, plan.cells, record, plan.executor, reuse=reuse_runs)
     write_record(gdir / GRID_FILE, record)
     return Registration(record, launches)

@@ -25,6 +25,8 @@ from harness.launch.job import GroupJob
 from harness.launch.plan import Plan, job_time_limit
 from harness.launch.records import LAUNCH_FILE, SUBMITIT_DIR, LaunchRecord, Submission, link_logs, write_record
 from harness.launch.register import Registration
+from harness.run.cell_state import CellState
+from harness.run.folder import write_status
 from harness.tracking import per_run, schema, set_run_tags
 
 Echo = Callable[[str], None]
@@ -40,6 +42,7 @@ class Submitter:
 
     def slurm(self) -> None:
         """One job array; returns as soon as it is queued."""
+        self._supersede()
         plan, grid = self.plan, self.plan.grid
         max_timeouts, _ = job_time_limit(grid, plan.cells, plan.groups, gpu_hours(grid))
         executor = slurm_executor(plan.gdir / SUBMITIT_DIR, grid.resources, job_name=f"milan-{grid.name}",
@@ -57,6 +60,7 @@ class Submitter:
 
     def local(self, on_tick: Callable[[], None], poll_s: float) -> None:
         """Local processes, as many at a time as the cores allow; returns when all have ended."""
+        self._supersede()
         plan = self.plan
         concurrency, threads = local_slots(plan.grid.resources)
         for group in plan.groups:  # status shows them pending until they start
@@ -75,10 +79,18 @@ class Submitter:
 
     def debug(self) -> None:
         """In this process, one job after another (a debugger stops at the failure)."""
+        self._supersede()
+
         def started(g: int, job: submitit.Job) -> None:
             self._record(self.plan.groups[g], f"debug-{os.getpid()}", "debug", None)
 
         run_debug(self.plan.gdir / SUBMITIT_DIR, self._jobs(0), on_start=started)
+
+    def _supersede(self) -> None:
+        """The cells' previous state (failed, requeued) is over the moment they are resubmitted: a
+        parent run or a progress line never reads it as this attempt's."""
+        for cell in self.plan.cells:
+            write_status(self.plan.gdir / cell.folder, CellState.PENDING)
 
     def _jobs(self, threads: int) -> list[GroupJob]:
         plan = self.plan

@@ -49,6 +49,19 @@ class FolderBusy(UserError):
     """Another live job holds this run folder: this one must exit and touch nothing."""
 
 
+class FolderOfAnotherRun(UserError):
+    """The run folder holds the run of another config: it is neither resumed nor reported."""
+
+
+def check_owner(run_dir: Path, run_id: str) -> None:
+    """Refuse ``run_dir`` (without touching it) when its status or results name another run than
+    ``run_id``: a folder belongs to one config, and its results are that config's."""
+    for record in (read_status(run_dir), read_results(run_dir) or {}):
+        if (other := record.get("run_id")) and other != run_id:
+            raise FolderOfAnotherRun(f"run folder {run_dir} holds run {other} of another config (this one is "
+                                     f"{run_id}): give another --out, or remove that folder to run this config there")
+
+
 def read_status(run_dir: Path) -> dict[str, Any]:
     status = read_json(Path(run_dir) / STATUS_FILE)
     return status if isinstance(status, dict) else {}
@@ -69,7 +82,7 @@ def write_status(run_dir: Path, state: CellState, *, new_attempt: bool = False, 
         status.setdefault("started", time.time())
         status["attempts"] = status.get("attempts", 0) + 1
         status.pop("reason", None)
-    if status["state"] in (CellState.RUNNING, CellState.DONE):
+    if status["state"] in (CellState.PENDING, CellState.RUNNING, CellState.DONE):
         status.pop("reason", None)
     write_json_atomic(run_dir / STATUS_FILE, status)
 

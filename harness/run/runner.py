@@ -19,10 +19,10 @@ from harness.core.files import write_json_atomic
 from harness.milan.weights import build_timm_vit, load_encoder_into_timm
 from harness.run.cell_state import CellState
 from harness.run.evaluation import evaluate_encoder
-from harness.run.folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, read_results, stopped_by_scheduler,
-                                write_status)
+from harness.run.folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, check_owner, read_results,
+                                stopped_by_scheduler, write_status)
 from harness.train.checkpoint import load_latest
-from harness.train.metrics_log import JsonlLogger, RunLogger
+from harness.train.metrics_log import JsonlLogger
 from harness.train.pretrain import PretrainResult, TrainingFailed, pretrain_group, resolve_device
 
 
@@ -48,20 +48,22 @@ def run_cost(seconds: float, device: torch.device, env: DistEnv) -> dict[str, fl
     return {"cpu_core_hours": seconds * env.world_size * torch.get_num_threads() / 3600}
 
 
-def run(cfg: RunConfig, run_dir: Path, logger: RunLogger | None = None,
+def run(cfg: RunConfig, run_dir: Path, logger: JsonlLogger | None = None,
         job_fields: dict[str, Any] | None = None) -> RunResult:
     """Pretrain then evaluate ``cfg`` in ``run_dir``; continues an interrupted run. ``job_fields``
     (the job id, its restarts) go into ``status.json`` with the attempt."""
     return run_group([cfg], [run_dir], [logger] if logger else None, job_fields)[0]
 
 
-def run_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[RunLogger] | None = None,
+def run_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[JsonlLogger] | None = None,
               job_fields: dict[str, Any] | None = None) -> list[RunResult]:
     """Pretrain the runs of a group together (one data stream, one teacher forward per batch:
     :func:`harness.train.pretrain.pretrain_group`), then evaluate each in turn. Every run keeps its
     own folder, checkpoint, status and results; one that fails (a non-finite loss, its own
     evaluation's error) fails alone. Finished runs return their stored results."""
     run_dirs = [Path(d) for d in run_dirs]
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        check_owner(run_dir, cfg.run_id())
     device = resolve_device(cfgs[0].runtime.device)
     env = init_distributed(device, cfgs[0].runtime.dist_timeout_min)
     loggers = list(loggers) if loggers else [JsonlLogger(d / METRICS_FILE) for d in run_dirs]
@@ -71,7 +73,7 @@ def run_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequ
         shutdown(env)
 
 
-def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLogger], device: torch.device,
+def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[JsonlLogger], device: torch.device,
                env: DistEnv, job_fields: dict[str, Any]) -> list[RunResult]:
     results: list[RunResult | None] = [None] * len(cfgs)
     for i, run_dir in enumerate(run_dirs):
@@ -117,7 +119,7 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[RunLog
     return results
 
 
-def _evaluate(cfg: RunConfig, run_dir: Path, logger: RunLogger, result: PretrainResult, device: torch.device,
+def _evaluate(cfg: RunConfig, run_dir: Path, logger: JsonlLogger, result: PretrainResult, device: torch.device,
               env: DistEnv) -> RunResult:
     """Evaluate a pretrained run's encoder and write its results (rank 0)."""
     metrics: dict[str, float] = {

@@ -73,6 +73,8 @@ def _send_metrics(mlflow_client: Any, run_id: str, run_dir: Path, sync: dict[str
 
     path, end = run_dir / METRICS_FILE, sync.get("offset", 0)
     try:
+        if path.stat().st_size < end:  # a resumed run rewrote its log (a line torn by a kill): go on from its end
+            end = path.stat().st_size
         with path.open("rb") as f:
             f.seek(end)
             lines = f.read().splitlines(keepends=True)

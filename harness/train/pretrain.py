@@ -9,9 +9,10 @@ a group of one. Every ``log_every`` steps the per-step losses are gathered in on
 non-finite stops alone; the others go on) and logged. Checkpoints are atomic, one per student,
 and hold everything needed to continue exactly: weights, optimiser, step, RNG state.
 
-Every random draw of a step is a function of the seed and the step, never of the other students:
-the data order of (seed, epoch), the masks of (seed, step, micro-batch, rank), the student's
-initialisation of the seed alone. So a student computes the same in a group as alone, a resumed
+Every random draw of a step is a function of the seed and the step, never of the other students
+nor of the attempt: the data order of (seed, epoch), each image's augmentation of (seed, epoch,
+position) (:mod:`harness.train.sampler`), the masks of (seed, step, micro-batch, rank), the
+student's initialisation of the seed alone. So a student computes the same in a group as alone, a resumed
 run starts mid-epoch at the batch it would have drawn next, and cells of one seed are paired:
 the same batches and, where their mask sampling and ratio agree, the same masks.
 """
@@ -43,8 +44,8 @@ from harness.config.student_side import check_shareable
 from harness.core.tensor_files import save_atomic
 from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, set_rng_state
 from harness.core.distributed import DistEnv, barrier
-from harness.train.metrics_log import RunLogger
-from harness.train.sampler import ResumableSampler
+from harness.train.metrics_log import JsonlLogger
+from harness.train.sampler import ResumableSampler, SeededSamples
 from harness.train.schedule import lr_at, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -166,14 +167,13 @@ class _Student:
     index: int  # its position in the job's list of runs
     cfg: RunConfig
     run_dir: Path
-    logger: RunLogger
+    logger: JsonlLogger  # written on rank 0 only
     model: MilanPretrainer
     optimizer: torch.optim.AdamW
     peak_lr: float
     warmup_steps: int
     start_step: int
     clock: dict[str, float]
-    logged_through: float
     watch: SectionTimer
     train_model: torch.nn.Module | None = None
     window: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)  # (step, lr, loss on device)
@@ -188,9 +188,12 @@ class _Student:
         return needs_teacher(self.cfg.model.target, self.cfg.model.masking)
 
     def save(self, step: int, total_steps: int) -> None:
+        """The checkpoint, then the log lines it covers (harness.train.metrics_log: the log only holds
+        steps a checkpoint covers, so a resumed attempt never writes a step twice)."""
         save_atomic({"model": self.model.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "step": step, "total_steps": total_steps, "rng": rng_state(), "clock": self.clock,
-                     "config": self.cfg.to_dict()}, self.ckpt_path)
+                     "config": self.cfg.to_dict(), "log": self.logger.pending()}, self.ckpt_path)
+        self.logger.flush()
 
 
 def _new_clock() -> dict[str, float]:
@@ -198,7 +201,7 @@ def _new_clock() -> dict[str, float]:
             "images_loaded": 0.0, "teacher_images": 0.0, "shared": 0.0}
 
 
-def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[RunLogger],
+def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequence[JsonlLogger],
                    device: torch.device, env: DistEnv = DistEnv(),
                    on_failed: OnFailed = lambda index, reason: None) -> list[PretrainResult | TrainingFailed]:
     """Pretrain (or continue) every run of a group on one data stream and one teacher; rank 0 logs
@@ -207,7 +210,9 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     check_shareable(cfgs)
     shared = cfgs[0]  # the fields every run of the group agrees on (harness.config.student_side)
     p, rt = shared.pretrain, shared.runtime
-    torch.manual_seed(shared.seed * 1000 + env.rank)  # the augmentations' stream (main-process loading)
+    # the global stream: nothing in the loop draws from it (augmentations and masks have streams of their
+    # own), but a resumed run continues it where the earliest student left it all the same
+    torch.manual_seed(shared.seed * 1000 + env.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -235,12 +240,12 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
             on_failed(s.index, s.failed)
     start_step = min((s.start_step for s in students if s.failed is None), default=total_steps)
     resumed = [s for s in students if s.failed is None and s.start_step == start_step > 0]
-    if resumed:  # the global stream (main-process augmentation) where the earliest student left it
+    if resumed:
         set_rng_state(load_latest(resumed[0].ckpt_path.parent)["rng"])
 
     sampler = ResumableSampler(len(dataset), steps_per_epoch * images_per_step, seed=shared.seed,
                                rank=env.rank, world_size=env.world_size)
-    loader = make_loader(dataset, batch_size=p.batch_size, shuffle=False, num_workers=rt.num_workers,
+    loader = make_loader(SeededSamples(dataset), batch_size=p.batch_size, shuffle=False, num_workers=rt.num_workers,
                          drop_last=True, seed=shared.seed, sampler=sampler)
     progress = ProgressBar(total_steps, start_step, enabled=env.is_main)
     teacher_watch = SectionTimer(device)
@@ -301,7 +306,6 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
             progress.update(done, shown, lrs[0])
         if done % rt.checkpoint_every == 0 or done == total_steps:
             for s in active:
-                s.logger.flush()
                 if env.is_main and s.failed is None:
                     s.save(done, total_steps)
             barrier(env)
@@ -314,7 +318,7 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     return [_result(s, total_steps, device, env) for s in students]
 
 
-def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teacher: ClipTeacher | None,
+def _student(index: int, cfg: RunConfig, run_dir: Path, logger: JsonlLogger, teacher: ClipTeacher | None,
              images_per_step: int, steps_per_epoch: int, total_steps: int, device: torch.device,
              env: DistEnv) -> _Student:
     """A student built (or resumed from its own checkpoint) and wrapped for the job's ranks."""
@@ -324,9 +328,6 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teach
     s = _Student(index, cfg, Path(run_dir), logger, model, optimizer,
                  peak_lr=p.lr or scaled_lr(p.base_lr, images_per_step),
                  warmup_steps=round(p.warmup_epochs * steps_per_epoch), start_step=0, clock=_new_clock(),
-                 # steps already in the log (a kill after the last checkpoint) are recomputed, not
-                 # re-logged; only rank 0 logs
-                 logged_through=(logger.last_step("train/loss") or -1) if env.is_main else math.inf,
                  watch=SectionTimer(device))
     try:
         state = load_latest(s.ckpt_path.parent)
@@ -336,6 +337,10 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: RunLogger, teach
         model.student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         s.start_step, s.clock = state["step"], _new_clock() | state["clock"]
+        if env.is_main:  # the log as the checkpoint left it: what a killed attempt logged after it goes
+            logger.drop_after(s.start_step, prefix="train/")
+            logger.log_records(state.get("log", []))
+            logger.flush()
         log.info("resuming %s from step %d of %d", s.run_dir.name, s.start_step, total_steps)
     if cfg.runtime.compile:
         model.student.compile()
@@ -378,10 +383,12 @@ def _close_window(s: _Student, env: DistEnv, on_failed: OnFailed) -> float | Non
     if bad:
         s.failed = (f"loss became {bad[0][1]} at step {bad[0][0] + 1}: lower pretrain.base_lr or set "
                     "pretrain.clip_grad")
+        if env.is_main:  # this attempt is the one that counts: its finite steps are kept
+            s.logger.flush()
         on_failed(s.index, s.failed)
         return None
-    for (step, step_lr, _), value in zip(window, values):
-        if step + 1 > s.logged_through:
+    if env.is_main:
+        for (step, step_lr, _), value in zip(window, values):
             s.logger.log_metrics({"train/loss": value, "train/lr": step_lr}, step=step + 1)
     s.clock["last_loss"] = values[-1]
     return values[-1]
