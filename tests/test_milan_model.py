@@ -362,12 +362,12 @@ def test_adamw_groups_are_the_authors():
     """timm's add_weight_decay(model, 0.05) with no skip list, as in the authors' main_pretrain.py:
     biases and 1-d parameters are exempt; cls_token and mask_token are decayed."""
     from harness.config import parse_config
-    from harness.train.pretrain import build_optimizer
+    from harness.train.step import build_optimizer
 
     cfg = parse_config({"model": {"size": "vit_micro_patch4", "img_size": 32, "target": "pixel", "masking": "random"}})
     model = build_pretrainer(size="vit_micro_patch4", img_size=32, target="pixel", decoder="prompting",
                              masking="random", mask_ratio=0.75, teacher=None)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg.pretrain.weight_decay, cfg.pretrain.betas)
     names = {id(p): n for n, p in model.student.named_parameters()}
     decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     assert {"cls_token", "mask_token"} <= decay[cfg.pretrain.weight_decay]

@@ -22,31 +22,29 @@ import math
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import RunConfig
+from harness.config.student_side import check_shareable
+from harness.core.distributed import DistEnv, barrier
+from harness.core.tensor_files import save_atomic
 from harness.data.datasets import image_folder, make_loader, pretrain_transform
-from harness.milan.masking import draw_ids_shuffle, mask_generator, stream_of
 from harness.milan.model import build_student
 from harness.milan.pretrainer import MilanPretrainer, build_pretrainer
 from harness.milan.switches import needs_teacher
-from harness.milan.teacher import ClipTeacher, TeacherOutput, build_teacher
+from harness.milan.teacher import ClipTeacher, build_teacher
 from harness.milan.weights import encoder_state_dict
-from harness.config.student_side import check_shareable
-from harness.core.tensor_files import save_atomic
 from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, set_rng_state
-from harness.core.distributed import DistEnv, barrier
 from harness.train.metrics_log import JsonlLogger
 from harness.train.sampler import ResumableSampler, SeededSamples
 from harness.train.schedule import lr_at, scaled_lr
+from harness.train.step import SectionTimer, build_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +82,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(cfg: RunConfig, device: torch.device):
-    """bf16 autocast on CUDA (auto/bf16); fp32 on CPU unless bf16 is asked for explicitly."""
-    precision = cfg.pretrain.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def build_model(cfg: RunConfig, teacher: ClipTeacher | None = None, rank: int = 0) -> MilanPretrainer:
     """The cell's student (with ``teacher`` when it needs one), initialised from the seed alone:
     every cell of a seed starts from the same encoder, whatever its target, decoder or teacher, alone
@@ -114,50 +104,10 @@ def build_model(cfg: RunConfig, teacher: ClipTeacher | None = None, rank: int = 
     return model
 
 
-def build_optimizer(model: MilanPretrainer, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    # The authors' groups (timm's add_weight_decay, no skip list): biases and 1-d parameters are
-    # exempt, everything else decays, cls_token and mask_token ([1, 1, C]) included.
-    groups = param_groups_weight_decay(model.student, cfg.pretrain.weight_decay)
-    # fused AdamW is several times faster than the per-tensor loop, on CPU as on CUDA
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.pretrain.betas, fused=True)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class SectionTimer:
-    """Seconds spent in timed sections, read after a device sync: CUDA events on GPUs (no sync of
-    their own), the wall clock on CPUs."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds = 0.0
-        self._spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._start: float | torch.cuda.Event = 0.0
-
-    def start(self) -> None:
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._spans.append((self._start, end))
-        else:
-            self.seconds += time.perf_counter() - self._start
-
-    def take(self) -> float:
-        """The seconds timed since the last take (after a device sync), and start again from 0."""
-        total = self.seconds + sum(a.elapsed_time(b) for a, b in self._spans) / 1000
-        self.seconds, self._spans = 0.0, []
-        return total
 
 
 @dataclass
@@ -178,6 +128,14 @@ class _Student:
     train_model: torch.nn.Module | None = None
     window: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)  # (step, lr, loss on device)
     failed: str | None = None
+
+    @property
+    def clip_grad(self) -> float | None:
+        return self.cfg.pretrain.clip_grad
+
+    @property
+    def precision(self) -> str:
+        return self.cfg.pretrain.precision
 
     @property
     def ckpt_path(self) -> Path:
@@ -262,38 +220,13 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
             batches = iter(loader)
         lrs = [lr_at(step, base=s.peak_lr, total_steps=total_steps, warmup_steps=s.warmup_steps,
                      min_lr=s.cfg.pretrain.min_lr) for s in active]
-        for s, lr in zip(active, lrs):
-            for group in s.optimizer.param_groups:
-                group["lr"] = lr
-        step_losses = [torch.zeros((), device=device) for _ in active]
-        for micro in range(p.accum_steps):
-            imgs, _ = next(batches)
-            imgs = imgs.to(device, non_blocking=True)
-            window_loaded += imgs.shape[0] * env.world_size
-            teacher_out = None
-            if teacher is not None and any(s.needs_teacher for s in active):
-                teacher_watch.start()
-                with autocast_for(shared, device):
-                    teacher_out = teacher(imgs)
-                teacher_watch.stop()
-                window_teacher += imgs.shape[0] * env.world_size
-            masks = _masks(active, imgs, teacher_out, shared.seed, step, micro, env.rank)
-            sync = micro == p.accum_steps - 1 or not env.enabled
-            for k, s in enumerate(active):
-                s.watch.start()
-                ids = masks[(s.cfg.model.masking, s.model.student.num_patches)]
-                with (nullcontext() if sync else s.train_model.no_sync()), autocast_for(s.cfg, device):
-                    loss = s.train_model(imgs, ids, teacher_out=teacher_out).loss
-                (loss / p.accum_steps).backward()
-                step_losses[k] += loss.detach() / p.accum_steps
-                s.watch.stop()
-        for s, lr, step_loss in zip(active, lrs, step_losses):
-            s.watch.start()
-            if s.cfg.pretrain.clip_grad:
-                torch.nn.utils.clip_grad_norm_(s.model.student.parameters(), s.cfg.pretrain.clip_grad)
-            s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            s.watch.stop()
+        micro_batches = (next(batches)[0].to(device, non_blocking=True) for _ in range(p.accum_steps))
+        counts = train_step(active, micro_batches, teacher=teacher, teacher_precision=p.precision, lrs=lrs,
+                            seed=shared.seed, step=step, rank=env.rank, accum_steps=p.accum_steps,
+                            distributed=env.enabled, teacher_timer=teacher_watch)
+        window_loaded += counts.images * env.world_size
+        window_teacher += counts.teacher_images * env.world_size
+        for s, lr, step_loss in zip(active, lrs, counts.losses):
             s.window.append((step, lr, step_loss))
 
         done = step + 1
@@ -324,7 +257,7 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: JsonlLogger, tea
     """A student built (or resumed from its own checkpoint) and wrapped for the job's ranks."""
     p = cfg.pretrain
     model = build_model(cfg, teacher, env.rank).to(device)
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, p.weight_decay, p.betas)
     s = _Student(index, cfg, Path(run_dir), logger, model, optimizer,
                  peak_lr=p.lr or scaled_lr(p.base_lr, images_per_step),
                  warmup_steps=round(p.warmup_epochs * steps_per_epoch), start_step=0, clock=_new_clock(),
@@ -350,23 +283,6 @@ def _student(index: int, cfg: RunConfig, run_dir: Path, logger: JsonlLogger, tea
             model, device_ids=[env.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     model.train()
     return s
-
-
-def _masks(active: Sequence[_Student], imgs: torch.Tensor, teacher_out: TeacherOutput | None, seed: int,
-           step: int, micro: int, rank: int) -> dict[tuple[str, int], torch.Tensor]:
-    """One micro-batch's masks (``ids_shuffle``) per (mask sampling, number of patches) the active
-    students use, each drawn once from a generator of (seed, step, micro-batch, rank): students of
-    one sampling share it (a ratio keeps a prefix), alone or in a group."""
-    masks: dict[tuple[str, int], torch.Tensor] = {}
-    for s in active:
-        key = (s.cfg.model.masking, s.model.student.num_patches)
-        if key in masks:
-            continue
-        generator = mask_generator(seed, step, micro, rank, stream=stream_of(key[0]), device=imgs.device)
-        masks[key] = draw_ids_shuffle(key[0], batch_size=imgs.shape[0], num_patches=key[1], device=imgs.device,
-                                      generator=generator,
-                                      importance=teacher_out.importance if teacher_out is not None else None)
-    return masks
 
 
 def _close_window(s: _Student, env: DistEnv, on_failed: OnFailed) -> float | None:
