@@ -113,7 +113,7 @@ def evaluate_command(
     from harness.milan.weights import build_timm_vit, timm_encoder_from_checkpoint
     from harness.run.checks import preflight
     from harness.run.evaluation import evaluate_encoder
-    from harness.train.pretrain import resolve_device
+    from harness.core.distributed import resolve_device
 
     if (checkpoint is None) == (not random_init):
         raise UserError("give either a CHECKPOINT or --random-init (not both)")
@@ -478,60 +478,76 @@ def finetune_bench_command(
 def speed_command(
     size: Annotated[str, typer.Option(help="Student preset.")] = "vit_base_patch16",
     img_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 224,
-    batch: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    batch: Annotated[int, typer.Option(help="Images per step (per student).")] = 8,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
-    target: Annotated[list[str] | None, typer.Option(help="pixel / clip (repeatable; default both).")] = None,
-    decoder: Annotated[list[str] | None, typer.Option(help="standard / prompting (default both).")] = None,
-    masking: Annotated[list[str] | None, typer.Option(help="random / semantic (default both).")] = None,
+    cells: Annotated[str, typer.Option(help="Cells, comma-separated: mae, clip, milan.")] = "mae,clip,milan",
+    compile: Annotated[str, typer.Option(
+        help="Compile modes, comma-separated: off (eager), student (runtime.compile's), all (teacher too).")] = "off",
+    compile_cells: Annotated[str | None, typer.Option(
+        help="The cells measured compiled (default: every cell of --cells); eager rows are always measured.")] = None,
+    group: Annotated[bool, typer.Option(help="Also the group job of the grid's 8 cells (one teacher forward).")] = True,
+    max_batch: Annotated[int, typer.Option(
+        help="Search the largest batch of the last cell that fits, doubling up to this (0: no search).")] = 0,
+    loader_workers: Annotated[str, typer.Option(
+        help="Loader worker counts to measure JPEG decode + crop, comma-separated ('' for none).")] = "",
     teacher: Annotated[str | None, typer.Option(help="open_clip teacher, random init (default: one with the student's patch size).")] = None,
-    steps: Annotated[int, typer.Option(help="Timed steps per combination.")] = 3,
-    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 1,
-    compile: Annotated[bool, typer.Option(help="torch.compile the student.")] = False,
+    steps: Annotated[int, typer.Option(help="Timed steps per row.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first (compilation happens there).")] = 1,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all cores).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    budget_s: Annotated[float, typer.Option(help="Start no row after this many seconds.")] = 3600,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the table as JSON here.")] = None,
 ) -> None:
-    """Measure full training steps (teacher + student fwd/bwd + AdamW) per MILAN combination."""
+    """Training-step throughput and MFU of the pretraining loop's own step, per cell, compiled or not,
+    for a group job, at the largest batch that fits; and the loader's images/s per CPU core."""
     for option, value, least in (("--img-size", img_size, 1), ("--batch", batch, 1), ("--steps", steps, 1),
-                                 ("--warmup", warmup, 0), ("--threads", threads, 1)):
+                                 ("--warmup", warmup, 0), ("--threads", threads, 1), ("--max-batch", max_batch, 0)):
         if value is not None and value < least:
             raise UserError(f"{option} {value} is too small: give an integer >= {least}")
+    chosen, modes = [c.strip() for c in cells.split(",") if c.strip()], [m.strip() for m in compile.split(",") if m.strip()]
+    workers = [w.strip() for w in loader_workers.split(",") if w.strip()]
+    compiled = [c.strip() for c in compile_cells.split(",") if c.strip()] if compile_cells is not None else chosen
+    from harness.benchmarks.speed import CELLS, COMPILE_MODES
+
+    if not chosen or any(c not in CELLS for c in chosen) or any(c not in chosen for c in compiled):
+        raise UserError(f"--cells {cells!r} / --compile-cells: choose from {', '.join(CELLS)}, comma-separated "
+                        "(compiled cells among --cells)")
+    if not modes or any(m not in COMPILE_MODES for m in modes):
+        raise UserError(f"--compile {compile!r}: choose from {', '.join(COMPILE_MODES)}, comma-separated")
+    if any(not w.isdigit() for w in workers):
+        raise UserError(f"--loader-workers {loader_workers!r}: give worker counts, e.g. 1,4,8")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown precision {precision!r}: choose auto, fp32 or bf16")
+    if json_out is not None:
+        ensure_writable_dir(json_out.parent, "--json-out's folder")
     import json
 
     import pandas as pd
     import torch
 
-    from harness.core.errors import ConfigError
+    from harness.benchmarks.speed import default_teacher_for, feeding_lines, run_speed
+    from harness.core.distributed import resolve_device
     from harness.milan.presets import PRESETS
-    from harness.benchmarks.speed import COMBINATIONS, as_dicts, default_teacher_for, run_speed
-    from harness.train.pretrain import resolve_device
 
     if size not in PRESETS:
-        raise ConfigError(f"unknown model size {size!r}: choose one of {', '.join(PRESETS)}")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"unknown precision {precision!r}: choose auto, fp32 or bf16")
-    chosen = [c for c in COMBINATIONS
-              if (not target or c[0] in target) and (not decoder or c[1] in decoder)
-              and (not masking or c[2] in masking)]
-    if not chosen:
-        raise ConfigError("no combination matches --target/--decoder/--masking: use pixel|clip, "
-                          "standard|prompting, random|semantic")
+        raise UserError(f"unknown model size {size!r}: choose one of {', '.join(PRESETS)}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     precision = precision if precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
-    results = run_speed(chosen, size=size, img_size=img_size, batch_size=batch, device=dev,
-                        precision=precision, teacher_model=teacher or default_teacher_for(size),
-                        steps=steps, warmup=warmup, compile=compile)
-    if json_out:
-        typer.echo(json.dumps(as_dicts(results), indent=2))
-        return
-    table = pd.DataFrame(as_dicts(results))
-    typer.echo(f"{size} at {img_size}px, batch {batch}, {dev} {precision}, {torch.get_num_threads()} "
-               f"threads; matmul peak {results[0].peak_gflops:.0f} GFLOP/s")
-    columns = ["target", "decoder", "masking", "step_ms", "images_per_s", "gflops_per_image",
-               "achieved_gflops", "peak_fraction", "peak_memory_mb"]
-    typer.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    report = run_speed(cells=chosen, size=size, img_size=img_size, batch=batch, device=dev, precision=precision,
+                       teacher_model=teacher or default_teacher_for(size), steps=steps, warmup=warmup,
+                       compile_modes=modes, compiled_cells=compiled, group=group, max_batch=max_batch or None,
+                       loader_workers=[int(w) for w in workers], budget_s=budget_s, echo=typer.echo)
+    table = pd.DataFrame([r.__dict__ for r in report.rows])
+    typer.echo(f"\n{size} at {img_size}px on {report.device}, {precision}, {torch.get_num_threads()} CPU threads; "
+               f"matmul peak {report.peak_tflops:.1f} TFLOP/s; MFU = FLOPs (project counter) x images/s / peak")
+    typer.echo(table.drop(columns=["cores"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for line in feeding_lines(report):
+        typer.echo(line)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.as_dict(), indent=2))
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:

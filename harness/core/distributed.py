@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from harness.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -24,6 +26,15 @@ class DistEnv:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when visible, else the CPU; ``cuda`` where none is visible is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device=cuda but no CUDA device is visible: use auto or cpu")
+    return torch.device(name)
 
 
 def init_distributed(device: torch.device, timeout_min: float = 60) -> DistEnv:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -71,9 +72,18 @@ class ClipTeacher(nn.Module):
         # The teacher is frozen: keep it in eval mode whatever the surrounding module does.
         return super().train(False)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # its outputs are targets and weights: no autograd, no version counters
     def forward(self, imgs: torch.Tensor) -> TeacherOutput:
         """imgs [N, 3, H, W] (ImageNet-normalised) -> targets [N, L+1, D], importance [N, L]."""
+        return self.outputs(imgs)
+
+    def compile(self, **kwargs: Any) -> None:
+        """Compile the teacher's computation (:meth:`outputs`), which :meth:`forward` runs under
+        inference mode (a compiled forward that enters inference mode itself fails in torch 2.14)."""
+        self.outputs = torch.compile(self.outputs, **kwargs)  # type: ignore[method-assign]
+
+    def outputs(self, imgs: torch.Tensor) -> TeacherOutput:
+        """What :meth:`forward` returns, computed in whatever grad mode the caller set."""
         if self.renormalize:
             imgs = imgs * self.input_scale + self.input_shift
         v = self.visual

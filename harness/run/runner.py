@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from harness.config import RunConfig
-from harness.core.distributed import DistEnv, barrier, init_distributed, shutdown
+from harness.core.distributed import DistEnv, barrier, init_distributed, resolve_device, shutdown
 from harness.core.files import write_json_atomic
 from harness.milan.weights import build_timm_vit, load_encoder_into_timm
 from harness.run.cell_state import CellState
@@ -23,7 +23,7 @@ from harness.run.folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FIL
                                 stopped_by_scheduler, write_status)
 from harness.train.checkpoint import load_latest
 from harness.train.metrics_log import JsonlLogger
-from harness.train.pretrain import PretrainResult, TrainingFailed, pretrain_group, resolve_device
+from harness.train.pretrain import PretrainResult, TrainingFailed, pretrain_group
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng
 from harness.train.metrics_log import JsonlLogger
 from harness.train.sampler import ResumableSampler, SeededSamples
 from harness.train.schedule import lr_at, scaled_lr
-from harness.train.step import SectionTimer, build_optimizer, train_step
+from harness.train.step import SectionTimer, allow_tf32, build_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,6 @@ class PretrainResult:
     images_loaded: float  # images decoded and augmented for this student; in a group, its share
     teacher_images: float  # images through the teacher for it; in a group, its share
     shared: bool  # some of its steps ran in a group, so its time and images are shares (apportion)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from harness.core.errors import ConfigError
-        raise ConfigError("runtime.device=cuda but no CUDA device is visible: use auto or cpu")
-    return torch.device(name)
 
 
 def build_model(cfg: RunConfig, teacher: ClipTeacher | None = None, rank: int = 0) -> MilanPretrainer:
@@ -171,9 +162,7 @@ def pretrain_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers:
     # the global stream: nothing in the loop draws from it (augmentations and masks have streams of their
     # own), but a resumed run continues it where the earliest student left it all the same
     torch.manual_seed(shared.seed * 1000 + env.rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
 
     dataset = image_folder(shared.data.root, shared.data.train_split, pretrain_transform(shared.model.img_size))
     images_per_step = p.batch_size * env.world_size * p.accum_steps

@@ -33,6 +33,13 @@ def autocast_for(precision: str, device: torch.device) -> AbstractContextManager
     return nullcontext()
 
 
+def allow_tf32(device: torch.device) -> None:
+    """TF32 for the matmuls and convolutions that run in fp32 on CUDA (outside bf16 autocast)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def build_optimizer(model: MilanPretrainer, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     # The authors' groups (timm's add_weight_decay, no skip list): biases and 1-d parameters are
     # exempt, everything else decays, cls_token and mask_token ([1, 1, C]) included.
