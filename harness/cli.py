@@ -491,6 +491,8 @@ def speed_command(
         help="Search the largest batch of the last cell that fits, doubling up to this (0: no search).")] = 0,
     loader_workers: Annotated[str, typer.Option(
         help="Loader worker counts to measure JPEG decode + crop, comma-separated ('' for none).")] = "",
+    end_to_end: Annotated[str, typer.Option(
+        help="The last cell fed by the loop's data stream: decode:workers pairs, e.g. cpu:15,gpu:4 ('' for none).")] = "",
     teacher: Annotated[str | None, typer.Option(help="open_clip teacher, random init (default: one with the student's patch size).")] = None,
     steps: Annotated[int, typer.Option(help="Timed steps per row.")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed steps first (compilation happens there).")] = 1,
@@ -516,6 +518,9 @@ def speed_command(
         raise UserError(f"--compile {compile!r}: choose from {', '.join(COMPILE_MODES)}, comma-separated")
     if any(not w.isdigit() for w in workers):
         raise UserError(f"--loader-workers {loader_workers!r}: give worker counts, e.g. 1,4,8")
+    feeds = [f.strip().partition(":") for f in end_to_end.split(",") if f.strip()]
+    if any(decode not in ("cpu", "gpu") or not sep or not count.isdigit() for decode, sep, count in feeds):
+        raise UserError(f"--end-to-end {end_to_end!r}: give decode:workers pairs, e.g. cpu:15,gpu:4")
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"unknown precision {precision!r}: choose auto, fp32 or bf16")
     if json_out is not None:
@@ -538,7 +543,8 @@ def speed_command(
     report = run_speed(cells=chosen, size=size, img_size=img_size, batch=batch, device=dev, precision=precision,
                        teacher_model=teacher or default_teacher_for(size), steps=steps, warmup=warmup,
                        compile_modes=modes, compiled_cells=compiled, group=group, max_batch=max_batch or None,
-                       loader_workers=[int(w) for w in workers], budget_s=budget_s, echo=typer.echo)
+                       loader_workers=[int(w) for w in workers],
+                       end_to_end=[(decode, int(count)) for decode, _, count in feeds], budget_s=budget_s, echo=typer.echo)
     table = pd.DataFrame([r.__dict__ for r in report.rows])
     typer.echo(f"\n{size} at {img_size}px on {report.device}, {precision}, {torch.get_num_threads()} CPU threads; "
                f"matmul peak {report.peak_tflops:.1f} TFLOP/s; MFU = FLOPs (project counter) x images/s / peak")

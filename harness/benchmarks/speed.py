@@ -34,6 +34,7 @@ from harness.milan.presets import PRESETS
 from harness.milan.pretrainer import MilanPretrainer, build_pretrainer
 from harness.milan.switches import needs_teacher
 from harness.milan.teacher import ClipTeacher, build_teacher
+from harness.train.data_stream import PretrainStream
 from harness.train.step import SectionTimer, allow_tf32, build_optimizer, train_step
 
 # The issue's cells: MAE, CLIP targets alone, full MILAN (target, decoder, masking)
@@ -260,6 +261,34 @@ def loader_rate(root: Path, *, workers: int, img_size: int, batch: int = 64, sec
                 return count / (time.perf_counter() - start)
 
 
+def end_to_end_rate(bench: StepBench, root: Path, *, decode: str, workers: int, batch: int, steps: int,
+                    warmup: int) -> float:
+    """Images/s per student of the loop's data stream (:class:`harness.train.data_stream.PretrainStream`)
+    feeding the loop's step: loading, augmenting or decoding, and training together."""
+    stream = PretrainStream(str(root), "train", img_size=bench.img_size, decode=decode, batch_size=batch,
+                            images_per_step=batch, num_workers=workers, seed=0, device=bench.device)
+    epoch = 0
+    stream.start(epoch)
+
+    def next_batch() -> torch.Tensor:
+        nonlocal epoch
+        try:
+            return stream.next()
+        except StopIteration:
+            epoch += 1
+            stream.start(epoch)
+            return stream.next()
+
+    for index in range(warmup):
+        bench.step(next_batch(), index)
+    _sync(bench.device)
+    start = time.perf_counter()
+    for index in range(steps):
+        bench.step(next_batch(), warmup + index)
+    _sync(bench.device)
+    return batch * steps / (time.perf_counter() - start)
+
+
 def gpu_decode_rate(root: Path, *, img_size: int, device: torch.device, batch: int = 256,
                     seconds: float = 6.0) -> float:
     """Images/s of the same augmentation on the GPU: the JPEG bytes read on the CPU, decoded with
@@ -282,7 +311,8 @@ def gpu_decode_rate(root: Path, *, img_size: int, device: torch.device, batch: i
 
 def run_speed(*, cells: Sequence[str], size: str, img_size: int, batch: int, device: torch.device,
               precision: str, teacher_model: str, steps: int, warmup: int, compile_modes: Sequence[str],
-              compiled_cells: Sequence[str], group: bool, max_batch: int | None, loader_workers: Sequence[int], budget_s: float,
+              compiled_cells: Sequence[str], group: bool, max_batch: int | None, loader_workers: Sequence[int],
+              end_to_end: Sequence[tuple[str, int]] = (), budget_s: float,
               echo: Callable[[str], None] = print) -> SpeedReport:
     """Every measurement asked for, in order, while the time budget lasts (a row the budget leaves
     out says so); each row is echoed as it is measured."""
@@ -344,6 +374,25 @@ def run_speed(*, cells: Sequence[str], size: str, img_size: int, batch: int, dev
     for mode in (m for m in compile_modes if m != "off"):
         for name in (c for c in cells if c in compiled_cells):
             measure(name, [CELLS[name]], mode)
+        if group:  # its students reuse the cells' compiled graphs where their architecture is the same
+            measure(f"group of {len(GRID_CELLS)}", GRID_CELLS, mode)
+    if end_to_end and time.monotonic() < deadline:
+        # the last cell, compiled as the last mode, fed by the loop's own data stream
+        mode, name = compile_modes[-1], cells[-1]
+        bench = StepBench([CELLS[name]], size=size, img_size=img_size, device=device, precision=precision,
+                          teacher_model=teacher_model, compile_mode=mode)
+        with tempfile.TemporaryDirectory() as tmp:
+            kb = make_jpegs(Path(tmp), 6 * batch)
+            for decode, workers in end_to_end:
+                if time.monotonic() > deadline:
+                    break
+                rate = end_to_end_rate(bench, Path(tmp), decode=decode, workers=workers, batch=batch, steps=steps,
+                                       warmup=warmup)
+                row = _row(f"{name} + loader", bench, mode, batch, batch / rate, _peak_memory_gb(device),
+                           report.peak_tflops)
+                row.cores, row.note = workers, f"data.decode={decode}, {workers} worker(s), JPEG {kb:.0f} KB"
+                add(row)
+        _release(device)
     return report
 
 

@@ -46,6 +46,9 @@ class DataConfig(FrozenModel):
     root: str = "data/imagenet"  # ImageFolder tree with train/ and val/
     train_split: str = "train"
     val_split: str = "val"
+    # where the pretraining images are decoded: the loader's CPU workers (MAE's transform), or the
+    # training device (JPEG only; harness.data.gpu_decode) when the node's cores cannot keep up
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 class PretrainConfig(FrozenModel):
@@ -108,11 +111,11 @@ class RunConfig(FrozenModel):
     # --- identity ------------------------------------------------------------------------
     def run_id(self) -> str:
         """Stable id of this run (cell + seed): a hash of everything but ``runtime``."""
-        return _digest(self.model_dump(mode="json", exclude={"runtime"}))
+        return _digest(_identity(self.model_dump(mode="json", exclude={"runtime"})))
 
     def cell_id(self) -> str:
         """Stable id of the cell: like :meth:`run_id` but shared by all seeds."""
-        return _digest(self.model_dump(mode="json", exclude={"runtime", "seed"}))
+        return _digest(_identity(self.model_dump(mode="json", exclude={"runtime", "seed"})))
 
     # --- conversions ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +138,21 @@ class RunConfig(FrozenModel):
 
 # --- helpers ---------------------------------------------------------------------------------
 
+# Fields added after ids were first issued: left out of an id while they hold their default, so that
+# every run made before keeps its id (and its folder). The config sections of the evaluation protocols
+# registered after the first three count as such fields.
+_ADDED_FIELDS: tuple[tuple[str, str], ...] = (("data", "decode"),)
+_FIRST_PROTOCOLS = ("linear", "knn", "finetune")
+
+
+def _identity(data: dict[str, Any]) -> dict[str, Any]:
+    added = _ADDED_FIELDS + tuple(("eval", name) for name in PROTOCOLS if name not in _FIRST_PROTOCOLS)
+    for section, name in added:
+        if data.get(section, {}).get(name, _MISSING) == _DEFAULTS[section][name]:
+            del data[section][name]
+    return data
+
+
 def _digest(data: dict[str, Any]) -> str:
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
@@ -150,7 +168,9 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-FIELD_NAMES: frozenset[str] = frozenset(flatten(RunConfig().model_dump(mode="json")))
+_DEFAULTS: dict[str, Any] = RunConfig().model_dump(mode="json")
+_MISSING = object()
+FIELD_NAMES: frozenset[str] = frozenset(flatten(_DEFAULTS))
 
 
 def check_field(key: str) -> None:

@@ -23,6 +23,7 @@ from harness.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAIN_CROP_SCALE = (0.2, 1.0)  # MAE's RandomResizedCrop scale
 
 _LAYOUT_HINT = "point data.root at an ImageFolder tree with train/ and val/ (make one with `bench.py data demo DIR`)"
 
@@ -74,6 +75,34 @@ def _has_image(folder: Path) -> bool:
     return False
 
 
+# Pillow modes the loader turns into the right RGB image; 16-bit and float ones ("I;16", "I", "F")
+# it turns into pure white, so a run would train on blanks.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+SAMPLE_PER_SPLIT = 32
+
+
+def check_image_sample(root: Path | str, split: str, *, count: int = SAMPLE_PER_SPLIT, jpeg_only: bool = False) -> None:
+    """Open ``count`` images of ``root/split``, spread over its classes (a fixed choice): each must
+    decode, be 8-bit, and with ``jpeg_only`` be a JPEG; else a DatasetError naming the file."""
+    folder = Path(root) / split
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    step = max(1, len(files) // count)
+    for path in files[::step][:count]:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                mode, kind = image.mode, image.format
+        except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for a broken file
+            raise DatasetError(f"image {path} cannot be decoded ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:100] if str(err) else 'no detail'}): replace or remove it") from None
+        if mode not in EIGHT_BIT_MODES:
+            raise DatasetError(f"image {path} is {mode} (16-bit or float): the loader reads such images as white; "
+                               "convert the tree to 8-bit images")
+        if jpeg_only and kind != "JPEG":
+            raise DatasetError(f"image {path} is {kind}, not JPEG: data.decode=gpu decodes JPEG files only; "
+                               "use data.decode=cpu or convert the tree to JPEG")
+
+
 def image_folder(root: Path | str, split: str, transform: Transform | None) -> datasets.ImageFolder:
     """``ImageFolder`` over ``root/split``, validated first so errors are ``DatasetError``s."""
     check_image_folder(root, split)
@@ -91,7 +120,7 @@ def pretrain_transform(
     MAE recipe unchanged, including its bicubic resampling.
     """
     return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(img_size, scale=PRETRAIN_CROP_SCALE, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
@@ -124,6 +153,7 @@ def make_loader(
     seed: int,
     distributed: bool = False,
     sampler: Sampler | None = None,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` whose order and augmentations are a function of ``seed``.
 
@@ -150,6 +180,7 @@ def make_loader(
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
         **workers,
     )
 

@@ -7,7 +7,7 @@ import torch
 
 from harness.config import RunConfig
 from harness.core.errors import ConfigError
-from harness.data.datasets import check_image_folder
+from harness.data.datasets import check_image_folder, check_image_sample
 from harness.evaluate.protocols import PROTOCOLS
 from harness.milan.model import build_student
 from harness.milan.switches import needs_teacher
@@ -35,6 +35,7 @@ def preflight(cfg: RunConfig) -> None:
                           f"the student ({m.size} at {m.img_size}px) has {student_grid}x{student_grid}: "
                           "choose a teacher with the student's patch grid or change model.img_size")
     check_image_folder(cfg.data.root, cfg.data.train_split)
+    check_image_sample(cfg.data.root, cfg.data.train_split, jpeg_only=cfg.data.decode == "gpu")
     # protocols that read the same data share its check
     for check in dict.fromkeys(PROTOCOLS[name].check_data for name in cfg.eval.protocols):
         check(cfg)

@@ -93,7 +93,7 @@ CLS_FEATURES = FeatureSet("cls", _extract_cls)
 
 def _check_classification_data(cfg: Any) -> None:
     """The tree's train/ and val/ splits hold the same classes."""
-    from harness.data.datasets import DatasetError, check_image_folder
+    from harness.data.datasets import DatasetError, check_image_folder, check_image_sample
 
     d = cfg.data
     train_classes = check_image_folder(d.root, d.train_split)
@@ -105,6 +105,10 @@ def _check_classification_data(cfg: Any) -> None:
     if val_classes != train_classes:
         raise DatasetError(f"the {d.train_split}/ and {d.val_split}/ class folders differ "
                            f"under {d.root}: evaluation needs the same labels in both")
+    if len(train_classes) < 2:
+        raise DatasetError(f"{d.root}/{d.train_split} has one class ({train_classes[0]}): classification "
+                           "needs two or more; add classes or evaluate with other protocols")
+    check_image_sample(d.root, d.val_split)
 
 
 def _batch_splits(protocol: str, batch_size: int, world: int) -> None:
