@@ -12,13 +12,14 @@ pixels differ from it by the decoder's and the resampler's rounding. JPEG files 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
 from harness.data.datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_CROP_SCALE
@@ -28,7 +29,9 @@ PRETRAIN_CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as the CPU 
 
 class JpegCrops(Dataset):
     """``(file bytes, label, [top, left, height, width, flip])`` per image of an ImageFolder
-    dataset's samples; the crop and flip drawn from torch's RNG as the CPU transforms draw them."""
+    dataset's samples; the crop and flip drawn from torch's RNG as the CPU transforms draw them. The
+    bytes travel from the workers as plain ``bytes``: a tensor per file would be shared through a file
+    descriptor each, and a batch of hundreds ran out of them (``bench.py speed``)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]]) -> None:
         self.samples = list(samples)
@@ -36,27 +39,28 @@ class JpegCrops(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[bytes, int, torch.Tensor]:
         path, label = self.samples[index]
         with Image.open(path) as header:  # the size, from the header alone
             top, left, height, width = RandomResizedCrop.get_params(header, list(PRETRAIN_CROP_SCALE),
                                                                     list(PRETRAIN_CROP_RATIO))
         flip = bool(torch.rand(1) < 0.5)
-        return read_file(path), label, torch.tensor([top, left, height, width, int(flip)])
+        return Path(path).read_bytes(), label, torch.tensor([top, left, height, width, int(flip)])
 
 
-def collate_jpeg_crops(batch: Sequence[tuple[torch.Tensor, int, torch.Tensor]]) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                                                     torch.Tensor]:
+def collate_jpeg_crops(batch: Sequence[tuple[bytes, int, torch.Tensor]]) -> tuple[list[bytes], torch.Tensor,
+                                                                              torch.Tensor]:
     """The files' bytes stay a list (they differ in length); labels and crops are stacked."""
     data, labels, crops = zip(*batch)
     return list(data), torch.tensor(labels), torch.stack(crops)
 
 
-def decode_crops(batch: tuple[list[torch.Tensor], Any, torch.Tensor], img_size: int,
+def decode_crops(batch: tuple[list[bytes], Any, torch.Tensor], img_size: int,
                  device: torch.device) -> torch.Tensor:
     """A collated batch -> normalised images [N, 3, img_size, img_size] on ``device``."""
     data, _, crops = batch
-    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    encoded = [torch.frombuffer(bytearray(file), dtype=torch.uint8) for file in data]
+    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     out = torch.empty(len(images), 3, img_size, img_size, device=device)
     for k, (image, (top, left, height, width, flip)) in enumerate(zip(images, crops.tolist())):
         crop = image[:, top:top + height, left:left + width].unsqueeze(0).float()
