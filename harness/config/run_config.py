@@ -85,7 +85,7 @@ class RuntimeConfig(FrozenModel):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(8, ge=0)
-    compile: bool = False
+    compile: bool = False  # torch.compile the students and the teacher (bench.py speed measures what it buys)
     log_every: int = Field(20, gt=0)  # steps between logged metrics
     checkpoint_every: int = Field(500, gt=0)  # steps between checkpoints (one is written at the end)
     # every collective's limit, in minutes (torch.distributed's process-group timeout); ranks
