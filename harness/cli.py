@@ -51,6 +51,14 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_counts(*checks: tuple[str, int | float | None, int]) -> None:
+    """Each ``(option, value, least)``: a one-line UserError naming the option unless ``value >= least``
+    (``None``: not given). A typer ``min=`` would print click's multi-line usage box instead."""
+    for option, value, least in checks:
+        if value is not None and not value >= least:
+            raise UserError(f"{option} {value} is too small: give an integer >= {least}")
+
+
 def configure_logging() -> None:
     import logging
     # force: a library that logged through the root logger before this (open_clip loading the
@@ -237,6 +245,7 @@ def status_command(
     lines: Annotated[int, typer.Option(help="Log lines shown per failed cell.")] = 8,
 ) -> None:
     """Each cell's state (pending, running, requeued, preempted, done, failed) from its folder and Slurm."""
+    check_counts(("--lines", lines, 1))
     from harness.launch.status import show_status
 
     show_status(grid, runs_dir, echo=typer.echo, log_lines=lines)
@@ -277,6 +286,8 @@ def teacher_demo(
     from harness.data.demo import make_demo_dataset
     from harness.data.demo_teacher import read_report, train_demo_teacher
 
+    check_counts(("--epochs", epochs, 1))
+    ensure_writable_dir(out.parent, "--out's folder")
     report = None if force else read_report(out)
     if report is None:
         make_demo_dataset(data)
@@ -350,7 +361,7 @@ def ui_command(
         return
     if port_in_use(port, "127.0.0.1"):
         raise UserError(f"port {port} on 127.0.0.1 is in use: pick another with --port")
-    check_store(uri)
+    check_store(uri, must_exist=True)  # the UI opens a store; it never creates or migrates one
     typer.echo(f"starting the MLflow UI for {display_uri(uri)} ...", err=True)
 
     def ready(url: str, log_path: Path) -> None:
@@ -406,6 +417,9 @@ def report_bench_command(
 ) -> None:
     """Time a report over synthetic runs read from a real SQLite MLflow store and their run folders
     (prints seconds)."""
+    check_counts(("--runs", runs, 1), ("--steps", steps, 1))
+    if store is not None:
+        ensure_writable_dir(store.parent, "--store's folder")
     from harness.benchmarks.report_bench import report_lines, run_benchmark
 
     typer.echo(report_lines(run_benchmark(runs, steps, store)))
@@ -440,8 +454,9 @@ def share_bench_command(
     cells, and the paper grid's FLOPs per image shared vs not. Runs the grid here (minutes)."""
     if seeds < 1:
         raise UserError(f"--seeds {seeds} is too few: give at least 1 (3 for the interval comparison)")
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty: the benchmark starts from nothing; remove it or give another")
+    ensure_writable_dir(out, "--out")
     from harness.benchmarks.share_bench import report_lines, share_bench
 
     typer.echo(report_lines(share_bench(out, seeds, independent and seeds > 1)))
@@ -502,10 +517,8 @@ def speed_command(
 ) -> None:
     """Training-step throughput and MFU of the pretraining loop's own step, per cell, compiled or not,
     for a group job, at the largest batch that fits; and the loader's images/s per CPU core."""
-    for option, value, least in (("--img-size", img_size, 1), ("--batch", batch, 1), ("--steps", steps, 1),
-                                 ("--warmup", warmup, 0), ("--threads", threads, 1), ("--max-batch", max_batch, 0)):
-        if value is not None and value < least:
-            raise UserError(f"{option} {value} is too small: give an integer >= {least}")
+    check_counts(("--img-size", img_size, 1), ("--batch", batch, 1), ("--steps", steps, 1), ("--warmup", warmup, 0),
+                 ("--threads", threads, 1), ("--max-batch", max_batch, 0))
     chosen, modes = [c.strip() for c in cells.split(",") if c.strip()], [m.strip() for m in compile.split(",") if m.strip()]
     workers = [w.strip() for w in loader_workers.split(",") if w.strip()]
     compiled = [c.strip() for c in compile_cells.split(",") if c.strip()] if compile_cells is not None else chosen

@@ -135,20 +135,32 @@ def test_two_seed_grid_gives_effects_with_intervals_verdicts_and_forest_plot(
 
 def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cell that crashes ends failed (exit code 1) with its reason and the tail of its log."""
+    """A cell that fails at run time ends failed (exit code 1) with its reason and the tail of its log."""
     monkeypatch.chdir(tmp_path)
     grid = {"name": "broken", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
-            "axes": {"pretrain.batch_size": [1000]}, "resources": {"time_min": 10}, "random_init": False}
+            "axes": {"pretrain.lr": [1e12]}, "resources": {"time_min": 10}, "random_init": False}
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(grid))
     code, out = invoke("ablate", str(path), "--executor", "local",
                        "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}")
     assert code == 1, out
-    assert re.search(r"FAILED batch_size=1000 seed=0 at stage pretrain: ConfigError: the training split has "
-                     r"300 images, fewer than one step \(1000\)", out), out
-    assert "| harness.core.errors.ConfigError" in out  # the last lines of the job's stderr
+    assert re.search(r"FAILED lr=1000000000000.0 seed=0 at stage pretrain: loss became (nan|inf) at step \d+", out), out
+    assert "_log.err:" in out and "| " in out  # the last lines of the job's log
     code, status = invoke("status", "broken")
-    assert "grid broken: 1 failed" in status and "fewer than one step" in status
+    assert "grid broken: 1 failed" in status and "loss became" in status
+
+
+def test_a_train_split_smaller_than_one_step_is_refused_before_anything_is_submitted(
+        demo_assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    grid = {"name": "tiny", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
+            "axes": {"pretrain.batch_size": [1000]}, "random_init": False}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    code, out = invoke("ablate", str(path), "--executor", "local", "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}")
+    assert code == 2 and "has 300 images, fewer than one optimizer step (1000 x 1 accumulation x 1 rank(s))" in out
+    assert "Traceback" not in out and not (tmp_path / "s.db").exists()
+    assert [p.name for p in (tmp_path / "runs" / "tiny").iterdir()] == [".lock"]  # no cell folder, no record
 
 
 def test_sigterm_with_busy_dataloader_workers_is_requeued_not_failed(

@@ -213,7 +213,7 @@ def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch
 
     calls: list[str] = []
 
-    def fake_preflight(cfg) -> None:
+    def fake_preflight(cfg, **where) -> None:
         calls.append(cfg.run_id())
         if cfg.model.mask_ratio == 0.9:
             raise ConfigError("shapes do not fit")

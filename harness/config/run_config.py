@@ -61,7 +61,7 @@ class PretrainConfig(FrozenModel):
     lr: float | None = Field(None, gt=0)  # absolute lr; overrides base_lr when set
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's, each in [0, 1)
     clip_grad: float | None = Field(None, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
@@ -104,6 +104,8 @@ class RunConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RunConfig":
+        if not all(0 <= beta < 1 for beta in self.pretrain.betas):
+            raise ValueError(f"pretrain.betas {list(self.pretrain.betas)}: AdamW's betas lie in [0, 1), e.g. [0.9, 0.95]")
         if self.pretrain.warmup_epochs > self.pretrain.epochs:
             raise ValueError("pretrain.warmup_epochs is longer than pretrain.epochs")
         return self

@@ -8,6 +8,7 @@ fails with one actionable line instead of a FileNotFoundError traceback from dee
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,15 @@ def check_image_folder(root: Path | str, split: str) -> list[str]:
             f"class folders without images in {folder}: {', '.join(empty)}: add images or remove these folders"
         )
     return classes
+
+
+@functools.cache
+def count_images(folder: Path) -> int | None:
+    """Files in an ImageFolder split (class sub-folders), or None when it is not there."""
+    if not folder.is_dir():
+        return None
+    return sum(sum(1 for f in os.scandir(d.path) if f.is_file())
+               for d in os.scandir(folder) if d.is_dir())
 
 
 def _has_image(folder: Path) -> bool:

@@ -8,22 +8,13 @@ included. CPU cells report no GPU-hours.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.data.datasets import count_images
 from harness.grid import Cell, Grid
-
-
-@functools.cache
-def count_images(folder: Path) -> int | None:
-    """Files in an ImageFolder split (class sub-folders), or None when it is not there."""
-    if not folder.is_dir():
-        return None
-    return sum(sum(1 for f in os.scandir(d.path) if f.is_file())
-               for d in os.scandir(folder) if d.is_dir())
 
 
 def gpu_hours(grid: Grid) -> dict[str, float | str | None]:

@@ -31,8 +31,8 @@ import submitit
 from harness.config import RunConfig, parse_config
 from harness.launch.records import close_parent_if_settled
 from harness.run.cell_state import CellState
-from harness.run.folder import (METRICS_FILE, SchedulerStopWatch, check_owner, hold, job_id_here, read_status,
-                                stopped_by_scheduler, write_status)
+from harness.run.folder import (METRICS_FILE, SchedulerStopWatch, check_owner, failure_reason, hold, job_id_here,
+                                mark_unfinished, stopped_by_scheduler)
 from harness.tracking import Mirror, Store, limit_http
 from harness.train.metrics_log import JsonlLogger
 
@@ -82,7 +82,7 @@ class GroupJob(submitit.helpers.Checkpointable):
         job = {"job": job_id_here(), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
 
         def stopping(signal_name: str) -> None:  # the scheduler's SIGTERM: record it at once
-            self._mark_unfinished(CellState.REQUEUED, f"stopped by the scheduler ({signal_name})")
+            mark_unfinished(self.run_dirs, CellState.REQUEUED, f"stopped by the scheduler ({signal_name})")
 
         try:
             with SchedulerStopWatch(on_stop=stopping if main else None) as watch, self._mirror(run_dirs, main):
@@ -92,20 +92,14 @@ class GroupJob(submitit.helpers.Checkpointable):
                 except Exception as err:
                     if main:
                         why = stopped_by_scheduler(err, watch)
-                        self._mark_unfinished(CellState.REQUEUED if why else CellState.FAILED,
-                                              why or f"{type(err).__name__}: {err}")
+                        mark_unfinished(self.run_dirs, CellState.REQUEUED if why else CellState.FAILED,
+                                        why or failure_reason(err))
                     raise
         finally:  # done or failed, these cells may be the last of their ablate to settle
             if main and self.store and self.tracking_run_ids:
                 close_parent_if_settled(run_dirs[0].parent)
         return {d.name: {"state": r.state.value, "metrics": r.metrics, "reason": r.failure_reason}
                 for d, r in zip(run_dirs, results)}
-
-    def _mark_unfinished(self, state: CellState, reason: str) -> None:
-        """Record ``state`` for every cell of the group that has not ended (done or failed)."""
-        for run_dir in map(Path, self.run_dirs):
-            if not CellState.parse(read_status(run_dir).get("state"), CellState.MISSING).terminal:
-                write_status(run_dir, state, reason=reason)
 
     def _mirror(self, run_dirs: list[Path], main: bool) -> contextlib.AbstractContextManager[Any]:
         runs = [(d, run_id) for d, run_id in zip(run_dirs, self.tracking_run_ids or []) if run_id]
@@ -117,8 +111,8 @@ class GroupJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2 (time limit or preemption), on global rank 0 only."""
         try:
-            self._mark_unfinished(CellState.REQUEUED,
-                                  "time limit or preemption (USR2): requeued, resumes from its last checkpoint")
+            mark_unfinished(self.run_dirs, CellState.REQUEUED,
+                            "time limit or preemption (USR2): requeued, resumes from its last checkpoint")
         except Exception as err:  # noqa: BLE001 - never block the requeue on bookkeeping
             log.warning("could not record the requeue of %s: %s", self.run_dirs, err)
         return super().checkpoint(*args, **kwargs)

@@ -37,18 +37,19 @@ def _stat(path: str | Path | None) -> list[int] | None:
     return [st.st_mtime_ns, st.st_size] if st else None
 
 
-def _fingerprint(cfg: RunConfig, commit: str | None) -> str:
-    """The sections harness.run.preflight reads, and the state of the files it reads."""
+def _fingerprint(cfg: RunConfig, commit: str | None, world_size: int, here: bool) -> str:
+    """The sections harness.run.checks.preflight reads, and the state of the files it reads."""
     data, d, t = cfg.to_dict(), cfg.data, cfg.teacher
-    signature = {"model": data["model"], "teacher": data["teacher"], "data": data["data"],
-                 "protocols": data["eval"]["protocols"]}
+    signature = {"model": data["model"], "teacher": data["teacher"], "data": data["data"], "eval": data["eval"],
+                 "pretrain": data["pretrain"], "device": data["runtime"]["device"] if here else None,
+                 "world_size": world_size}
     inputs = {"signature": signature, "commit": commit,
               "splits": [_stat(Path(d.root) / split) for split in (d.train_split, d.val_split)],
               "teacher": [_stat(t.pretrained), _stat(t.model if t.model.endswith(".json") else None)]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
+def check_configs(grid: Grid, cache_dir: Path | None = None, here: bool = True) -> None:
     """harness.run.checks.preflight once per fingerprint that has not passed (per ``cache_dir``'s record)."""
     cache_path = cache_dir / CACHE_FILE if cache_dir else None
     cached = read_json(cache_path) if cache_path else None
@@ -56,7 +57,7 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
     commit = git_commit_of()
     todo: dict[str, tuple[str, RunConfig]] = {}
     for cell in grid.cells:
-        key = _fingerprint(cell.config, commit)
+        key = _fingerprint(cell.config, commit, grid.resources.world_size, here)
         if key not in passed and key not in todo:
             todo[key] = (cell.name, cell.config)
     if not todo:
@@ -65,7 +66,7 @@ def check_configs(grid: Grid, cache_dir: Path | None = None) -> None:
 
     for key, (name, cfg) in todo.items():
         try:
-            preflight(cfg)
+            preflight(cfg, world_size=grid.resources.world_size, here=here)
         except UserError as err:
             raise type(err)(f"cell {name}: {err}") from None
         passed.append(key)
@@ -108,4 +109,4 @@ def check_resources(grid: Grid, executor: str) -> None:
 def preflight_grid(grid: Grid, executor: str, cache_dir: Path | None = None) -> None:
     check_settings(grid)
     check_resources(grid, executor)
-    check_configs(grid, cache_dir)
+    check_configs(grid, cache_dir, here=executor != "slurm")

@@ -2,12 +2,15 @@
 weights, the student's shapes, the pretraining data, and the data of each evaluation protocol it
 selects (its own check, from the registry). Raises a one-line UserError."""
 
+from pathlib import Path
+
 import open_clip
 import torch
 
 from harness.config import RunConfig
 from harness.core.errors import ConfigError
-from harness.data.datasets import check_image_folder, check_image_sample
+from harness.core.distributed import resolve_device
+from harness.data.datasets import check_image_folder, check_image_sample, count_images
 from harness.evaluate.protocols import PROTOCOLS
 from harness.milan.model import build_student
 from harness.milan.switches import needs_teacher
@@ -15,8 +18,11 @@ from harness.milan.presets import PRESETS
 from harness.milan.teacher import check_teacher_weights, resolve_model_name
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Everything that can be checked before any training: raises a one-line UserError."""
+def preflight(cfg: RunConfig, *, world_size: int = 1, here: bool = True) -> None:
+    """Everything that can be checked before any training: raises a one-line UserError. ``world_size``:
+    the ranks the run trains on; ``here``: it runs on this machine (its device is checked)."""
+    if here:
+        resolve_device(cfg.runtime.device)
     m = cfg.model
     teacher_grid = None
     if needs_teacher(m.target, m.masking):
@@ -36,6 +42,13 @@ def preflight(cfg: RunConfig) -> None:
                           "choose a teacher with the student's patch grid or change model.img_size")
     check_image_folder(cfg.data.root, cfg.data.train_split)
     check_image_sample(cfg.data.root, cfg.data.train_split, jpeg_only=cfg.data.decode == "gpu")
+    p = cfg.pretrain
+    step = p.batch_size * p.accum_steps * world_size
+    images = count_images(Path(cfg.data.root) / cfg.data.train_split) or 0
+    if p.epochs and images < step:
+        raise ConfigError(f"the training split {cfg.data.root}/{cfg.data.train_split} has {images} images, fewer "
+                          f"than one optimizer step ({p.batch_size} x {p.accum_steps} accumulation x {world_size} "
+                          "rank(s)): lower pretrain.batch_size or pretrain.accum_steps")
     # protocols that read the same data share its check
     for check in dict.fromkeys(PROTOCOLS[name].check_data for name in cfg.eval.protocols):
         check(cfg)

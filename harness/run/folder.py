@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,19 @@ def write_status(run_dir: Path, state: CellState, *, new_attempt: bool = False, 
     write_json_atomic(run_dir / STATUS_FILE, status)
 
 
+def mark_unfinished(run_dirs: Sequence[Path], state: CellState, reason: str) -> None:
+    """Record ``state`` for every run of ``run_dirs`` that has not ended (done or failed)."""
+    for run_dir in map(Path, run_dirs):
+        if not CellState.parse(read_status(run_dir).get("state"), CellState.MISSING).terminal:
+            write_status(run_dir, state, reason=reason)
+
+
+def failure_reason(err: BaseException) -> str:
+    """An error as a run's one-line reason: a UserError's own message, else its type and first line."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return first if isinstance(err, UserError) else f"{type(err).__name__}: {first}"
+
+
 def job_id_here() -> str:
     """This process's job: the Slurm array task or job id, else ``pid <n>@<host>``."""
     env = os.environ
@@ -143,6 +156,9 @@ class SchedulerStopWatch:
             self.on_stop(self.signal)
         if callable(self._previous):
             self._previous(signum, frame)
+        elif self._previous == signal.SIG_DFL:  # the process's own behaviour: it terminates
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:

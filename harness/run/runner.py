@@ -19,8 +19,8 @@ from harness.core.files import write_json_atomic
 from harness.milan.weights import build_timm_vit, load_encoder_into_timm
 from harness.run.cell_state import CellState
 from harness.run.evaluation import evaluate_encoder
-from harness.run.folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, check_owner, read_results,
-                                stopped_by_scheduler, write_status)
+from harness.run.folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, SchedulerStopWatch, check_owner,
+                                failure_reason, mark_unfinished, read_results, stopped_by_scheduler, write_status)
 from harness.train.checkpoint import load_latest
 from harness.train.metrics_log import JsonlLogger
 from harness.train.pretrain import PretrainResult, TrainingFailed, pretrain_group
@@ -68,7 +68,16 @@ def run_group(cfgs: Sequence[RunConfig], run_dirs: Sequence[Path], loggers: Sequ
     env = init_distributed(device, cfgs[0].runtime.dist_timeout_min)
     loggers = list(loggers) if loggers else [JsonlLogger(d / METRICS_FILE) for d in run_dirs]
     try:
-        return _run_group(list(cfgs), run_dirs, loggers, device, env, job_fields or {})
+        with SchedulerStopWatch() as watch:
+            return _run_group(list(cfgs), run_dirs, loggers, device, env, job_fields or {})
+    except KeyboardInterrupt:
+        if env.is_main:
+            mark_unfinished(run_dirs, CellState.REQUEUED, "interrupted (Ctrl-C): resumes from its last checkpoint")
+        raise
+    except Exception as err:
+        if env.is_main and not stopped_by_scheduler(err, watch):  # a stop is the job's to record (requeued)
+            mark_unfinished(run_dirs, CellState.FAILED, failure_reason(err))
+        raise
     finally:
         shutdown(env)
 

@@ -106,13 +106,40 @@ def _check_sqlite(path: Path, must_exist: bool) -> None:
         return
     if not os.access(path, os.R_OK):
         raise TrackingError(f"SQLite store {path} is not readable: fix its permissions")
-    if path.stat().st_size == 0:
-        return
-    with path.open("rb") as f:
-        if f.read(16) != b"SQLite format 3\x00":
-            raise TrackingError(f"{path} is not a SQLite database: give the path of an MLflow store")
+    if path.stat().st_size:
+        with path.open("rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise TrackingError(f"{path} is not a SQLite database: give the path of an MLflow store")
+    tables = _sqlite_tables(path) if path.stat().st_size else set()
+    if tables and not MLFLOW_TABLES <= tables:
+        raise TrackingError(f"{path} is a database of another program (tables {', '.join(sorted(tables)[:5])}"
+                            f"{', ...' if len(tables) > 5 else ''}), not an MLflow store: milan-bench writes no table "
+                            "into it; give the path of an MLflow store, or a new file")
+    if must_exist and not tables:
+        raise TrackingError(f"{path} holds no MLflow store (it is empty): run `bench.py ablate` first, or pass "
+                            "--tracking-uri of the store that holds the runs")
     if not must_exist and not os.access(path, os.W_OK):
         raise TrackingError(f"SQLite store {path} is read-only: fix its permissions")
+
+
+# The tables that make a SQLite file an MLflow store (MLflow's schema has more; these are its core).
+MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs", "metrics", "params", "tags"})
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    """The table names of a SQLite file, read through SQLAlchemy's inspector on a read-only
+    connection: deciding whether a file is an MLflow store must not write to it (MLflow's own client
+    creates its tables in any database it opens)."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    try:
+        return set(inspect(engine).get_table_names())
+    except Exception as err:  # noqa: BLE001 - a locked, torn or encrypted file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrackingError(f"SQLite store {path} cannot be read ({first[:160]}): check the file") from None
+    finally:
+        engine.dispose()
 
 
 def _check_other(uri: str, timeout_s: float) -> None:
@@ -143,8 +170,9 @@ def _check_other(uri: str, timeout_s: float) -> None:
 
 def check_store(uri: str, timeout_s: float = 5, *, must_exist: bool = False) -> None:
     """Raise :class:`TrackingError` within about ``timeout_s`` unless ``uri`` is usable: a server or
-    other store answers one call (no retries); a SQLite file (or its folder) is there and accessible,
-    and with ``must_exist`` already exists (a report must not create an empty store)."""
+    other store answers one call (no retries); a SQLite file is an MLflow store, or a new or empty file
+    in a writable folder (never another program's database). With ``must_exist`` (``ui``, ``report``:
+    readers create and migrate nothing) it must already be an MLflow store."""
     if is_http(uri):
         _check_http(uri, timeout_s)
     elif (path := sqlite_path(uri)) is not None:

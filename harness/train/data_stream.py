@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from harness.data.datasets import image_folder, make_loader, pretrain_transform
+from harness.data.datasets import DatasetError, image_folder, make_loader, pretrain_transform
 from harness.data.gpu_decode import JpegCrops, collate_jpeg_crops, decode_crops
 from harness.train.sampler import ResumableSampler, SeededSamples
 
@@ -38,7 +38,10 @@ class PretrainStream:
         self._batches = iter(self.loader)
 
     def next(self) -> torch.Tensor:
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except DatasetError as err:  # raised again in this process with the worker's traceback as its text
+            raise DatasetError(str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
         if self.gpu:
             return decode_crops(batch, self.img_size, self.device)
         return batch[0].to(self.device, non_blocking=True)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from harness.data.datasets import DatasetError
+
 
 def sample_key(seed: int, epoch: int, position: int) -> int:
     """The seed of the augmentation of the image at ``position`` of ``epoch``'s order."""
@@ -70,5 +72,10 @@ class SeededSamples(Dataset):
             random.seed(key)
             try:
                 return self.dataset[index]
+            except Exception as err:  # a file the preflight's sample did not include
+                path = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"item {index}"
+                detail = (str(err).strip().splitlines() or [""])[0][:120]
+                raise DatasetError(f"image {path} cannot be read ({type(err).__name__}: {detail}): replace or "
+                                   "remove it, then run again (the run resumes from its checkpoint)") from None
             finally:
                 random.setstate(python_state)

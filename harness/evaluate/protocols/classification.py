@@ -10,6 +10,7 @@ The two frozen protocols share one extraction of the cls features (:data:`CLS_FE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -131,11 +132,21 @@ def _run_knn(features: LabelledFeatures, ctx: EvalContext) -> dict[str, float]:
     return average_over_ranks(votes, len(features.val_y[mine]), ctx.device)
 
 
+def _check_knn_data(cfg: Any) -> None:
+    from harness.data.datasets import count_images
+
+    _check_classification_data(cfg)
+    images = count_images(Path(cfg.data.root) / cfg.data.train_split) or 0
+    if cfg.eval.knn.k > images:
+        raise UserError(f"eval.knn.k={cfg.eval.knn.k} is more than the {images} training images of {cfg.data.root}: "
+                        f"give k <= {images} (DINO's recipe: 20)")
+
+
 KNN = Protocol(
     name="knn", settings=KnnSettings, features=CLS_FEATURES, run=_run_knn, headline_rank=2, on_by_default=True,
     metrics=(Metric("knn_top1", "k-NN top-1 (%)"), Metric("knn_top5", "k-NN top-5 (%)")),
     micro=lambda s, world: {"k": min(s.k, 10)},
-    check_data=_check_classification_data,
+    check_data=_check_knn_data,
 )
 
 
