@@ -8,8 +8,10 @@ Also the one check that an output folder is writable before a command starts its
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +20,23 @@ from typing import Any, BinaryIO
 from harness.core.errors import UserError
 
 
+class DiskFull(UserError):
+    """A write ran out of space; the message names the path, the space needed and the space free."""
+
+
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, *, durable: bool = False) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, *, durable: bool = False, size: int | None = None) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary sibling, renamed over ``path`` when the
     block ends without an error (removed otherwise). ``durable`` also flushes the file and the
-    rename to disk (checkpoints: a crash of the machine, not only of the process, keeps one)."""
+    rename to disk (checkpoints: a crash of the machine, not only of the process, keeps one).
+    A write that runs out of space raises :class:`DiskFull` (``size``: about how many bytes the
+    file needs), whatever the writer made of the error (torch's says "unexpected pos")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _disk_full(path, size) if err.errno == errno.ENOSPC else err from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -33,8 +44,10 @@ def atomic_writer(path: str | os.PathLike, *, durable: bool = False) -> Iterator
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and _out_of_space(err, path, size):
+            raise _disk_full(path, size) from None
         raise
     if durable:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -44,10 +57,24 @@ def atomic_writer(path: str | os.PathLike, *, durable: bool = False) -> Iterator
             os.close(dir_fd)
 
 
+def _out_of_space(err: Exception, path: Path, size: int | None) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return shutil.disk_usage(path.parent).free < max(size or 0, 1 << 20)  # the writer hid the ENOSPC
+
+
+def _disk_full(path: Path, size: int | None) -> DiskFull:
+    free = shutil.disk_usage(path.parent).free
+    need = f"about {size / 2**20:,.1f} MB needed, " if size else ""
+    return DiskFull(f"no space left on the device of {path} ({need}{free / 2**20:,.1f} MB free): free space there, "
+                    "or point the run's folder (--runs-dir, --out) at another disk")
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    with atomic_writer(path) as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+    data = data.encode() if isinstance(data, str) else data
+    with atomic_writer(path, size=len(data)) as f:
+        f.write(data)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

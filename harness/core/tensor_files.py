@@ -10,9 +10,20 @@ from harness.core.files import atomic_writer
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` into ``path``: a kill at any moment leaves the previous file or this one whole."""
-    with atomic_writer(path, durable=True) as f:
+    """``torch.save`` into ``path``: a kill at any moment leaves the previous file or this one whole; a
+    full disk is one line naming the path and the space the tensors need (:class:`~harness.core.files.DiskFull`)."""
+    with atomic_writer(path, durable=True, size=_tensor_bytes(state)) as f:
         torch.save(state, f)
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def load_tensors(path: Path) -> Any:

@@ -23,7 +23,7 @@ from harness.launch.records import (GRID_FILE, LAUNCH_FILE, GridRecord, LaunchRe
 from harness.run.cell_state import CellState
 from harness.tracking import (ARTIFACTS_DIR, DB_NAME, Store, bounded_http, check_store, create_cell_runs,
                               SERVER_DIR, default_tracking_uri, ensure_server, per_run, prepare_store, schema, set_state,
-                              sqlite_path, sqlite_uri, start_parent_run, sync_run)
+                              sqlite_path, sqlite_uri, start_parent_run, store_writes, sync_run)
 
 Echo = Callable[[str], None]
 
@@ -53,6 +53,11 @@ def register(plan: Plan, store: Store, *, options: str, margin: float | None, re
     """Everything ``ablate`` writes before it submits, in ``store`` (:func:`open_store`); ``options``
     are the command line's changes to the grid (:func:`grid_options`), ``reuse_runs`` False gives
     restarted cells fresh runs."""
+    with store_writes(store.writer_uri() or store.backend):
+        return _register(plan, store, options=options, margin=margin, reuse_runs=reuse_runs)
+
+
+def _register(plan: Plan, store: Store, *, options: str, margin: float | None, reuse_runs: bool) -> Registration:
     grid, gdir = plan.grid, plan.gdir
     previous = read_record(gdir / GRID_FILE, GridRecord)
     same_store = previous is not None and previous.store == store
@@ -116,9 +121,15 @@ def send_backlog(cell_views: Sequence[CellView], store: Store, echo: Echo) -> No
     if not behind:
         return
     uri = store.writer_uri() or store.backend
-    with bounded_http():
-        for v in behind:
-            sync_run(v.folder, uri, v.record.tracking_run_id)
+    try:
+        with bounded_http(), store_writes(uri):
+            for v in behind:
+                sync_run(v.folder, uri, v.record.tracking_run_id)
+    except Exception as err:  # noqa: BLE001 - what is not sent waits in the run folders
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        echo(f"warning: MLflow did not take what {len(behind)} finished cell(s) logged ({reason}); it waits in "
+             "their run folders and goes out with the next `ablate`")
+        return
     echo(f"sent MLflow what {len(behind)} finished cell(s) logged while it was unreachable")
 
 

@@ -182,7 +182,12 @@ def check_pretrained(model: str, pretrained: str | None) -> None:
 
 @cache
 def _fits(name: str, checkpoint: str, mtime_ns: int, size: int) -> None:
-    build_teacher(name, checkpoint)  # raises ConfigError when the weights do not fit
+    teacher = build_teacher(name, checkpoint)  # raises ConfigError when the weights do not fit
+    bad = [key for key, value in teacher.visual.state_dict().items() if value.is_floating_point()
+           and not torch.isfinite(value).all()]
+    if bad:
+        raise ConfigError(f"teacher checkpoint {checkpoint} holds non-finite weights ({len(bad)} tensors, e.g. "
+                          f"{bad[0]}): its targets would be NaN; use a checkpoint of a finished training")
 
 
 def check_teacher_weights(model: str, pretrained: str | None) -> None:
@@ -193,6 +198,9 @@ def check_teacher_weights(model: str, pretrained: str | None) -> None:
     check_pretrained(name, pretrained)
     if pretrained and _is_checkpoint_path(pretrained):
         stat = Path(pretrained).stat()
+        if stat.st_size == 0:
+            raise ConfigError(f"teacher checkpoint {pretrained} is empty (0 bytes): copy it again, or train it again "
+                              "(`bench.py teacher demo --force` for the demo teacher)")
         _fits(name, str(Path(pretrained).resolve()), stat.st_mtime_ns, stat.st_size)
 
 
@@ -214,4 +222,8 @@ def build_teacher(model: str, pretrained: str | None, normalize: str = "imagenet
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"teacher checkpoint {pretrained} does not fit model {name} ({first}): "
                           "use the model name the checkpoint was trained with") from None
+    except Exception as err:  # noqa: BLE001 - a torn, empty or foreign file fails in torch's loader in many ways
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"teacher checkpoint {pretrained} cannot be read ({type(err).__name__}: {first[:120]}): "
+                          "copy it again or give another teacher.pretrained") from None
     return ClipTeacher(clip.visual, normalize=normalize)

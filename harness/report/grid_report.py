@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from harness.config import load_yaml
 from harness.core.errors import UserError
 
 Echo = Callable[[str], None]
@@ -25,13 +26,7 @@ def grid_name(grid: str) -> str:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise UserError(f"grid file {grid} does not exist: give a grid YAML or a grid name")
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise UserError(f"{grid} is not valid YAML ({str(err).splitlines()[0]})") from None
-        data = data if isinstance(data, dict) else {}
+        data = load_yaml(path)
         tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
         name = tracking.get("experiment") or data.get("name")
         return str(name) if name else path.stem

@@ -48,6 +48,7 @@ from harness.tracking.store import (  # noqa: E402
     prepare_store,
     sqlite_path,
     sqlite_uri,
+    store_writes,
 )
 from harness.tracking.sync import Mirror, backlog, sync_run  # noqa: E402
 
@@ -56,5 +57,5 @@ __all__ = [
     "create_cell_runs", "default_tracking_uri", "display_uri", "ensure_server", "experiment_exists",
     "experiment_links", "is_http", "limit_http", "log_artifacts", "per_run", "port_in_use", "prepare_store",
     "read_state", "resolve_store", "run_state", "schema", "serve_ui", "server_answers", "set_run_tags", "set_state", "sqlite_path",
-    "sqlite_uri", "start_parent_run", "stop_server", "sync_run",
+    "sqlite_uri", "start_parent_run", "stop_server", "store_writes", "sync_run",
 ]

@@ -181,6 +181,18 @@ def check_store(uri: str, timeout_s: float = 5, *, must_exist: bool = False) -> 
         _check_other(uri, timeout_s)
 
 
+@contextlib.contextmanager
+def store_writes(uri: str) -> Iterator[None]:
+    """Writes to the store at ``uri``: SQLite's "database or disk is full" becomes one line naming it."""
+    try:
+        yield
+    except Exception as err:
+        if "disk is full" not in str(err) and "No space left" not in str(err):
+            raise
+        raise TrackingError(f"the tracking store {display_uri(uri)} cannot be written: no space left on its "
+                            "device; free space there (the runs keep their metrics in their folders meanwhile)") from None
+
+
 def _http_limits(retries: int, timeout_s: float) -> dict[str, str]:
     """MLflow's HTTP client settings that make it give up after ``retries`` retries and ``timeout_s``
     per request (its defaults retry for minutes)."""
