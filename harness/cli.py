@@ -219,7 +219,12 @@ def ablate_command(
                             seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
                             tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()),
                             rehearse=rehearse, margin=margin, share=share)
-    outcome = ablate(request, echo=typer.echo)
+    try:
+        outcome = ablate(request, echo=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the cells running here were stopped and resume from their last checkpoints; run "
+                   "the same command again to continue (cells on Slurm keep running)", err=True)
+        raise typer.Exit(130) from None
     if outcome.waited and outcome.record is not None and outcome.record.store is not None:
         from harness.report.grid_report import write_grid_report
 

@@ -12,12 +12,15 @@ before writing its result (see :mod:`harness.launch.slurm`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import submitit
 
 from harness.core.errors import UserError
@@ -92,18 +95,22 @@ def submit_array(executor: submitit.Executor, jobs: Sequence[Callable[[], Any]])
 
 
 def run_local(executor: submitit.LocalExecutor, jobs: Sequence[Callable[[], Any]], concurrency: int,
-              on_start: Callable[[int, submitit.Job], None],
+              on_start: Callable[[int, submitit.Job], None], log: Path,
               on_tick: Callable[[], None] = lambda: None, poll_s: float = 1.0) -> None:
     """Run ``jobs`` as local processes, at most ``concurrency`` at a time, until all end;
-    ``on_start(i, job)`` as job ``i`` starts, ``on_tick()`` after each poll. Any exception
-    (Ctrl-C too) cancels the running jobs."""
+    ``on_start(i, job)`` as job ``i`` starts, ``on_tick()`` after each poll. Any exception (Ctrl-C
+    too) cancels the running jobs and returns once they have exited. submitit's process that runs a
+    local job writes to ``log`` (a Ctrl-C made each print a traceback on the terminal); the job's own
+    output goes to its log files as before."""
     queue = list(enumerate(jobs))
     running: list[submitit.Job] = []
     try:
         while queue or running:
             while queue and len(running) < concurrency:
                 index, job = queue.pop(0)
-                on_start(index, started := executor.submit(job))
+                with _output_to(log):
+                    started = executor.submit(job)
+                on_start(index, started)
                 running.append(started)
             time.sleep(poll_s)
             running = [j for j in running if not j.done()]  # a process poll: never blocks
@@ -111,7 +118,34 @@ def run_local(executor: submitit.LocalExecutor, jobs: Sequence[Callable[[], Any]
     except BaseException:
         for job in running:
             job.cancel(check=False)
+        psutil.wait_procs([p for p in map(_process, running) if p is not None], timeout=60)
         raise
+
+
+def _process(job: submitit.Job) -> psutil.Process | None:
+    with contextlib.suppress(psutil.Error, ValueError):
+        return psutil.Process(int(job.job_id))  # a local job's id is its process id
+    return None
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Processes started in the block write their stdout and stderr to ``path`` (they inherit the
+    descriptors); this process's own are restored after."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as target:
+        os.dup2(target.fileno(), 1)
+        os.dup2(target.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def run_debug(folder: Path, jobs: Sequence[Callable[[], Any]], on_start: Callable[[int, submitit.Job], None]) -> None:

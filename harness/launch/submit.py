@@ -26,7 +26,7 @@ from harness.launch.plan import Plan, job_time_limit
 from harness.launch.records import LAUNCH_FILE, SUBMITIT_DIR, LaunchRecord, Submission, link_logs, write_record
 from harness.launch.register import Registration
 from harness.run.cell_state import CellState
-from harness.run.folder import write_status
+from harness.run.folder import mark_unfinished, write_status
 from harness.tracking import per_run, schema, set_run_tags
 
 Echo = Callable[[str], None]
@@ -75,7 +75,13 @@ class Submitter:
         def started(k: int, job: submitit.Job) -> None:
             self._record(plan.groups[order[k]], job.job_id, "local", Path(job.paths.folder))
 
-        run_local(executor, [jobs[g] for g in order], concurrency, on_start=started, on_tick=on_tick, poll_s=poll_s)
+        try:
+            run_local(executor, [jobs[g] for g in order], concurrency, on_start=started, on_tick=on_tick, poll_s=poll_s,
+                      log=plan.gdir / SUBMITIT_DIR / "local-controllers.log")
+        except KeyboardInterrupt:  # the jobs have exited: what they could not record, this records
+            mark_unfinished([plan.gdir / c.folder for c in plan.cells], CellState.REQUEUED,
+                            "interrupted (Ctrl-C): resumes from its last checkpoint with the next `ablate`")
+            raise
 
     def debug(self) -> None:
         """In this process, one job after another (a debugger stops at the failure)."""
