@@ -7,6 +7,7 @@ parent is a regular file.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -66,14 +67,15 @@ def test_ablate_with_an_unwritable_reports_folder(cwd: Path) -> None:
 
 def test_run_with_an_unwritable_out(cwd: Path, a_file: Path) -> None:
     # a config that passes every check (pixel target, random masks: no teacher), on a tiny tree
-    for split in ("train", "val"):
-        (cwd / "data" / split / "a").mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(cwd / "data" / split / "a" / "x.png")
+    for split, label, index in itertools.product(("train", "val"), ("a", "b"), range(2)):
+        (cwd / "data" / split / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(cwd / "data" / split / label / f"{index}.png")
     before = files_under(cwd)
     out = a_file / "run"
     assert_one_line_exit_2(["run", "--set", "data.root=data", "--set", "model.size=vit_micro_patch4",
                             "--set", "model.img_size=32", "--set", "model.target=pixel",
-                            "--set", "model.masking=random", "--out", str(out)],
+                            "--set", "model.masking=random", "--set", "pretrain.batch_size=2",
+                            "--set", "eval.knn.k=2", "--out", str(out)],
                            f"--out {out} is not a writable folder", f"{a_file} is a file")
     assert files_under(cwd) == before
 

@@ -92,6 +92,7 @@ def make_finished_grid(uri: str, runs_root: Path) -> tuple[str, dict[str, str], 
         logger = JsonlLogger(run_dir / METRICS_FILE)
         for step in range(1, 11):
             logger.log_metrics({"train/loss": 1 / step}, step)
+        logger.flush()  # as the run's last checkpoint does
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": {"linear_top1": float(cells[spec["run_name"]]),
                                                                "cpu_core_hours": 0.1}, "steps": 10})
         # the four cells trained together, as one group job (harness.config.student_side)

@@ -77,6 +77,7 @@ def log_cell(uri: str, exp_id: str, parent: str, target: str, masking: str, seed
                    "peak_memory_mb": 1000.0, "gpu_hours": 0.5, "train_seconds": 1800.0, "linear_top5": 90.0}
         logger.log_metrics(metrics, N_STEPS)
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "steps": N_STEPS})
+    logger.flush()  # what a checkpoint does (a run's log holds what its checkpoints cover)
     with (run_dir / METRICS_FILE).open("a") as f:
         f.write('{"step": 11, "time": 1.0, "train/lo')  # torn by a kill mid-write: skipped
     write_status(run_dir, state, reason=reason)
@@ -149,8 +150,9 @@ def test_runs_frame_matches_the_report_contract(grid_store):
     assert runs.attrs["margin"] is None and runs.attrs["grid_file"] is None and runs.attrs["grid_options"] == ""
     assert runs["role"].eq("cell").all()  # no 0-epoch run: no random-init reference
     assert runs.attrs["parent_run_id"] == ids["second"]
-    assert runs.attrs["metrics"][:8] == ["linear_top1", "knn_top1", "finetune_top1", "final_loss",
-                                         "images_per_s", "peak_memory_mb", "gpu_hours", "cpu_core_hours"]
+    headlines = ["linear_top1", "knn_top1", "finetune_top1", "seg_upernet_miou", "seg_linear_miou"]
+    assert runs.attrs["metrics"][:10] == [*headlines, "final_loss", "images_per_s", "peak_memory_mb", "gpu_hours",
+                                          "cpu_core_hours"]
     assert "linear_top5" in runs.attrs["metrics"] and "train_seconds" in runs.attrs["metrics"]
     assert runs["cell_id"].nunique() == 4 and runs.groupby("cell_id")["cell"].nunique().eq(1).all()
     # grid order: baseline values first

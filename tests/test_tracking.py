@@ -6,6 +6,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -163,12 +165,19 @@ def test_a_duplicate_job_finds_the_folder_held_and_touches_nothing(tmp_path):
 
 
 def test_sigterm_and_a_terminated_worker_are_scheduler_stops():
-    seen = []
-    with SchedulerStopWatch(on_stop=seen.append) as watch:
-        assert stopped_by_scheduler(RuntimeError("boom"), watch) is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)
-        assert seen == ["SIGTERM"] and "stopped by the scheduler (SIGTERM" in stopped_by_scheduler(RuntimeError(), watch)
+    seen, handled = [], []
+    # a handler installed before the watch (submitit's bypass) still runs; without one the process
+    # would terminate (the next test)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+    try:
+        with SchedulerStopWatch(on_stop=seen.append) as watch:
+            assert stopped_by_scheduler(RuntimeError("boom"), watch) is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert seen == ["SIGTERM"] and handled == [signal.SIGTERM]
+            assert "stopped by the scheduler (SIGTERM" in stopped_by_scheduler(RuntimeError(), watch)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     worker = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
     assert "DataLoader worker was stopped by SIGTERM" in stopped_by_scheduler(worker, None)
     assert stopped_by_scheduler(RuntimeError("CUDA out of memory"), None) is None
@@ -181,6 +190,18 @@ def log_steps(folder: Path, steps: range) -> None:
     for step in steps:
         logger.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
     logger.flush()
+
+
+def test_sigterm_under_the_watch_still_terminates_a_process_without_a_handler():
+    """The watch records the stop, then the process ends as SIGTERM ends it by default (exit -15)."""
+    code = ("import os, signal, time\n"
+            "from harness.run.folder import SchedulerStopWatch\n"
+            "with SchedulerStopWatch(on_stop=lambda name: print('recorded', name, flush=True)):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM and done.stdout == "recorded SIGTERM\n"
 
 
 def test_sync_sends_every_step_exactly_once_even_when_interrupted(store, tmp_path):
