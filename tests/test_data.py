@@ -246,7 +246,7 @@ def test_gpu_decode_draws_the_cpu_paths_crops_and_matches_its_pixels(tmp_path) -
 
     from harness.data.datasets import pretrain_transform
     from harness.data.gpu_decode import JpegCrops, collate_jpeg_crops, decode_crops
-    from harness.train.sampler import SeededSamples
+    from harness.data.sampler import SeededSamples
 
     rng = torch.Generator().manual_seed(0)
     folder = tmp_path / "train" / "a"

@@ -31,8 +31,13 @@ from PIL import Image, ImageDraw
 
 from harness.core.errors import UserError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: the segmentation split
 SPLITS = ("train", "val")
+# The segmentation split, in ADE20K's layout (segmentation/images/<split>/*.png with a label map of
+# the same name in segmentation/annotations/<split>/): the same kind of images; the shape's pixels
+# are labelled with its class (1..10), the background 0 ("other", ignored as in ADE20K).
+SEGMENTATION_DIR = "segmentation"
+SEGMENTATION_SPLITS = {"training": "train", "validation": "val"}  # ADE20K's split -> the image stream's
 SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-downsampled: cheap antialiasing
 
 # Named colours: the name goes into the caption, so they must be far enough apart to be told apart.
@@ -132,6 +137,7 @@ class _Spec:
     train_per_class: int
     val_per_class: int
     seed: int
+    segmentation_per_class: tuple[int, int] = (60, 30)  # training, validation
 
     def per_class(self, split: str) -> int:
         return self.train_per_class if split == "train" else self.val_per_class
@@ -150,6 +156,7 @@ class _Spec:
             "supersample": SUPERSAMPLE,
             "classes": list(CLASSES),
             "counts": self.counts(),
+            "segmentation": {"per_class": list(self.segmentation_per_class), "num_classes": len(CLASSES)},
         }
 
     def info(self, root: Path) -> DemoDatasetInfo:
@@ -206,10 +213,14 @@ def _read_meta(root: Path) -> dict | None:
 
 def _write_dataset(out: Path, spec: _Spec) -> None:
     jobs = [(out, spec, split, cls) for split in SPLITS for cls in CLASSES]
+    segmentation = [(out, spec, split, cls) for split in SEGMENTATION_SPLITS for cls in CLASSES]
     # spawn, not fork: the caller may be a training process with threads or CUDA state.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=context) as pool:
         rows = [row for chunk in pool.map(_write_class, *zip(*jobs)) for row in chunk]
+        list(pool.map(_write_segmentation_class, *zip(*segmentation)))
+    (out / SEGMENTATION_DIR / "meta.json").write_text(json.dumps({"num_classes": len(CLASSES),
+                                                                  "classes": list(CLASSES)}, indent=2) + "\n")
     with open(out / "captions.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["split", "path", "caption"])
@@ -225,15 +236,30 @@ def _write_class(out: Path, spec: _Spec, split: str, cls: str) -> list[tuple[str
     rows = []
     for index in range(spec.per_class(split)):
         rng = np.random.default_rng([spec.seed, SPLITS.index(split), CLASSES.index(cls), index])
-        pixels, caption = render_image(cls, spec.image_size, rng)
+        pixels, caption, _ = render_image(cls, spec.image_size, rng)
         rel = f"{split}/{cls}/{cls}_{index:05d}.png"
         Image.fromarray(pixels).save(out / rel)
         rows.append((split, rel, caption))
     return rows
 
 
-def render_image(cls: str, image_size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """Draw one image of class ``cls``; returns (HxWx3 uint8 pixels, caption).
+def _write_segmentation_class(out: Path, spec: _Spec, split: str, cls: str) -> None:
+    """One class's images and label maps of a segmentation split. Runs in a worker process."""
+    images, labels = out / SEGMENTATION_DIR / "images" / split, out / SEGMENTATION_DIR / "annotations" / split
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    count = spec.segmentation_per_class[list(SEGMENTATION_SPLITS).index(split)]
+    for index in range(count):
+        rng = np.random.default_rng([spec.seed, 2 + list(SEGMENTATION_SPLITS).index(split), CLASSES.index(cls), index])
+        pixels, _, cover = render_image(cls, spec.image_size, rng)
+        name = f"{cls}_{index:05d}"
+        Image.fromarray(pixels).save(images / f"{name}.png")
+        label = np.where(cover >= 0.5, CLASSES.index(cls) + 1, 0).astype(np.uint8)
+        Image.fromarray(label).save(labels / f"{name}.png")
+
+
+def render_image(cls: str, image_size: int, rng: np.random.Generator) -> tuple[np.ndarray, str, np.ndarray]:
+    """Draw one image of class ``cls``; returns (HxWx3 uint8 pixels, caption, HxW shape cover in [0, 1]).
 
     All nuisance factors are drawn from ``rng`` independently of ``cls``.
     """
@@ -263,7 +289,7 @@ def render_image(cls: str, image_size: int, rng: np.random.Generator) -> tuple[n
     position = POSITIONS[min(int(3 * cy / image_size), 2)][min(int(3 * cx / image_size), 2)]
     noun = _NOUNS.get(cls, cls)
     caption = f"a {size_name} {fg_name} {noun} {position} on a {texture} {bg_name} background"
-    return pixels, caption
+    return pixels, caption, cover[..., 0]
 
 
 def _colour_pair(rng: np.random.Generator) -> tuple[str, str]:
@@ -345,4 +371,7 @@ def _readme(spec: _Spec) -> str:
         "independently of the class.\n"
         "captions.csv: split,path,caption (path relative to this folder); each caption names shape,\n"
         "colour, size, position and background.\n"
+        f"segmentation/: ADE20K's layout, images/<split>/*.png and annotations/<split>/*.png for training\n"
+        f"({spec.segmentation_per_class[0]}/class) and validation ({spec.segmentation_per_class[1]}/class): the shape's "
+        "pixels are labelled 1..10 (its class), the background 0 (ignored).\n"
     )

@@ -1,5 +1,6 @@
-"""The pretraining data stream as a pure function of (seed, epoch, position): which image comes at
-each position of an epoch, and the random draws of its augmentation. A run resumed at any step, in
+"""A training data stream as a pure function of (seed, epoch, position): which image comes at
+each position of an epoch, and the random draws of its augmentation (the pretraining stream, and
+the segmentation fine-tune's). A run resumed at any step, in
 any number of DataLoader workers, sees exactly the crops and flips it would have seen without the
 interruption.
 

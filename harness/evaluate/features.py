@@ -1,6 +1,7 @@
-"""Frozen-encoder inference: the precision policy and the cls-token features every protocol uses."""
+"""Frozen-encoder inference: the precision policy, the cls-token features of the classification
+protocols and the patch-token maps of the segmentation probe."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -28,13 +29,26 @@ def cls_features(encoder: VisionTransformer, images: Tensor, device: torch.devic
     return tokens[:, 0].float()
 
 
+def patch_features(encoder: VisionTransformer, images: Tensor, device: torch.device) -> Tensor:
+    """The patch tokens after the encoder's final norm as a map [B, D, h, w], in float16 (a
+    segmentation split's maps are large: 6 GB for ADE20K's 20k training images at 224 px)."""
+    with autocast(device):
+        tokens = encoder.forward_features(images.to(device, non_blocking=True))
+    grid = encoder.patch_embed.dynamic_feat_size(images.shape[-2:])
+    patches = tokens[:, encoder.num_prefix_tokens:]
+    return patches.transpose(1, 2).reshape(len(images), -1, *grid).half()
+
+
 @torch.inference_mode()
 def extract_features(
     encoder: VisionTransformer,
     loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device,
+    feature: Callable[[VisionTransformer, Tensor, torch.device], Tensor] = cls_features,
+    label_dtype: torch.dtype = torch.long,
 ) -> tuple[Tensor, Tensor]:
-    """Cls-token features and labels of every batch in `loader`, as float32 / int64 CPU tensors.
+    """``feature(encoder, images, device)`` of every batch in `loader` (by default the cls
+    features, float32) and its labels as ``label_dtype``, as CPU tensors.
 
     The encoder is moved to `device` and run in eval mode; its previous train/eval mode is
     restored afterwards. Features come back on the CPU so that a whole data set fits whatever the
@@ -45,8 +59,8 @@ def extract_features(
     features, labels = [], []
     try:
         for images, targets in loader:
-            features.append(cls_features(encoder, images, device).cpu())
-            labels.append(targets.long().cpu())
+            features.append(feature(encoder, images, device).cpu())
+            labels.append(targets.to(label_dtype).cpu())
     finally:
         encoder.train(was_training)
     if not features:

@@ -4,7 +4,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from harness.evaluate.backbone import vit_like
 from harness.evaluate.features import autocast
 from harness.evaluate.shards import average_over_ranks
 from harness.core.tensor_files import load_tensors, save_atomic
@@ -203,46 +203,12 @@ def _finetune_model(
 ) -> VisionTransformer:
     """A fresh timm ViT shaped like `encoder`, with MAE's fine-tuning head, holding its weights.
 
-    The shape is read off the encoder (a plain pre-norm ViT such as vit_base_patch16_224); any
-    parameter the encoder has that this ViT lacks, or the reverse, raises instead of being dropped.
+    With fc_norm the ViT has no final `norm`: the pretrained one (which produced the cls feature
+    the encoder was trained with) goes unused and the pooled patch tokens get a freshly initialised
+    `fc_norm`, exactly as MAE's fine-tuning model does. The encoder's own classifier is dropped too.
     """
-    block = encoder.blocks[0]
-    model = VisionTransformer(
-        img_size=encoder.patch_embed.img_size,
-        patch_size=encoder.patch_embed.patch_size,
-        in_chans=encoder.patch_embed.proj.in_channels,
-        embed_dim=encoder.embed_dim,
-        depth=len(encoder.blocks),
-        num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / encoder.embed_dim,
-        qkv_bias=block.attn.qkv.bias is not None,
-        class_token=encoder.has_class_token,
-        reg_tokens=encoder.num_reg_tokens,
-        no_embed_class=encoder.no_embed_class,
-        dynamic_img_size=encoder.dynamic_img_size,
-        norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
-        num_classes=num_classes,
-        global_pool="avg",
-        fc_norm=True,
-        drop_path_rate=drop_path,
-    )
-    # With fc_norm the ViT has no final `norm`: the pretrained one (which produced the cls feature
-    # the encoder was trained with) goes unused and the pooled patch tokens get a freshly
-    # initialised `fc_norm`, exactly as MAE's fine-tuning model does. The encoder's own classifier
-    # is dropped too.
-    pretrained = {
-        name: value
-        for name, value in encoder.state_dict().items()
-        if not name.startswith(("norm.", "fc_norm.", "head."))
-    }
-    loaded = model.load_state_dict(pretrained, strict=False)
-    fresh = {name for name in model.state_dict() if name.startswith(("fc_norm.", "head."))}
-    not_loaded = sorted(set(loaded.missing_keys) - fresh)
-    if loaded.unexpected_keys or not_loaded:
-        raise ValueError(
-            "encoder does not map onto a plain timm ViT: "
-            f"unexpected {loaded.unexpected_keys}, missing {not_loaded}"
-        )
+    model = vit_like(encoder, drop_path=drop_path, fresh=("fc_norm.", "head."), num_classes=num_classes,
+                     global_pool="avg", fc_norm=True)
     # MAE's near-zero head: early updates then barely disturb the pretrained features.
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)

@@ -36,10 +36,12 @@ def sharded_features(
     num_workers: int,
     device: torch.device,
     wait: Callable[[], None] = lambda: None,
+    extract: Callable[..., tuple[Tensor, Tensor]] = extract_features,
 ) -> tuple[Tensor, Tensor]:
-    """Extract this rank's shard of ``dataset`` into ``folder`` (unless an earlier attempt did),
-    ``wait()`` for the other ranks (a barrier), then read every shard and return (features,
-    labels) of the whole data set in its order."""
+    """Extract this rank's shard of ``dataset`` into ``folder`` with ``extract(encoder, loader,
+    device)`` (unless an earlier attempt did), ``wait()`` for the other ranks (a barrier), then
+    read every shard and return (features, labels) of the whole data set in its order (any
+    shapes and dtypes ``extract`` gives per item)."""
     path = shard_path(folder, name, rank, world)
     if not path.is_file():
         indices = list(range(rank, len(dataset), world))
@@ -47,7 +49,7 @@ def sharded_features(
         if indices:
             loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                                 num_workers=num_workers)
-            features, labels = extract_features(encoder, loader, device)
+            features, labels = extract(encoder, loader, device)
         save_atomic({"features": features, "labels": labels, "indices": torch.tensor(indices, dtype=torch.long)}, path)
     wait()
     shards = [load_tensors(shard_path(folder, name, r, world)) for r in range(world)]
@@ -56,8 +58,9 @@ def sharded_features(
     if not torch.equal(order.sort().values, torch.arange(len(dataset))):
         raise RuntimeError(f"the {name} feature shards in {folder} do not cover its {len(dataset)} items exactly "
                            "once: delete the folder to extract them again")
-    features = torch.empty(len(dataset), shards[0]["features"].shape[1])
-    labels = torch.empty(len(dataset), dtype=torch.long)
+    first = shards[0]
+    features = torch.empty(len(dataset), *first["features"].shape[1:], dtype=first["features"].dtype)
+    labels = torch.empty(len(dataset), *first["labels"].shape[1:], dtype=first["labels"].dtype)
     features[order] = torch.cat([s["features"] for s in shards])
     labels[order] = torch.cat([s["labels"] for s in shards])
     return features, labels

@@ -1,5 +1,5 @@
 """The pretraining data stream of a run or a group job: the images of each (seed, epoch, position)
-(:mod:`harness.train.sampler`), augmented in the loader's CPU workers (``data.decode: cpu``, MAE's
+(:mod:`harness.data.sampler`), augmented in the loader's CPU workers (``data.decode: cpu``, MAE's
 transform) or decoded, cropped and resized on the training device (``gpu``,
 :mod:`harness.data.gpu_decode`), a micro-batch at a time on the device."""
 
@@ -11,7 +11,7 @@ import torch
 
 from harness.data.datasets import DatasetError, image_folder, make_loader, pretrain_transform
 from harness.data.gpu_decode import JpegCrops, collate_jpeg_crops, decode_crops
-from harness.train.sampler import ResumableSampler, SeededSamples
+from harness.data.sampler import ResumableSampler, SeededSamples
 
 
 class PretrainStream:

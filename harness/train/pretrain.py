@@ -11,7 +11,7 @@ and hold everything needed to continue exactly: weights, optimiser, step, RNG st
 
 Every random draw of a step is a function of the seed and the step, never of the other students
 nor of the attempt: the data order of (seed, epoch), each image's augmentation of (seed, epoch,
-position) (:mod:`harness.train.sampler`), the masks of (seed, step, micro-batch, rank), the
+position) (:mod:`harness.data.sampler`), the masks of (seed, step, micro-batch, rank), the
 student's initialisation of the seed alone. So a student computes the same in a group as alone, a resumed
 run starts mid-epoch at the batch it would have drawn next, and cells of one seed are paired:
 the same batches and, where their mask sampling and ratio agree, the same masks.

@@ -6,10 +6,10 @@ Adding a protocol: write its module (settings, metrics, runner, micro scale, che
 :mod:`.classification`) and add it to ``_MODULES``.
 """
 
-from harness.evaluate.protocols import classification
+from harness.evaluate.protocols import classification, segmentation
 from harness.evaluate.protocols.spec import EvalContext, FeatureSet, Metric, Protocol
 
-_MODULES = (classification,)
+_MODULES = (classification, segmentation)
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for module in _MODULES for p in module.PROTOCOLS}
 # the selection of a config that names none
