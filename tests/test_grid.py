@@ -202,3 +202,37 @@ def test_validation_errors(tmp_path: Path, data: dict, message: str) -> None:
 def test_command_line_set_errors_name_the_option(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"g.yaml: --set: unknown config key 'pretrain.epoch'"):
         load_grid(write(tmp_path, grid()), sets={"pretrain.epoch": 1})
+
+
+def test_the_ade20k_grid_evaluates_the_in1k_cells_without_pretraining_them_again() -> None:
+    """Every cell of milan_vitb_ade20k is its twin in milan_vitb_in1k with the segmentation `eval`
+    and pretrain.weights_from naming the twin's folder; --set of a non-eval field changes the twins
+    (as it would in their own ablate), of an eval field only this grid."""
+    sets = {"data.root": "/elsewhere/imagenet", "eval.seg_upernet.root": "/elsewhere/ade"}
+    twin = load_grid(REPO / "ablations" / "milan_vitb_in1k.yaml", sets={"data.root": "/elsewhere/imagenet"})
+    grid = load_grid(REPO / "ablations" / "milan_vitb_ade20k.yaml", sets=sets)
+    assert [c.name for c in grid.cells] == [c.name for c in twin.cells] and len(grid.cells) == 9
+    assert grid.axes == twin.axes and grid.spec.seeds == twin.spec.seeds
+    for cell, twin_cell in zip(grid.cells, twin.cells):
+        cfg = cell.config
+        assert cfg.pretrain.weights_from == f"milan_vitb_in1k/{twin_cell.folder}"
+        assert cfg.eval.protocols == ("seg_upernet", "seg_linear") and cfg.eval.seg_upernet.root == "/elsewhere/ade"
+        assert cfg.eval.seg_upernet.iterations == 160_000 and cfg.eval.seg_linear.root == "/datasets/ADEChallengeData2016"
+        assert cfg.model == twin_cell.config.model and cfg.data.root == "/elsewhere/imagenet"
+        assert cell.run_id != twin_cell.run_id
+    assert grid.headline_metric == "seg_upernet_miou"
+
+
+def test_a_grid_that_evaluates_another_takes_its_cells_from_it(tmp_path: Path) -> None:
+    twin = {"name": "twin", "base": {"data": {"root": "data/demo"}}, "axes": {"model.target": ["pixel", "clip"]}}
+    (tmp_path / "twin.yaml").write_text(yaml.safe_dump(twin))
+    for extra, named in (({"axes": {"seed": [1, 2]}}, "axes"), ({"seeds": 3}, "seeds"),
+                         ({"base": {"model": {"mask_ratio": 0.5}}}, "base.model.mask_ratio")):
+        grid = {"name": "sibling", "evaluates": "twin.yaml", **extra}
+        with pytest.raises(ConfigError, match=rf"a grid that evaluates twin.yaml takes its cells from it: remove {named}"):
+            build_grid(grid, tmp_path / "sibling.yaml")
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump({"name": "twice", "evaluates": "twin.yaml"}))
+    with pytest.raises(ConfigError, match="itself evaluates twin.yaml: name the grid that pretrains the cells"):
+        build_grid({"name": "third", "evaluates": "twice.yaml"}, tmp_path / "third.yaml")
+    with pytest.raises(ConfigError, match="grid 'nowhere.yaml' not found"):
+        build_grid({"name": "lost", "evaluates": "nowhere.yaml"}, tmp_path / "lost.yaml")

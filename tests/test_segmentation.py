@@ -284,3 +284,58 @@ def test_a_bad_segmentation_tree_is_one_line_before_anything_runs(tmp_path: Path
     [line] = result.stderr.strip().splitlines()
     assert "holds label 11 but the tree has 10 classes" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_grid_that_evaluates_another_adds_segmentation_without_retraining(
+        demo_assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluates: twin.yaml`: refused (exit 2, nothing submitted) while the twin grid has not
+    finished; once it has, each cell evaluates its twin's final encoder with both segmentation
+    protocols and trains nothing (the twin's checkpoints are not touched)."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import micro_config
+    from harness.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data, teacher = demo_assets
+    seg = str(data / "segmentation")
+    resources = {"cpus_per_task": 1, "time_min": 10}
+    twin = {"name": "twin", "base": micro_config(data, teacher, model={"target": "pixel", "masking": "random"}),
+            "axes": {"model.mask_ratio": [0.5, 0.75]}, "random_init": False, "resources": resources}
+    sibling = {"name": "twin_seg", "evaluates": "twin.yaml", "resources": resources,
+               "base": {"eval": {"protocols": ["seg_linear", "seg_upernet"],
+                                 "seg_linear": {"root": seg, "epochs": 2, "batch_size": 16},
+                                 "seg_upernet": {"root": seg, "crop_size": 32, "iterations": 2, "warmup_iterations": 1,
+                                                 "batch_size": 4, "channels": 16, "checkpoint_every": 1}}}}
+    (tmp_path / "ablations").mkdir()
+    for grid in (twin, sibling):
+        (tmp_path / "ablations" / f"{grid['name']}.yaml").write_text(yaml.safe_dump(grid))
+
+    def invoke(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+        return result.exit_code, result.output
+
+    code, out = invoke("ablate", "ablations/twin_seg.yaml", "--executor", "local")
+    assert code == 2 and "has not finished (not started): finish its grid first (`bench.py ablate twin`)" in out
+    assert not list((tmp_path / "runs").glob("twin_seg/mask_ratio-*"))  # no cell folder: nothing submitted
+    code, out = invoke("ablate", "ablations/twin.yaml", "--executor", "local")
+    assert code == 0, out
+    twin_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "twin").rglob("*") if p.is_file()}
+    code, out = invoke("ablate", "ablations/twin_seg.yaml", "--executor", "local")
+    assert code == 0, out
+    folders = sorted((tmp_path / "runs" / "twin_seg").glob("mask_ratio-*"))
+    twins = sorted((tmp_path / "runs" / "twin").glob("mask_ratio-*"))
+    assert len(folders) == 2 and [f.name.rsplit("_", 1)[0] for f in folders] == [t.name.rsplit("_", 1)[0] for t in twins]
+    for folder, twin_folder in zip(folders, twins):
+        results = json.loads((folder / "results.json").read_text())
+        metrics, twin_metrics = results["metrics"], json.loads((twin_folder / "results.json").read_text())["metrics"]
+        assert {"seg_linear_miou", "seg_upernet_miou"} <= metrics.keys() and "linear_top1" not in metrics
+        assert metrics["train_seconds"] == 0 and metrics["final_loss"] == twin_metrics["final_loss"]
+        assert Path(results["checkpoint"]).parent.parent.resolve() == twin_folder.resolve()
+        assert not (folder / "checkpoints").exists()  # nothing pretrained here
+    assert {p: p.stat().st_mtime_ns for p in twin_files} == twin_files
+    assert "seg_upernet_miou" in (tmp_path / "reports" / "twin_seg" / "report.md").read_text()

@@ -64,6 +64,9 @@ class PretrainConfig(FrozenModel):
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's, each in [0, 1)
     clip_grad: float | None = Field(None, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # A finished run's folder (relative to the runs dir: <grid>/<cell folder>, as a grid with `evaluates`
+    # writes it): this run evaluates that run's final encoder instead of pretraining its own.
+    weights_from: str | None = Field(None, min_length=1)
 
 
 def _eval_config() -> type[FrozenModel]:
@@ -143,7 +146,7 @@ class RunConfig(FrozenModel):
 # Fields added after ids were first issued: left out of an id while they hold their default, so that
 # every run made before keeps its id (and its folder). The config sections of the evaluation protocols
 # registered after the first three count as such fields.
-_ADDED_FIELDS: tuple[tuple[str, str], ...] = (("data", "decode"),)
+_ADDED_FIELDS: tuple[tuple[str, str], ...] = (("data", "decode"), ("pretrain", "weights_from"))
 _FIRST_PROTOCOLS = ("linear", "knn", "finetune")
 
 

@@ -137,6 +137,10 @@ class GridFile(FrozenModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     base_config: str | None = None  # a run config YAML, relative to the grid file
+    # Another grid (a path relative to this file, or a shipped grid's name) whose cells this grid
+    # evaluates with its own `eval` section: every cell evaluates its twin's final encoder
+    # (pretrain.weights_from) instead of pretraining again. Its axes, seeds and base come from the twin.
+    evaluates: str | None = None
     base: dict[str, Any] = {}  # run-config overrides: nested sections or dotted keys
     axes: dict[str, AxisSpec] = {}
     seeds: int | list[int] = 1
@@ -318,6 +322,8 @@ def build_grid(data: Mapping[str, Any], path: Path | None = None, *,
             hint = f": {did_you_mean(field, known) or 'grid fields are ' + ', '.join(GridFile.model_fields)}"
             raise ConfigError(f"{where}: unknown grid field {field!r}{hint}") from None
         raise ConfigError(f"{where}: {describe_validation_error(err)}") from None
+    if spec.evaluates is not None:
+        return _evaluating_grid(spec, path, where, sets or {})
     base = _base_config(spec, path, where, sets or {})
     grid_axes = tuple(_axis(name, values, where) for name, values in spec.axes.items())
     rules = {"include": [_rule(r, grid_axes, f"{where}: include[{i}]") for i, r in enumerate(spec.include)],
@@ -371,6 +377,45 @@ def _random_init_cells(grid: str, cells: Sequence[Cell], seeds: Sequence[int], s
             seen[cfg.run_id()] = f"{RANDOM_INIT_NAME} seed={seed}"
             references.append(Cell(grid, (), seed, cfg, cfg.run_id(), cfg.cell_id()))
     return references
+
+
+# what a grid with `evaluates` takes from its twin, and may not give itself
+_TWIN_FIELDS = ("base_config", "axes", "seeds", "random_init", "include", "exclude")
+
+
+def _evaluating_grid(spec: GridFile, path: Path | None, where: str, sets: Mapping[str, Any]) -> Grid:
+    """The cells of the grid ``spec.evaluates``, each with this grid's ``eval`` section and
+    ``pretrain.weights_from`` naming its twin's run folder (``<twin grid>/<cell folder>``).
+    ``--set`` changes of ``eval.*`` apply here, the others to the twin (so that its cells, and
+    their folders, are those its own ``ablate`` made)."""
+    given = [f for f in _TWIN_FIELDS if f in spec.model_fields_set]
+    own = {k: v for k, v in flatten(spec.base).items() if not k.startswith("eval.")}
+    if given or own:
+        raise ConfigError(f"{where}: a grid that evaluates {spec.evaluates} takes its cells from it: remove "
+                          f"{', '.join(given + [f'base.{k}' for k in own])} (give only `eval` under base)")
+    relative = path.parent / spec.evaluates if path is not None else Path(spec.evaluates)
+    twin_path = relative if relative.is_file() else find_grid_file(spec.evaluates)
+    twin = load_grid(twin_path, sets={k: v for k, v in sets.items() if not k.startswith("eval.")})
+    if twin.spec.evaluates is not None:
+        raise ConfigError(f"{where}: {twin_path} itself evaluates {twin.spec.evaluates}: name the grid that "
+                          "pretrains the cells")
+    evaluation: dict[str, Any] = {}
+    for source, overrides in (("base", flatten(spec.base)), ("--set", {k: v for k, v in sets.items()
+                                                                        if k.startswith("eval.")})):
+        for key, value in overrides.items():
+            try:
+                set_dotted(evaluation, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {source}: {err}") from None
+    cells = []
+    for twin_cell in twin.cells:
+        data = twin_cell.config.to_dict()
+        data["eval"] = evaluation.get("eval", {})
+        data["pretrain"]["weights_from"] = f"{twin.name}/{twin_cell.folder}"
+        cfg = _cell_config(data, {}, where, twin_cell.name)
+        cells.append(Cell(spec.name, twin_cell.axes, twin_cell.seed, cfg, cfg.run_id(), cfg.cell_id()))
+    expanded = spec.model_copy(update={field: getattr(twin.spec, field) for field in _TWIN_FIELDS})
+    return Grid(expanded, path, twin.axes, tuple(cells))
 
 
 def _base_config(spec: GridFile, path: Path | None, where: str, sets: Mapping[str, Any]) -> dict[str, Any]:

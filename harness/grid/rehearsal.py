@@ -47,6 +47,9 @@ def rehearse(grid: Grid, *, runs_dir: Path, cpu_only: bool, cpus_per_node: int |
         teacher = grid.cells[0].config.teacher
         notes.append(f"teacher: a random-init {TEACHER['model']} (patch 4 at 32 px) instead of {teacher.model} "
                      f"({teacher.pretrained}); preflight of the real grid checks its weights where they are on disk")
+    if grid.spec.evaluates is not None:
+        notes.append(f"weights: each cell pretrains at micro scale instead of reading its finished twin's encoder "
+                     f"from {grid.spec.evaluates}")
     name = f"{grid.name}{SUFFIX}"
     spec = grid.spec.model_copy(update={
         "name": name, "resources": resources,
@@ -70,7 +73,7 @@ def _micro(cfg: RunConfig, data_root: str, world: int) -> RunConfig:
     data["data"] |= {"root": data_root, "train_split": "train", "val_split": "val"}
     # one epoch; the random-init reference keeps its 0
     data["pretrain"] |= {"epochs": min(cfg.pretrain.epochs, 1), "warmup_epochs": 0, "batch_size": 16,
-                         "accum_steps": 1}
+                         "accum_steps": 1, "weights_from": None}
     evaluation = data["eval"]
     evaluation["feature_batch_size"] = 64
     for name, protocol in PROTOCOLS.items():  # each protocol's own micro scale

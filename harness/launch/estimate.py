@@ -28,6 +28,9 @@ def gpu_hours(grid: Grid) -> dict[str, float | str | None]:
     out: dict[str, float | str | None] = {}
     for cell in grid.cells:
         cfg = cell.config
+        if cfg.pretrain.weights_from is not None:  # evaluates a finished run's encoder: no pretraining
+            out[cell.run_id] = 0.0
+            continue
         images = count_images(Path(cfg.data.root) / cfg.data.train_split) or est.train_images
         if images is None:
             out[cell.run_id] = None

@@ -21,7 +21,7 @@ from harness.launch import display, slurm
 from harness.launch.cell_views import CellView, collect, plan_action
 from harness.launch.estimate import gpu_hours, job_hours, sharing_saving
 from harness.launch.executors import resolve_executor, timeout_allowance
-from harness.launch.preflight import check_settings, preflight_grid
+from harness.launch.preflight import check_settings, check_weight_sources, preflight_grid
 from harness.launch.records import LAUNCH_FILE, LaunchRecord, grid_dir, read_record
 from harness.run.folder import check_owner
 
@@ -108,6 +108,7 @@ def plan(grid: Grid, executor: str, runs_dir: Path, chosen: Sequence[int], *, fo
     setup_seconds = 0.0
     if todo:
         configs = [grid.cells[i].config for i in todo]
+        check_weight_sources([grid.cells[i] for i in todo], runs_dir)
         setup_seconds = ensure_demo_assets([c.data.root for c in configs], [c.teacher.pretrained for c in configs], echo)
         preflight_grid(grid, executor, cache_dir=runs_dir)
     groups = job_groups([grid.cells[i] for i in todo], share, grid.resources.max_cells_per_job)
@@ -168,6 +169,7 @@ def dry_run(grid: Grid, executor: str, runs_dir: Path, chosen: Sequence[int], *,
     if missing:
         echo(f"preflight: skipped; {', '.join(map(str, missing))} would be made first")
         return
+    check_weight_sources([grid.cells[i] for i in todo], runs_dir)
     preflight_grid(grid, executor)
     echo("preflight: ok")
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.config import RunConfig
 from harness.core.errors import UserError
 from harness.core.files import read_json, write_json_atomic
 from harness.evaluate.protocols import PROTOCOLS
-from harness.grid import Grid
+from harness.grid import Cell, Grid
 from harness.launch import slurm
+from harness.run.folder import finished_source
 from harness.tracking.schema import git_commit_of
 
 CACHE_FILE = ".preflight-passed.json"
@@ -104,6 +106,17 @@ def check_resources(grid: Grid, executor: str) -> None:
         if torch.cuda.device_count() < r.gpus_per_node:
             raise UserError(f"the grid asks for {r.gpus_per_node} GPUs per node but this machine has "
                             f"{torch.cuda.device_count()}: use --executor slurm or set resources.gpus_per_node")
+
+
+def check_weight_sources(cells: Sequence[Cell], runs_dir: Path) -> None:
+    """The cells that evaluate a finished run's encoder (``pretrain.weights_from``): that run has
+    finished, so no job is submitted only to fail."""
+    for cell in cells:
+        if cell.config.pretrain.weights_from is not None:
+            try:
+                finished_source(cell.config.pretrain.weights_from, runs_dir)
+            except UserError as err:
+                raise type(err)(f"cell {cell.run_name}: {err}") from None
 
 
 def preflight_grid(grid: Grid, executor: str, cache_dir: Path | None = None) -> None:

@@ -23,6 +23,15 @@ def preflight(cfg: RunConfig, *, world_size: int = 1, here: bool = True) -> None
     the ranks the run trains on; ``here``: it runs on this machine (its device is checked)."""
     if here:
         resolve_device(cfg.runtime.device)
+    if cfg.pretrain.weights_from is None:  # else it evaluates a finished run's encoder and trains nothing
+        _check_pretraining(cfg, world_size)
+    # protocols that read the same data share its check
+    for check in dict.fromkeys(PROTOCOLS[name].check_data for name in cfg.eval.protocols):
+        check(cfg)
+
+
+def _check_pretraining(cfg: RunConfig, world_size: int) -> None:
+    """The teacher, the student's shape and the training split."""
     m = cfg.model
     teacher_grid = None
     if needs_teacher(m.target, m.masking):
@@ -49,6 +58,3 @@ def preflight(cfg: RunConfig, *, world_size: int = 1, here: bool = True) -> None
         raise ConfigError(f"the training split {cfg.data.root}/{cfg.data.train_split} has {images} images, fewer "
                           f"than one optimizer step ({p.batch_size} x {p.accum_steps} accumulation x {world_size} "
                           "rank(s)): lower pretrain.batch_size or pretrain.accum_steps")
-    # protocols that read the same data share its check
-    for check in dict.fromkeys(PROTOCOLS[name].check_data for name in cfg.eval.protocols):
-        check(cfg)

@@ -72,6 +72,24 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
     return results if isinstance(results, dict) else None
 
 
+def weights_source(weights_from: str, runs_dir: Path) -> Path:
+    """The run folder a ``pretrain.weights_from`` names: absolute, or under the runs dir."""
+    return Path(weights_from) if Path(weights_from).is_absolute() else Path(runs_dir) / weights_from
+
+
+def finished_source(weights_from: str, runs_dir: Path) -> dict[str, Any]:
+    """The results of the finished run whose encoder a run evaluates; a UserError saying what to do
+    while it has not finished."""
+    folder = weights_source(weights_from, runs_dir)
+    results = read_results(folder)
+    if results is None:
+        status = read_json(folder / STATUS_FILE)
+        state = status.get("state", "unknown") if isinstance(status, dict) else "not started"
+        raise UserError(f"the run whose encoder this cell evaluates ({folder}) has not finished ({state}): "
+                        f"finish its grid first (`bench.py ablate {Path(weights_from).parts[0]}`)")
+    return results
+
+
 def write_status(run_dir: Path, state: CellState, *, new_attempt: bool = False, **fields: Any) -> None:
     """Update ``status.json`` (the only writer): ``state`` plus ``fields``; ``new_attempt`` counts a
     (re)start of the run in ``attempts`` and clears the previous attempt's reason."""

@@ -20,8 +20,9 @@ from harness.milan.weights import build_timm_vit, load_encoder_into_timm
 from harness.run.cell_state import CellState
 from harness.run.evaluation import evaluate_encoder
 from harness.run.folder import (CONFIG_FILE, EVAL_DIR, METRICS_FILE, RESULTS_FILE, SchedulerStopWatch, check_owner,
-                                failure_reason, mark_unfinished, read_results, stopped_by_scheduler, write_status)
-from harness.train.checkpoint import load_latest
+                                failure_reason, finished_source, mark_unfinished, read_results, stopped_by_scheduler,
+                                weights_source, write_status)
+from harness.train.checkpoint import checkpoint_file, load_latest
 from harness.train.metrics_log import JsonlLogger
 from harness.train.pretrain import PretrainResult, TrainingFailed, pretrain_group
 
@@ -101,17 +102,24 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[JsonlL
                          cell_id=cfgs[i].cell_id(), **job_fields, **group)
     barrier(env)
 
+    # runs that evaluate a finished run's encoder (pretrain.weights_from) train nothing
+    pretrained: dict[int, PretrainResult | TrainingFailed] = {
+        i: _borrowed(cfgs[i], run_dirs[i]) for i in todo if cfgs[i].pretrain.weights_from}
+    training = [i for i in todo if i not in pretrained]
+
     def failed(k: int, reason: str) -> None:
         if env.is_main:
-            write_status(run_dirs[todo[k]], CellState.FAILED, reason=reason)
+            write_status(run_dirs[training[k]], CellState.FAILED, reason=reason)
 
-    pretrained = pretrain_group([cfgs[i] for i in todo], [run_dirs[i] for i in todo], [loggers[i] for i in todo],
-                                device, env, on_failed=failed)
+    if training:
+        pretrained |= zip(training, pretrain_group([cfgs[i] for i in training], [run_dirs[i] for i in training],
+                                                   [loggers[i] for i in training], device, env, on_failed=failed))
     if env.is_main and len(todo) > 1:  # the group's cells are evaluated one after another
-        for i, result in zip(todo, pretrained):
-            if not isinstance(result, TrainingFailed) and cfgs[i].eval.protocols:
+        for i in todo:
+            if not isinstance(result := pretrained[i], TrainingFailed) and cfgs[i].eval.protocols:
                 write_status(run_dirs[i], CellState.RUNNING, stage="pretrained", step=result.steps)
-    for i, result in zip(todo, pretrained):
+    for i in todo:
+        result = pretrained[i]
         if isinstance(result, TrainingFailed):
             results[i] = RunResult(CellState.FAILED, {}, run_dirs[i], failure_reason=str(result))
             continue
@@ -126,6 +134,21 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[JsonlL
             write_status(run_dirs[i], CellState.FAILED, reason=reason)
             results[i] = RunResult(CellState.FAILED, {}, run_dirs[i], failure_reason=reason)
     return results
+
+
+def _borrowed(cfg: RunConfig, run_dir: Path) -> PretrainResult:
+    """The pretraining of the finished run whose encoder ``cfg`` evaluates (``pretrain.weights_from``,
+    under the runs dir that holds ``run_dir``'s grid): its checkpoint and its training numbers, at
+    no cost to this run."""
+    assert cfg.pretrain.weights_from is not None
+    runs_dir = run_dir.absolute().parent.parent
+    results = finished_source(cfg.pretrain.weights_from, runs_dir)
+    source = results.get("metrics", {})
+    return PretrainResult(
+        steps=results["steps"], total_steps=results["steps"], final_loss=source.get("final_loss", float("nan")),
+        images_per_s=source.get("images_per_s", float("nan")), peak_memory_mb=source.get("peak_memory_mb", float("nan")),
+        train_seconds=0.0, checkpoint=checkpoint_file(weights_source(cfg.pretrain.weights_from, runs_dir)),
+        resumed_from=0, images_loaded=0.0, teacher_images=0.0, shared=False)
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path, logger: JsonlLogger, result: PretrainResult, device: torch.device,

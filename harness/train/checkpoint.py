@@ -16,6 +16,12 @@ from harness.core.errors import UserError
 from harness.core.tensor_files import load_tensors
 
 LATEST = "latest.pt"
+CHECKPOINT_DIR = "checkpoints"  # under the run folder
+
+
+def checkpoint_file(run_dir: Path) -> Path:
+    """A run's latest pretraining checkpoint."""
+    return Path(run_dir) / CHECKPOINT_DIR / LATEST
 
 
 class CorruptCheckpoint(UserError):

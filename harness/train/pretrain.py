@@ -40,7 +40,7 @@ from harness.milan.pretrainer import MilanPretrainer, build_pretrainer
 from harness.milan.switches import needs_teacher
 from harness.milan.teacher import ClipTeacher, build_teacher
 from harness.milan.weights import encoder_state_dict
-from harness.train.checkpoint import LATEST, CorruptCheckpoint, load_latest, rng_state, set_rng_state
+from harness.train.checkpoint import CorruptCheckpoint, checkpoint_file, load_latest, rng_state, set_rng_state
 from harness.train.metrics_log import JsonlLogger
 from harness.train.data_stream import PretrainStream
 from harness.train.schedule import lr_at, scaled_lr
@@ -130,7 +130,7 @@ class _Student:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.run_dir / "checkpoints" / LATEST
+        return checkpoint_file(self.run_dir)
 
     @property
     def needs_teacher(self) -> bool:
