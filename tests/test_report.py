@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from harness.report import (
-    REFERENCE_TOP1,
+    REFERENCE_SOURCES,
     ReportError,
     build_report,
     cell_table,
@@ -198,14 +198,28 @@ def test_three_valued_axis() -> None:
 def test_reference_table_only_in_paper_setting(runs: pd.DataFrame) -> None:
     assert reference_table(runs) is None
     paper = make_runs(MILAN_AXES, paper_setting=True)
-    table = reference_table(paper).set_index("metric")
-    assert list(table.index) == ["finetune_top1", "linear_top1"]
-    assert table.loc["finetune_top1", "paper abstract"] == 85.4
-    assert table.loc["linear_top1", "OpenMMLab port"] == 78.9
+    table = reference_table(paper).set_index(["cell", "metric"])
+    # the runs measure linear and fine-tune top-1: their rows only (no segmentation rows)
+    assert list(table.index) == [("MILAN", "finetune_top1"), ("MILAN", "linear_top1")]
+    assert table.loc[("MILAN", "finetune_top1"), "paper"] == 85.4
+    assert table.loc[("MILAN", "linear_top1"), "OpenMMLab port"] == 78.9
     milan = paper.loc[paper["cell"] == "target=clip decoder=prompting masking=semantic"]
-    assert table.loc["linear_top1", "measured_mean"] == pytest.approx(milan["linear_top1"].mean())
-    assert table.loc["linear_top1", "n"] == 3
-    assert set(REFERENCE_TOP1) == set(table.columns[:3])
+    assert table.loc[("MILAN", "linear_top1"), "measured_mean"] == pytest.approx(milan["linear_top1"].mean())
+    assert table.loc[("MILAN", "linear_top1"), "n"] == 3
+    assert list(REFERENCE_SOURCES) == list(table.columns[:3])
+
+
+def test_reference_table_gives_the_paper_miou_for_milan_and_mae() -> None:
+    """The ADE20K grid's report: 52.7 beside the MILAN cell, MAE's 48.1 beside the MAE cell."""
+    paper = make_runs(MILAN_AXES, paper_setting=True)
+    paper["seg_upernet_miou"] = paper["linear_top1"] - 20
+    table = reference_table(paper.drop(columns=["linear_top1", "finetune_top1"], errors="ignore"))
+    table = table.set_index(["cell", "metric"])
+    assert list(table.index) == [("MILAN", "seg_upernet_miou"), ("MAE", "seg_upernet_miou")]
+    assert table["paper"].tolist() == [52.7, 48.1]
+    mae = paper.loc[paper["cell"] == "target=pixel decoder=standard masking=random", "seg_upernet_miou"]
+    assert table.loc[("MAE", "seg_upernet_miou"), "measured_mean"] == pytest.approx(mae.mean())
+    assert table.loc[("MAE", "seg_upernet_miou"), "delta_vs_paper"] == pytest.approx(mae.mean() - 48.1)
 
 
 def test_unknown_metric_names_available_ones(runs: pd.DataFrame, tmp_path: Path) -> None:

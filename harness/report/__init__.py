@@ -20,7 +20,8 @@ from harness.report.figures import (
     plot_metric_by_cell,
 )
 from harness.report.tables import (
-    REFERENCE_TOP1,
+    REFERENCES,
+    REFERENCE_SOURCES,
     ReportError,
     cell_table,
     reference_table,
@@ -28,7 +29,8 @@ from harness.report.tables import (
 )
 
 __all__ = [
-    "REFERENCE_TOP1",
+    "REFERENCES",
+    "REFERENCE_SOURCES",
     "ReportError",
     "ReportResult",
     "build_report",

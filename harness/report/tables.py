@@ -9,6 +9,7 @@ have logged a number, but it is not a finished measurement.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +26,38 @@ DEVICE_HOURS_COLUMNS: tuple[str, ...] = ("gpu_hours", "cpu_core_hours")
 # need attention, then the ones that will resolve by themselves.
 STATUS_ORDER: tuple[str, ...] = ("done", "failed", "preempted", "running", "pending")
 
-# Reference top-1 accuracies (%) for MILAN ViT-B/16, 400 epochs, ImageNet-1K (NaN: not
-# reported): the MILAN paper's abstract (Hou et al., arXiv 2208.06049) and OpenMMLab's runs of
-# the authors' code and of its own port, as collected in docs/milan-spec ("Reference numbers").
-REFERENCE_TOP1: dict[str, dict[str, float]] = {
-    "paper abstract": {"finetune_top1": 85.4, "linear_top1": np.nan},
-    "authors' code (OpenMMLab repro)": {"finetune_top1": 85.2, "linear_top1": 78.9},
-    "OpenMMLab port": {"finetune_top1": 85.3, "linear_top1": 78.9},
-}
-# Reference source the measured MILAN cell is compared against: the only one with both
-# fine-tune and linear-probe numbers for the authors' own code.
-DELTA_REFERENCE = "authors' code (OpenMMLab repro)"
 # The full MILAN configuration; in a paper-setting grid this is the cell the paper reports.
 MILAN_CELL: dict[str, str] = {
     "model.target": "clip",
     "model.decoder": "prompting",
     "model.masking": "semantic",
 }
+# MAE: pixel target, standard decoder, random masks (the baselines of MILAN's switches).
+MAE_CELL: dict[str, str] = {"model.target": "pixel", "model.decoder": "standard", "model.masking": "random"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Published numbers for one metric of one cell of a paper-setting grid (ViT-B/16, 400 epochs of
+    ImageNet-1K pretraining), by source; NaN: not reported."""
+
+    cell: str
+    switches: Mapping[str, str]
+    metric: str
+    values: Mapping[str, float]
+
+
+PAPER, AUTHORS_CODE, PORT = "paper", "authors' code (OpenMMLab repro)", "OpenMMLab port"
+REFERENCE_SOURCES: tuple[str, ...] = (PAPER, AUTHORS_CODE, PORT)
+# "paper": the MILAN paper's abstract (Hou et al., arXiv 2208.06049) for the MILAN cell, the MAE paper's
+# Table 5 (He et al., arXiv 2111.06377: UperNet on ADE20K) for the MAE cell; the other two sources are
+# OpenMMLab's runs of the authors' code and of its own port, as collected in docs/milan-spec.
+REFERENCES: tuple[Reference, ...] = (
+    Reference("MILAN", MILAN_CELL, "finetune_top1", {PAPER: 85.4, AUTHORS_CODE: 85.2, PORT: 85.3}),
+    Reference("MILAN", MILAN_CELL, "linear_top1", {AUTHORS_CODE: 78.9, PORT: 78.9}),
+    Reference("MILAN", MILAN_CELL, "seg_upernet_miou", {PAPER: 52.7}),
+    Reference("MAE", MAE_CELL, "seg_upernet_miou", {PAPER: 48.1}),
+)
 
 TABLE_FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
 
@@ -236,36 +252,37 @@ def cell_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 # --- reference numbers ---------------------------------------------------------------
 
 
-def milan_cell_mask(runs: pd.DataFrame) -> pd.Series:
-    """Runs of the MILAN cell: clip/prompting/semantic, every other axis at baseline."""
-    wanted = {**axis_baselines(runs), **MILAN_CELL}
+def cell_mask(runs: pd.DataFrame, switches: Mapping[str, str]) -> pd.Series:
+    """Runs of the cell with these switch values and every other axis at its baseline."""
+    wanted = {**axis_baselines(runs), **switches}
     wanted = {col: value for col, value in wanted.items() if col in runs}
     return runs[list(wanted)].eq(pd.Series(wanted, dtype=object)).all(axis=1)
 
 
+def milan_cell_mask(runs: pd.DataFrame) -> pd.Series:
+    """Runs of the MILAN cell: clip/prompting/semantic, every other axis at baseline."""
+    return cell_mask(runs, MILAN_CELL)
+
+
 def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
-    """Published fine-tune and linear-probe top-1 beside the measured MILAN cell; None outside
-    the paper setting."""
+    """Published numbers beside the measured cells, one row per (cell, metric) the runs measure;
+    None outside the paper setting."""
     if not runs.attrs.get("paper_setting", False):
         return None
-    reference = pd.DataFrame(REFERENCE_TOP1)
-    milan = runs[milan_cell_mask(runs) & (runs["status"] == DONE)]
-    measured = (
-        milan.reindex(columns=reference.index)
-        .agg(["mean", "std", "count"])
-        .T.rename(columns={"count": "n"})
-    )
-    table = reference.join(measured)
-    return (
-        table.assign(
-            n=table["n"].astype(int),
-            measured=format_mean_std(table["mean"], table["std"]),
-            delta_vs_authors_code=table["mean"] - table[DELTA_REFERENCE],
-        )
-        .rename(columns={"mean": "measured_mean", "std": "measured_std"})
-        .rename_axis("metric")
-        .reset_index()
-    )
+    rows = []
+    for ref in REFERENCES:
+        if ref.metric not in runs:
+            continue
+        measured = runs.loc[cell_mask(runs, ref.switches) & (runs["status"] == DONE), ref.metric].dropna()
+        rows.append({"cell": ref.cell, "metric": ref.metric,
+                     **{source: ref.values.get(source, np.nan) for source in REFERENCE_SOURCES},
+                     "measured_mean": measured.mean(), "measured_std": measured.std(), "n": len(measured)})
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+    return table.assign(measured=format_mean_std(table["measured_mean"], table["measured_std"]),
+                        delta_vs_paper=table["measured_mean"] - table[PAPER],
+                        delta_vs_authors_code=table["measured_mean"] - table[AUTHORS_CODE])
 
 
 # --- writers -------------------------------------------------------------------------
