@@ -491,6 +491,41 @@ def finetune_bench_command(
                    f"{result.seconds:.2f} s, {size}, effective batch {batch})")
 
 
+@app.command("seg-bench")
+@user_errors
+def seg_bench_command(
+    size: Annotated[str, typer.Option(help="Encoder preset.")] = "vit_micro_patch4",
+    crop: Annotated[int, typer.Option(min=1, help="Crop side in pixels (a multiple of the patch size).")] = 32,
+    batch: Annotated[int, typer.Option(min=2, help="Crops per step.")] = 16,
+    channels: Annotated[int, typer.Option(min=1, help="The decode head's width (the paper's: 768).")] = 64,
+    iterations: Annotated[int, typer.Option(min=1, help="Timed training steps.")] = 20,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """seg_upernet training images/s here, and an estimate of the paper's 160k-iteration ADE20K
+    schedule in GPU-hours at assumed sustained rates."""
+    import torch
+
+    from harness.benchmarks.seg_speed import (ASSUMED_TFLOPS, PAPER_BATCH, PAPER_ITERATIONS, gpu_hours, measure,
+                                              paper_schedule_flops)
+    from harness.core.distributed import resolve_device
+    from harness.milan.presets import PRESETS
+
+    if size not in PRESETS:
+        raise UserError(f"unknown preset {size!r}: choose one of {', '.join(PRESETS)}")
+    if crop % PRESETS[size].patch_size:
+        raise UserError(f"--crop {crop} is not a multiple of the {size} patch size {PRESETS[size].patch_size}")
+    where = resolve_device(device)
+    result = measure(size, crop, batch, channels, iterations, where)
+    typer.echo(f"seg_upernet training, {size} at {crop}px, batch {batch}, head width {channels}, {where.type} "
+               f"({torch.get_num_threads()} thread(s)): {result.images_per_s:.1f} images/s ({result.seconds_per_iteration:.3f} "
+               f"s/iteration; {result.flops_per_image / 1e9:.2f} GFLOPs per image, {result.tflops:.3f} TFLOP/s)")
+    flops = paper_schedule_flops()
+    typer.echo(f"the paper's schedule: {PAPER_ITERATIONS:,} iterations x {PAPER_BATCH} crops of 512px, ViT-B/16 "
+               f"UperNet: {flops / (PAPER_ITERATIONS * PAPER_BATCH) / 1e9:,.0f} GFLOPs per crop, {flops:.2e} in all")
+    for gpu, tflops in ASSUMED_TFLOPS.items():
+        typer.echo(f"estimate, not a measurement: on one {gpu}: {gpu_hours(flops, tflops):.0f} GPU-hours")
+
+
 # --- speed -------------------------------------------------------------------------------------
 
 @app.command("speed")

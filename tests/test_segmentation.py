@@ -3,6 +3,7 @@ sliding-window inference, UperNet's shape and recipe, and both protocols resumin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +340,17 @@ def test_a_grid_that_evaluates_another_adds_segmentation_without_retraining(
         assert not (folder / "checkpoints").exists()  # nothing pretrained here
     assert {p: p.stat().st_mtime_ns for p in twin_files} == twin_files
     assert "seg_upernet_miou" in (tmp_path / "reports" / "twin_seg" / "report.md").read_text()
+
+
+def test_evaluate_gives_both_segmentation_metrics_for_the_random_init_encoder(tmp_path: Path) -> None:
+    """`bench.py evaluate --random-init` with the segmentation protocols (a checkpoint or published
+    weights take the same path after loading)."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    _, paths = _demo_seg(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--random-init", *SEG_MICRO, *paths])
+    assert result.exit_code == 0, result.output
+    for key in ("seg_linear_miou", "seg_upernet_miou", "seg_upernet_pixel_accuracy"):
+        assert re.search(rf"{key}\s+\d+(\.\d+)?", result.output), key

@@ -188,6 +188,30 @@ def test_the_paper_grid_rehearses_end_to_end_on_cpu_tasks(workdir: Path) -> None
     assert client(uri).get_experiment_by_name("milan_vitb_in1k-rehearsal") is not None
 
 
+def test_the_ade20k_grid_rehearses_both_segmentation_protocols_on_slurm(workdir: Path) -> None:
+    """`ablate milan_vitb_ade20k --rehearse`: the paper grid's 9 cells with seg_upernet and
+    seg_linear at micro scale on the demo data's segmentation split (ADE20K is not here), each
+    pretraining at micro scale instead of reading its twin's encoder; every cell ends done with
+    both mIoUs, and the report's reference rows give 52.7 beside MILAN and 48.1 beside MAE."""
+    proc = bench(workdir, "ablate", str(REPO / "ablations" / "milan_vitb_ade20k.yaml"), "--rehearse",
+                 "--executor", "slurm", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "rehearsal: weights: each cell pretrains at micro scale instead of reading its finished twin's" in out
+    assert "rehearsal: data: eval.seg_upernet.root /datasets/ADEChallengeData2016 is not visible" in out
+    assert "rehearsal passed: all 9 cells ran every stage" in out
+    views = collect(cell_dirs(workdir, "milan_vitb_ade20k-rehearsal"))
+    assert [v.state.value for v in views] == ["done"] * 9
+    for view in views:
+        metrics = json.loads((view.folder / "results.json").read_text())["metrics"]
+        assert {"seg_upernet_miou", "seg_linear_miou", "seg_upernet_pixel_accuracy"} <= metrics.keys()
+    report = (workdir / "reports" / "milan_vitb_ade20k-rehearsal" / "report.md").read_text()
+    paper = report[report.index("## Reference numbers"):]
+    rows = [line for line in paper.splitlines() if "| seg_upernet_miou " in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["MILAN", "MAE"]
+    assert "52.70" in rows[0] and "48.10" in rows[1] and "finetune_top1" not in paper.split("\n## ")[0]
+
+
 def test_the_mask_ratio_decoder_grid_rehearses_as_one_group_of_17_students(workdir: Path) -> None:
     """The shipped grid that varies only the student side (mask ratio, decoder depth and width):
     its 17 cells train as one group job on 2 gloo ranks, students of different mask ratios and

@@ -46,6 +46,8 @@ class ViTUperNet(nn.Module):
         super().__init__()
         self.backbone = vit_like(encoder, drop_path=drop_path, img_size=crop_size, num_classes=0)
         self.blocks = feature_blocks(len(self.backbone.blocks))
+        # the final norm and the head take no part (every parameter must, for DDP)
+        self.backbone.prune_intermediate_layers(sorted(set(self.blocks)), prune_norm=True, prune_head=True)
         width = self.backbone.embed_dim
         self.neck = nn.ModuleList([
             nn.Sequential(_up(width), nn.BatchNorm2d(width), nn.GELU(), _up(width)),
@@ -75,7 +77,7 @@ class ViTUperNet(nn.Module):
         """The backbone's layers as timm's ViT numbers them (stem 0, block i at i + 1); the neck and
         heads fall after the last, at the full lr (BEiT's layer-decay constructor does the same)."""
         return {"stem": r"^backbone\.(?:cls_token|pos_embed|patch_embed|reg_token)",
-                "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))]}
+                "blocks": [(r"^backbone\.blocks\.(\d+)", None)]}
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}

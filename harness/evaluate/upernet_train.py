@@ -106,7 +106,6 @@ def finetune_upernet(
     sampler = ResumableSampler(len(train_set), steps_per_epoch * batch_size, seed=seed, rank=rank, world_size=world)
     loader = DataLoader(SeededSamples(train_set), batch_size=per_rank, sampler=sampler, num_workers=num_workers,
                         pin_memory=device.type == "cuda", drop_last=True)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -118,9 +117,7 @@ def finetune_upernet(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device):
-                logits, aux = trained(images)
-                loss = criterion(_upsample(logits, labels.shape[-2:]), labels) \
-                    + AUX_WEIGHT * criterion(_upsample(aux, labels.shape[-2:]), labels)
+                loss = upernet_loss(*trained(images), labels)
             if not math.isfinite(loss.item()):  # a diverged run must not report a score
                 raise FloatingPointError(f"segmentation loss is {loss.item()} at iteration {iteration}")
             optimizer.zero_grad(set_to_none=True)
@@ -149,6 +146,14 @@ def finetune_upernet(
     if checkpoint is not None:  # done: a call after a requeue returns these
         save_atomic({**state, "metrics": metrics}, checkpoint)
     return metrics
+
+
+def upernet_loss(logits: Tensor, aux: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the decode head's and (x 0.4) the auxiliary head's logits, each upsampled to
+    the label map, unlabelled pixels ignored."""
+    size = labels.shape[-2:]
+    return F.cross_entropy(_upsample(logits, size), labels, ignore_index=IGNORE) \
+        + AUX_WEIGHT * F.cross_entropy(_upsample(aux, size), labels, ignore_index=IGNORE)
 
 
 def _upsample(logits: Tensor, size: torch.Size) -> Tensor:

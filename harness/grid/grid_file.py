@@ -15,6 +15,8 @@ Layout (every field but ``name`` optional)::
     name: smoke                      # runs/<name>/, MLflow experiment <name>
     description: one line
     base_config: ../configs/smoke.yaml   # a run config, relative to this file
+    evaluates: other.yaml            # instead of base_config/axes/seeds: that grid's cells, with this grid's
+                                     # `eval`, each evaluating its finished twin's encoder (no pretraining)
     base: {pretrain.epochs: 2}       # overrides: nested sections or dotted keys
     axes:
       model.mask_ratio: [0.5, 0.75]  # a config field and its values

@@ -58,6 +58,11 @@ def rehearse(grid: Grid, *, runs_dir: Path, cpu_only: bool, cpus_per_node: int |
     for cell in grid.cells:
         cfg = _micro(cell.config, data_root, world)
         cells.append(Cell(name, cell.axes, cell.seed, cfg, cfg.run_id(), cfg.cell_id()))
+    first, micro = grid.cells[0].config.eval, cells[0].config.eval
+    for protocol in first.protocols:  # a protocol's own data tree, replaced where it is not visible here
+        before, after = getattr(getattr(first, protocol), "root", None), getattr(getattr(micro, protocol), "root", None)
+        if before != after:
+            notes.append(f"data: eval.{protocol}.root {before} is not visible from this machine: {after} instead")
     notes.append(f"{len(cells)} cells at micro scale ({STUDENT['size']} at {STUDENT['img_size']} px, one epoch of "
                  f"pretraining, two of each evaluation protocol), {world} task(s) each; runs under {name}/, "
                  f"MLflow experiment {spec.tracking.experiment}")

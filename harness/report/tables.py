@@ -271,7 +271,7 @@ def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
         return None
     rows = []
     for ref in REFERENCES:
-        if ref.metric not in runs:
+        if ref.metric not in runs or runs[ref.metric].isna().all():  # a metric this grid does not measure
             continue
         measured = runs.loc[cell_mask(runs, ref.switches) & (runs["status"] == DONE), ref.metric].dropna()
         rows.append({"cell": ref.cell, "metric": ref.metric,

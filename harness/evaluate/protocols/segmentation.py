@@ -70,7 +70,7 @@ def _micro_data(settings: SegmentationData) -> dict[str, Any]:
     from harness.data.assets import DEMO_DATA
     from harness.data.demo import SEGMENTATION_DIR, make_demo_dataset
 
-    if not (DEMO_DATA / "meta.json").is_file():
+    if not (DEMO_DATA / SEGMENTATION_DIR / "meta.json").is_file():  # missing, or made before it had the split
         make_demo_dataset(DEMO_DATA)
     return {"root": str(DEMO_DATA / SEGMENTATION_DIR), "train_split": "training", "val_split": "validation",
             "num_classes": None}
