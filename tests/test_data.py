@@ -66,7 +66,8 @@ def test_captions_cover_every_image_and_describe_it(small_demo: demo.DemoDataset
     root = small_demo.root
     with open(root / "captions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {r["path"] for r in rows} == {str(p.relative_to(root)) for p in root.rglob("*.png")}
+    images = {str(p.relative_to(root)) for split in demo.SPLITS for p in (root / split).rglob("*.png")}
+    assert {r["path"] for r in rows} == images
     for r in rows:
         cls = Path(r["path"]).parent.name
         assert r["split"] == Path(r["path"]).parts[0]
@@ -84,7 +85,9 @@ def test_second_call_reuses_and_other_arguments_regenerate(tmp_path: Path) -> No
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
     info = make_demo_dataset(root, train_per_class=2, val_per_class=1)
     assert info.counts == {"train": 20, "val": 10}
-    assert len(list(root.rglob("*.png"))) == 30
+    assert len(list((root / "train").rglob("*.png"))) + len(list((root / "val").rglob("*.png"))) == 30
+    # the segmentation split: a fifth per class of each (at least one), an image and a label map each
+    assert len(list((root / "segmentation").rglob("*.png"))) == 2 * (10 + 10)
     assert not [p for p in tmp_path.iterdir() if p.name != "ds"]  # no temporary folders left behind
 
 

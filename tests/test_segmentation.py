@@ -246,7 +246,7 @@ def _demo_seg(tmp_path: Path) -> tuple[Path, list[str]]:
     from harness.data.demo import SEGMENTATION_DIR, make_demo_dataset
 
     data = tmp_path / "demo"
-    make_demo_dataset(data, train_per_class=8, val_per_class=2)
+    make_demo_dataset(data, train_per_class=40, val_per_class=10)  # segmentation: 8 and 2 per class
     seg = data / SEGMENTATION_DIR
     return data, ["--set", f"data.root={data}", "--set", f"eval.seg_linear.root={seg}",
                   "--set", f"eval.seg_upernet.root={seg}"]

@@ -137,10 +137,15 @@ class _Spec:
     train_per_class: int
     val_per_class: int
     seed: int
-    segmentation_per_class: tuple[int, int] = (60, 30)  # training, validation
 
     def per_class(self, split: str) -> int:
         return self.train_per_class if split == "train" else self.val_per_class
+
+    @property
+    def segmentation_per_class(self) -> tuple[int, int]:
+        """(training, validation) images per class of the segmentation split: a fifth of the
+        classification split's (60 and 30 at the defaults)."""
+        return max(1, self.train_per_class // 5), max(1, self.val_per_class // 5)
 
     def counts(self) -> dict[str, int]:
         return {s: self.per_class(s) * len(CLASSES) for s in SPLITS}

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from harness.core.errors import UserError
 from harness.core.frozen import FrozenModel
-from harness.evaluate.protocols.spec import EvalContext, FeatureSet, Metric, Protocol
+from harness.evaluate.protocols.spec import EvalContext, FeatureSet, Metric, Protocol, check_batch_splits
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -112,12 +112,6 @@ def _check_classification_data(cfg: Any) -> None:
     check_image_sample(d.root, d.val_split)
 
 
-def _batch_splits(protocol: str, batch_size: int, world: int) -> None:
-    if batch_size % world:
-        raise UserError(f"eval.{protocol}.batch_size={batch_size} does not split over the cell's {world} tasks "
-                        f"(resources): make it a multiple of {world}")
-
-
 # --- k-NN ------------------------------------------------------------------------------------------
 
 def _run_knn(features: LabelledFeatures, ctx: EvalContext) -> dict[str, float]:
@@ -168,7 +162,7 @@ LINEAR = Protocol(
     on_by_default=True,
     metrics=(Metric("linear_top1", "linear-probe top-1 (%)"), Metric("linear_top5", "linear-probe top-5 (%)")),
     micro=lambda s, world: {"epochs": 2, "warmup_epochs": 0, "batch_size": 16 * world},
-    check_settings=lambda s, world: _batch_splits("linear", s.batch_size, world),
+    check_settings=lambda s, world: check_batch_splits("linear", s.batch_size, world),
     check_data=_check_classification_data,
 )
 
@@ -209,7 +203,7 @@ FINETUNE = Protocol(
     name="finetune", settings=FinetuneSettings, run=_run_finetune, headline_rank=1,
     metrics=(Metric("finetune_top1", "fine-tune top-1 (%)"), Metric("finetune_top5", "fine-tune top-5 (%)")),
     micro=lambda s, world: {"epochs": 2, "warmup_epochs": 0, "batch_size": 8 * world},
-    check_settings=lambda s, world: _batch_splits("finetune", s.batch_size, world),
+    check_settings=lambda s, world: check_batch_splits("finetune", s.batch_size, world),
     check_data=_check_classification_data,
 )
 

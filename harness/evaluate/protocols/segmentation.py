@@ -20,7 +20,7 @@ from pydantic import Field
 
 from harness.core.errors import UserError
 from harness.core.frozen import FrozenModel
-from harness.evaluate.protocols.spec import EvalContext, FeatureSet, Metric, Protocol
+from harness.evaluate.protocols.spec import EvalContext, FeatureSet, Metric, Protocol, check_batch_splits
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -89,12 +89,6 @@ def _check_tree(settings: SegmentationData, name: str, batch_size: int) -> None:
                         f"{settings.root}: give a batch of at most {images}")
 
 
-def _batch_splits(protocol: str, batch_size: int, world: int) -> None:
-    if batch_size % world:
-        raise UserError(f"eval.{protocol}.batch_size={batch_size} does not split over the cell's {world} tasks "
-                        f"(resources): make it a multiple of {world}")
-
-
 # --- the frozen probe ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -154,7 +148,7 @@ SEG_LINEAR = Protocol(
     metrics=(Metric("seg_linear_miou", "seg. linear-probe mIoU (%)"),
              Metric("seg_linear_pixel_accuracy", "seg. linear-probe pixel accuracy (%)")),
     micro=lambda s, world: {"epochs": 2, "batch_size": 8 * world, **_micro_data(s)},
-    check_settings=lambda s, world: _batch_splits("seg_linear", s.batch_size, world),
+    check_settings=lambda s, world: check_batch_splits("seg_linear", s.batch_size, world),
     check_data=lambda cfg: _check_tree(cfg.eval.seg_linear, "seg_linear", cfg.eval.seg_linear.batch_size),
 )
 
@@ -200,7 +194,7 @@ SEG_UPERNET = Protocol(
              Metric("seg_upernet_pixel_accuracy", "UperNet pixel accuracy (%)")),
     micro=lambda s, world: {"iterations": 4, "warmup_iterations": 1, "batch_size": 2 * world, "crop_size": 32,
                             "channels": 32, "checkpoint_every": 2, **_micro_data(s)},
-    check_settings=lambda s, world: _batch_splits("seg_upernet", s.batch_size, world),
+    check_settings=lambda s, world: check_batch_splits("seg_upernet", s.batch_size, world),
     check_data=_check_upernet,
 )
 

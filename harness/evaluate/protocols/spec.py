@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core.errors import UserError
 from harness.core.frozen import FrozenModel
 
 if TYPE_CHECKING:
@@ -67,6 +68,13 @@ class FeatureSet:
 
     name: str
     extract: Callable[[Any, EvalContext], Any]
+
+
+def check_batch_splits(protocol: str, batch_size: int, world: int) -> None:
+    """A protocol's effective batch splits over the cell's ``world`` tasks (a one-line UserError)."""
+    if batch_size % world:
+        raise UserError(f"eval.{protocol}.batch_size={batch_size} does not split over the cell's {world} tasks "
+                        f"(resources): make it a multiple of {world}")
 
 
 def _no_check(settings: Any, world: int) -> None:
