@@ -17,11 +17,11 @@ from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.evaluate.features import autocast
+from harness.evaluate.protocols.segmentation import ADE20K_CLASSES
 from harness.evaluate.upernet import ViTUperNet
 from harness.evaluate.upernet_train import upernet_loss
 from harness.milan.weights import build_timm_vit
 
-ADE20K_CLASSES = 150
 PAPER_ITERATIONS, PAPER_BATCH, PAPER_CROP = 160_000, 16, 512
 # Sustained rates the estimate assumes, per GPU (TFLOP/s): this project's dry-run assumption for an
 # A100 (it reproduces MILAN's reported 39 h pretraining on 8 A100s), and the eager rate of the
