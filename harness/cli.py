@@ -203,6 +203,19 @@ def ablate_command(
         "--share/--no-share", help="Train the cells that differ only on the student side (target, decoder, "
                                    "masks, optimiser, evaluation) as one job: one data stream and one teacher "
                                    "forward per batch. --no-share: one job per cell.")] = True,
+    until_resolved: Annotated[bool, typer.Option(
+        "--until-resolved", help="Run the grid in rounds of seeds until every effect in scope is resolved or "
+                                 "negligible (group-sequential verdicts, docs/until-resolved.md), within "
+                                 "--max-seeds / --max-hours. On Slurm a decision job after each round submits "
+                                 "the next; run it again to resume a stopped chain.")] = False,
+    max_seeds: Annotated[int | None, typer.Option(
+        help="--until-resolved: at most this many seeds in all.")] = None,
+    max_hours: Annotated[float | None, typer.Option(
+        help="--until-resolved: at most this many device-hours (GPU-hours, or CPU core-hours on CPUs).")] = None,
+    effects: Annotated[str | None, typer.Option(
+        metavar="A,B", help="--until-resolved: the effects that must resolve, e.g. target,decoder,random-init "
+                            "(interactions as target:decoder; default: the main effects and pretrained vs "
+                            "random init).")] = None,
 ) -> None:
     """Run an ablation grid: one job per group of cells that share data and teacher (or per cell with
     --no-share); finished cells are skipped, failed ones resumed."""
@@ -210,6 +223,9 @@ def ablate_command(
     from harness.report.grid_report import REPORTS_DIR
 
     _check_margin(margin)
+    if not until_resolved and (max_seeds is not None or max_hours is not None or effects is not None):
+        raise UserError("--max-seeds, --max-hours and --effects go with --until-resolved")
+    check_counts(("--max-seeds", max_seeds, 1))
     ensure_writable_dir(runs_dir, "--runs-dir")
     if not dry_run:
         ensure_writable_dir(REPORTS_DIR, "reports folder")
@@ -219,6 +235,9 @@ def ablate_command(
                             seeds=seeds, executor=executor, dry_run=dry_run, wait=wait, force=force,
                             tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()),
                             rehearse=rehearse, margin=margin, share=share)
+    if until_resolved:
+        _until_resolved(request, max_seeds, max_hours, effects)
+        return
     try:
         outcome = ablate(request, echo=typer.echo)
     except KeyboardInterrupt:
@@ -240,6 +259,32 @@ def ablate_command(
         typer.echo(rehearsal_verdict(outcome.views, grid or "smoke"))
     if not outcome.ok:
         raise typer.Exit(1)
+
+
+def _until_resolved(request: Any, max_seeds: int | None, max_hours: float | None, effects: str | None) -> None:
+    """``ablate --until-resolved``: the chain of rounds (harness.launch.rounds) with the sequential
+    statistics (harness.report.sequential); the report once a local chain has stopped."""
+    from harness.launch.rounds import Budget, Statistics, until_resolved
+    from harness.report import sequential
+
+    statistics = Statistics(start=sequential.start, decide=sequential.decide, scope=sequential.scope_for,
+                            schedule=sequential.look_schedule)
+    names = [name for name in (effects or "").split(",") if name.strip()] or None
+    try:
+        chain = until_resolved(request, Budget(max_seeds, max_hours), names, statistics, echo=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume the chain", err=True)
+        raise typer.Exit(130) from None
+    if chain.stop_reason:
+        from harness.report.grid_report import write_grid_report
+
+        try:  # a report that cannot be built does not fail the chain
+            write_grid_report(request.grid or "smoke", tracking_uri=request.tracking_uri,
+                              metric=chain.design["metric"], formats=("md", "csv", "tex", "html"),
+                              margin=request.margin, out=None, log_report=True, runs_dir=request.runs_dir,
+                              echo=typer.echo)
+        except UserError as err:
+            typer.echo(f"report: not written ({err})")
 
 
 @app.command("status")
@@ -443,6 +488,28 @@ def calibrate_command(
     from harness.benchmarks.calibration import calibrate, report_lines
 
     typer.echo(report_lines(calibrate(grids, seed)))
+
+
+@app.command("calibrate-sequential")
+@user_errors
+def calibrate_sequential_command(
+    grids: Annotated[int, typer.Option(help="Simulated chains per scenario (2000: about ±0.5 points on a 5% rate).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of every simulated draw.")] = 0,
+    margin: Annotated[float, typer.Option(help="Equivalence margin, in points.")] = 0.5,
+    noise_sd: Annotated[float, typer.Option(help="Run-to-run noise sd, in points (default: the demo's).")] = 0.59,
+    first_seeds: Annotated[int, typer.Option(help="Seeds of the first round.")] = 3,
+    max_seeds: Annotated[int, typer.Option(help="The budget cap, in seeds.")] = 12,
+) -> None:
+    """Calibrate the --until-resolved verdicts by simulation: false resolved (null), false negligible
+    (twice the margin), power and seeds used (the margin) on chains of looks at synthetic 2x2x2 grids."""
+    check_counts(("--grids", grids, 1), ("--first-seeds", first_seeds, 2), ("--max-seeds", max_seeds, first_seeds))
+    _check_margin(margin)
+    if not noise_sd > 0:
+        raise UserError(f"--noise-sd {noise_sd:g} is not a noise level: give a positive number of points")
+    from harness.benchmarks.sequential_calibration import calibrate_sequential, report_lines
+
+    typer.echo(report_lines(calibrate_sequential(grids, seed, noise_sd=noise_sd, margin=margin,
+                                                 first_seeds=first_seeds, max_seeds=max_seeds)))
 
 
 @app.command("share-bench")

@@ -11,6 +11,7 @@ from harness.grid import find_grid_file, load_grid
 from harness.launch import display
 from harness.launch.records import GRID_FILE, GridRecord, grid_dir, read_record
 from harness.launch.cell_views import CellView, collect
+from harness.launch.rounds import status_lines
 
 Echo = Callable[[str], None]
 
@@ -30,6 +31,8 @@ def show_status(grid: str | None, runs_dir: Path, echo: Echo = print, log_lines:
     name, cell_views = grid_views(grid, runs_dir)
     echo(display.status_table(cell_views))
     echo(f"grid {name}: {display.counts(cell_views)}")
+    for line in status_lines(grid_dir(runs_dir, name)):  # ablate --until-resolved: its rounds
+        echo(line)
     if details := display.failure_details(cell_views, log_lines):
         echo(details)
     return cell_views

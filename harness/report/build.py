@@ -44,6 +44,7 @@ from harness.report.tables import (
     render_table,
     write_tables,
 )
+from harness.report.sequential import SequentialState, report_lines as sequential_report
 from harness.report.verdicts import headline
 
 __all__ = ["ReportError", "ReportResult", "build_report"]
@@ -83,6 +84,7 @@ def build_report(
     metric: str = "linear_top1",
     formats: Iterable[str] = TABLE_FORMATS,
     margin: float | None = None,
+    sequential: SequentialState | None = None,
 ) -> ReportResult:
     """Write tables, figures and report.md for `runs` (and loss `curves`) under out_dir.
 
@@ -93,6 +95,9 @@ def build_report(
 
     `margin` (points of `metric`) is the verdicts' equivalence margin: by default the grid's
     (``runs.attrs["margin"]``), else DEFAULT_MARGIN.
+
+    `sequential` is the record of ``ablate --until-resolved``'s looks, when the grid ran so: the
+    report then says which sequential design it used, its looks, the alpha spent and why it stopped.
 
     Raises ReportError when `metric` is not a column with at least one value.
     """
@@ -118,7 +123,8 @@ def build_report(
     words = headline(effects, runs, metric_label(metric))
     report = out_dir / "report.md"
     report.write_text(
-        _render_report(runs, metric, tables, figure_paths, formats, out_dir, words), encoding="utf-8"
+        _render_report(runs, metric, tables, figure_paths, formats, out_dir, words, sequential),
+        encoding="utf-8"
     )
     return ReportResult(report, tuple(table_paths), tuple(figure_paths.values()), effects, words)
 
@@ -232,6 +238,10 @@ HOW_TO_READ: dict[str, str] = {
     "all effects (Holm); verdict: resolved ± (p_holm < 0.05), negligible (interval inside ± the "
     "margin; takes precedence), not resolved; mde: the effect resolved with 80% power at the "
     "seeds run; seeds_needed: seeds in all for an effect the size of the margin.",
+    "sequential": "the grid ran in rounds of seeds (`ablate --until-resolved`), and these verdicts were "
+    "read after every round: each look spends part of alpha (O'Brien-Fleming-type spending: little at early "
+    "looks), so a verdict here keeps its error rate however many looks were taken. A cell shows the verdict "
+    "after that look (open: none yet) and the estimate; a verdict, once reached, stays.",
     "jobs": "one row per group job: cells of one seed that differ only on the student side trained in one "
     "job, on one data stream with one teacher forward per batch (paired: the same batches, and the same "
     "masks where their mask sampling agrees); device_hours = the sum of its cells' apportioned shares "
@@ -255,6 +265,7 @@ def _render_report(
     formats: tuple[str, ...],
     out_dir: Path,
     words: str,
+    sequential: SequentialState | None = None,
 ) -> str:
     embeds = {
         key: f"![{key}]({path.relative_to(out_dir).as_posix()})" for key, path in figures.items()
@@ -279,6 +290,10 @@ def _render_report(
             render_table(_effect_rows(effects), "md") if len(effects) else
             "No effects: no axis has finished runs at two of its values.",
         ),
+    ]
+    if sequential is not None:
+        sections += section("Until resolved: sequential verdicts", "sequential", sequential_report(sequential))
+    sections += [
         *section(
             f"{metric_label(metric)} per cell", "cells",
             _baseline_note(runs, tables["cells"]),

@@ -52,6 +52,7 @@ def write_grid_report(
     warnings to ``warn`` (default ``echo``). Bad input raises a one-line UserError."""
     from harness.report.build import build_report
     from harness.report.effects import format_effects_for_terminal
+    from harness.report.sequential import read_state
     from harness.report.tables import ReportError
     from harness.tracking import bounded_http, display_uri, log_artifacts, resolve_store
     from harness.tracking.read import load_runs
@@ -69,8 +70,10 @@ def write_grid_report(
             raise UserError(f"grid {name!r} has no cell runs in {display_uri(uri)} yet: run "
                             f"`bench.py ablate` first")
         out_dir = out or REPORTS_DIR / runs.attrs.get("grid", name)
+        sequential = read_state(Path(runs_dir) / runs.attrs.get("grid", name))  # ablate --until-resolved's looks
         try:
-            result = build_report(runs, curves, out_dir, metric=metric, formats=formats, margin=margin)
+            result = build_report(runs, curves, out_dir, metric=metric, formats=formats, margin=margin,
+                                  sequential=sequential)
         except ReportError as err:
             raise UserError(str(err)) from None
         echo(format_effects_for_terminal(result.effects))

@@ -48,6 +48,7 @@ look never depends on the data (Lan-DeMets needs that; Proschan, Follmann & Wacl
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -209,6 +210,32 @@ def in_scope(effects: pd.DataFrame, scope: Sequence[str]) -> pd.DataFrame:
 def default_scope(axes: Sequence[str], random_init: bool) -> list[str]:
     """The main effects (short axis names) and, with random-init runs, pretrained vs random init."""
     return [*([RANDOM_INIT_EFFECT] if random_init else []), *(axis.split(".")[-1] for axis in axes)]
+
+
+# --effects spellings of pretrained vs random init
+RANDOM_INIT_ALIASES = ("random-init", "random_init", RANDOM_INIT_EFFECT)
+
+
+def scope_for(axes: Sequence[str], random_init: bool, requested: Sequence[str] | None) -> list[str]:
+    """The effect names of ``--effects`` (main effects by short axis name, interactions as
+    ``target:decoder`` or ``target × decoder``, ``random-init``), or the default scope; a
+    ValueError names the first unknown one."""
+    if not requested:
+        return default_scope(axes, random_init)
+    short = [axis.split(".")[-1] for axis in axes]
+    known = {" × ".join(combo) for order in range(1, len(short) + 1)
+             for combo in itertools.combinations(short, order)}
+    scope = []
+    for name in requested:
+        words = [w.strip() for w in name.replace("×", ":").split(":")]
+        words.sort(key=lambda w: short.index(w) if w in short else len(short))  # the grid's axis order
+        effect = RANDOM_INIT_EFFECT if name.strip() in RANDOM_INIT_ALIASES and random_init else " × ".join(words)
+        if effect != RANDOM_INIT_EFFECT and effect not in known:
+            choices = [*(["random-init"] if random_init else []), *short]
+            raise ValueError(f"--effects: no effect {name.strip()!r} in this grid: give some of "
+                             f"{', '.join(choices)} (interactions as {short[0]}:{short[-1]})")
+        scope.append(effect)
+    return list(dict.fromkeys(scope))
 
 
 # --- the record and the decision ---------------------------------------------------------
@@ -394,7 +421,7 @@ def look_summary(state: SequentialState) -> str:
             f"{last.alpha_spent:.3g} of {state.design.alpha:g}): {verdicts}")
 
 
-def report_lines(state: SequentialState) -> list[str]:
+def report_lines(state: SequentialState) -> str:
     """report.md's account of the design: which, how many looks, alpha spent, why it stopped,
     and a table of the verdicts look by look."""
     design = state.design
@@ -417,5 +444,5 @@ def report_lines(state: SequentialState) -> list[str]:
                 + " | ".join(f"{e.verdict or 'open'} ({e.estimate:+.2f})" if e.estimate is not None else "–"
                              for e in look.effects) + " |"
                 for i, look in enumerate(state.looks, 1)]
-        lines += ["", header, rule, *rows]
-    return [line for line in lines if line is not None]
+        lines.append("\n".join([header, rule, *rows]))
+    return "\n\n".join(line for line in lines if line)
