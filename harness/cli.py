@@ -216,6 +216,9 @@ def ablate_command(
         metavar="A,B", help="--until-resolved: the effects that must resolve, e.g. target,decoder,random-init "
                             "(interactions as target:decoder; default: the main effects and pretrained vs "
                             "random init).")] = None,
+    spending: Annotated[str | None, typer.Option(
+        help="--until-resolved: alpha spending, obrien-fleming (the default: little alpha at early looks) or "
+             "pocock (clear effects stop sooner; a stricter last look).")] = None,
 ) -> None:
     """Run an ablation grid: one job per group of cells that share data and teacher (or per cell with
     --no-share); finished cells are skipped, failed ones resumed."""
@@ -223,8 +226,8 @@ def ablate_command(
     from harness.report.grid_report import REPORTS_DIR
 
     _check_margin(margin)
-    if not until_resolved and (max_seeds is not None or max_hours is not None or effects is not None):
-        raise UserError("--max-seeds, --max-hours and --effects go with --until-resolved")
+    if not until_resolved and any(o is not None for o in (max_seeds, max_hours, effects, spending)):
+        raise UserError("--max-seeds, --max-hours, --effects and --spending go with --until-resolved")
     check_counts(("--max-seeds", max_seeds, 1))
     ensure_writable_dir(runs_dir, "--runs-dir")
     if not dry_run:
@@ -236,7 +239,7 @@ def ablate_command(
                             tracking_uri=tracking_uri, runs_dir=runs_dir, cells=tuple(cell or ()),
                             rehearse=rehearse, margin=margin, share=share)
     if until_resolved:
-        _until_resolved(request, max_seeds, max_hours, effects)
+        _until_resolved(request, max_seeds, max_hours, effects, _check_spending(spending or "obrien-fleming"))
         return
     try:
         outcome = ablate(request, echo=typer.echo)
@@ -261,7 +264,16 @@ def ablate_command(
         raise typer.Exit(1)
 
 
-def _until_resolved(request: Any, max_seeds: int | None, max_hours: float | None, effects: str | None) -> None:
+def _check_spending(name: str) -> str:
+    from harness.report.sequential import SPENDING_NAMES
+
+    if name not in SPENDING_NAMES:
+        raise UserError(f"--spending {name!r} is not a spending function: use one of {', '.join(SPENDING_NAMES)}")
+    return name
+
+
+def _until_resolved(request: Any, max_seeds: int | None, max_hours: float | None, effects: str | None,
+                    spending: str) -> None:
     """``ablate --until-resolved``: the chain of rounds (harness.launch.rounds) with the sequential
     statistics (harness.report.sequential); the report once a local chain has stopped."""
     from harness.launch.rounds import Budget, Statistics, until_resolved
@@ -271,7 +283,7 @@ def _until_resolved(request: Any, max_seeds: int | None, max_hours: float | None
                             schedule=sequential.look_schedule)
     names = [name for name in (effects or "").split(",") if name.strip()] or None
     try:
-        chain = until_resolved(request, Budget(max_seeds, max_hours), names, statistics, echo=typer.echo)
+        chain = until_resolved(request, Budget(max_seeds, max_hours), names, spending, statistics, echo=typer.echo)
     except KeyboardInterrupt:
         typer.echo("interrupted: run the same command again to resume the chain", err=True)
         raise typer.Exit(130) from None
@@ -499,6 +511,10 @@ def calibrate_sequential_command(
     noise_sd: Annotated[float, typer.Option(help="Run-to-run noise sd, in points (default: the demo's).")] = 0.59,
     first_seeds: Annotated[int, typer.Option(help="Seeds of the first round.")] = 3,
     max_seeds: Annotated[int, typer.Option(help="The budget cap, in seeds.")] = 12,
+    effects: Annotated[str | None, typer.Option(
+        metavar="A,B", help="The effects in scope, as ablate's --effects; must hold target (default: the main "
+                            "effects and pretrained vs random init).")] = None,
+    spending: Annotated[str, typer.Option(help="Alpha spending: obrien-fleming | pocock.")] = "obrien-fleming",
 ) -> None:
     """Calibrate the --until-resolved verdicts by simulation: false resolved (null), false negligible
     (twice the margin), power and seeds used (the margin) on chains of looks at synthetic 2x2x2 grids."""
@@ -508,8 +524,13 @@ def calibrate_sequential_command(
         raise UserError(f"--noise-sd {noise_sd:g} is not a noise level: give a positive number of points")
     from harness.benchmarks.sequential_calibration import calibrate_sequential, report_lines
 
-    typer.echo(report_lines(calibrate_sequential(grids, seed, noise_sd=noise_sd, margin=margin,
-                                                 first_seeds=first_seeds, max_seeds=max_seeds)))
+    names = [name for name in (effects or "").split(",") if name.strip()] or None
+    try:
+        result = calibrate_sequential(grids, seed, noise_sd=noise_sd, margin=margin, first_seeds=first_seeds,
+                                      max_seeds=max_seeds, effects=names, spending=_check_spending(spending))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    typer.echo(report_lines(result))
 
 
 @app.command("share-bench")

@@ -26,10 +26,11 @@ def test_obrien_fleming_boundaries_match_the_published_ones() -> None:
     assert sequential.spent(0.0, 0.05) == 0 and sequential.spent(1.0, 0.05) == pytest.approx(0.05)
 
 
-def test_boundaries_spend_exactly_alpha_by_simulation() -> None:
+@pytest.mark.parametrize("spending", [sequential.OBRIEN_FLEMING, sequential.POCOCK])
+def test_boundaries_spend_exactly_alpha_by_simulation(spending: str) -> None:
     """The crossing probability of the two-sided boundaries over Brownian motion is alpha."""
     fractions = (0.25, 0.5, 1.0)
-    bounds = np.array(sequential.boundaries(fractions, 0.05, True))
+    bounds = np.array(sequential.boundaries(fractions, 0.05, True, spending))
     rng = np.random.default_rng(0)
     steps = rng.normal(size=(200_000, 3)) * np.sqrt(np.diff((0.0, *fractions)))
     z = np.cumsum(steps, axis=1) / np.sqrt(fractions)

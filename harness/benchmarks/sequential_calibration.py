@@ -6,7 +6,7 @@ grids (axes model.target, model.decoder, model.masking, plus one random-init run
 in :mod:`.calibration`), through the same code the chain runs: ``estimate_effects`` on the
 seeds finished so far, then ``sequential_verdicts``, look after look at the planned seed
 counts (``look_schedule``), stopping when every effect in scope has a verdict. The scope is
-the default one: the three main effects and pretrained vs random init.
+the default one (the three main effects and pretrained vs random init) or ``--effects``.
 
 Each run is its cell mean + a seed offset shared by the runs of that seed (sd 1) + Gaussian
 noise of sd ``noise_sd``: by default the demo's, 0.59 points of linear-probe top-1, read
@@ -43,7 +43,14 @@ from harness.benchmarks.calibration import (
     planted_means,
 )
 from harness.report.effects import NEGLIGIBLE, RESOLVED_DOWN, RESOLVED_UP, estimate_effects, power_of_t_test
-from harness.report.sequential import default_scope, in_scope, look_schedule, sequential_verdicts
+from harness.report.sequential import (
+    OBRIEN_FLEMING,
+    SPENDING_NAMES,
+    in_scope,
+    look_schedule,
+    scope_for,
+    sequential_verdicts,
+)
 
 DEMO_NOISE_SD = 0.59
 MARGIN = 0.5  # the report's default margin: at the demo's 2 points every chain stops at its first look
@@ -65,19 +72,19 @@ class Chain:
 
 
 def simulate_chain(cell_means: np.ndarray, random_init_mean: float, grid: SimulatedGrid, schedule: list[int],
-                   rng: np.random.Generator, *, noise_sd: float, margin: float, alpha: float) -> Chain:
+                   rng: np.random.Generator, *, scope: list[str], noise_sd: float, margin: float,
+                   alpha: float, spending: str) -> Chain:
     """Draw a grid of ``grid.seeds`` seeds, then look at its first n seeds for each n of the
     schedule, as the chain would, until every effect in scope has a verdict."""
     means = np.r_[cell_means, random_init_mean]
     offset = rng.normal(0, SEED_SD, grid.seeds)
     values = means[grid.treatment] + offset[grid.seed] + rng.normal(0, noise_sd, len(grid.frame))
     runs = grid.frame.assign(**{METRIC: values})
-    scope = default_scope(list(AXES), random_init=True)
     verdicts, fractions = None, ()
     for seeds in schedule:
         fractions = (*fractions, round(seeds / schedule[-1], 6))
         effects = estimate_effects(runs[runs["seed"] < seeds], METRIC, margin=margin, alpha=alpha)
-        verdicts = sequential_verdicts(in_scope(effects, scope), fractions, verdicts, margin, alpha)
+        verdicts = sequential_verdicts(in_scope(effects, scope), fractions, verdicts, margin, alpha, spending)
         if all(v is not None for v in verdicts.verdicts.values()):
             break
     return Chain(seeds, verdicts.verdicts)
@@ -103,6 +110,8 @@ class SequentialCalibration:
     fixed_seeds: int | None  # the fixed design reaching `power`
     looks_used: float  # mean looks with the target at the margin
     schedule: list[int]
+    scope: list[str]
+    spending: str
     n_grids: int
     noise_sd: float
     margin: float
@@ -112,14 +121,19 @@ class SequentialCalibration:
 
 def calibrate_sequential(n_grids: int = 2000, seed: int = 0, *, noise_sd: float = DEMO_NOISE_SD,
                          margin: float = MARGIN, first_seeds: int = FIRST_SEEDS,
-                         max_seeds: int = MAX_SEEDS) -> SequentialCalibration:
-    """Simulate `n_grids` chains of each scenario; `seed` fixes every draw."""
+                         max_seeds: int = MAX_SEEDS, effects: list[str] | None = None,
+                         spending: str = OBRIEN_FLEMING) -> SequentialCalibration:
+    """Simulate `n_grids` chains of each scenario; `seed` fixes every draw; `effects` is the
+    scope (default: the main effects and pretrained vs random init; it must hold target)."""
     if n_grids < 1:
         raise ValueError(f"n_grids={n_grids}: need at least one grid")
     schedule = look_schedule(first_seeds, max_seeds)
     grid = SimulatedGrid(AXES, max_seeds)
     null_rng, twice_rng, margin_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    settings = {"noise_sd": noise_sd, "margin": margin, "alpha": ALPHA}
+    scope = scope_for(list(AXES), True, effects)
+    if TARGET not in scope:
+        raise ValueError(f"the scope {scope} leaves out {TARGET}, whose effect the scenarios plant")
+    settings = {"scope": scope, "noise_sd": noise_sd, "margin": margin, "alpha": ALPHA, "spending": spending}
     start = time.perf_counter()
     with cheap_garbage_collection():
         null = [simulate_chain(planted_means({}), BASE, grid, schedule, null_rng, **settings) for _ in range(n_grids)]
@@ -128,7 +142,7 @@ def calibrate_sequential(n_grids: int = 2000, seed: int = 0, *, noise_sd: float 
         at_margin = [simulate_chain(planted_means({TARGET: margin}), BASE, grid, schedule, margin_rng, **settings)
                      for _ in range(n_grids)]
     power = float(np.mean([c.verdicts[TARGET] == RESOLVED_UP for c in at_margin]))
-    scope_size = len(default_scope(list(AXES), random_init=True))
+    scope_size = len(scope)
     return SequentialCalibration(
         false_resolved=float(np.mean([any(v in (RESOLVED_UP, RESOLVED_DOWN) for v in c.verdicts.values())
                                       for c in null])),
@@ -138,7 +152,7 @@ def calibrate_sequential(n_grids: int = 2000, seed: int = 0, *, noise_sd: float 
         seeds_used_null=float(np.mean([c.seeds for c in null])),
         fixed_seeds=fixed_seeds_for_power(power, margin, noise_sd, ALPHA / scope_size),
         looks_used=float(np.mean([schedule.index(c.seeds) + 1 for c in at_margin])),
-        schedule=schedule, n_grids=n_grids, noise_sd=noise_sd, margin=margin, seed=seed,
+        schedule=schedule, scope=scope, spending=spending, n_grids=n_grids, noise_sd=noise_sd, margin=margin, seed=seed,
         seconds=time.perf_counter() - start)
 
 
@@ -167,7 +181,7 @@ def report_lines(result: SequentialCalibration) -> str:
     width = max(len(name) for name, *_ in rows)
     lines = [f"{name:<{width}}  {value:>16}  {note}".rstrip() for name, value, note in rows]
     lines.append(f"{result.n_grids} chains per scenario (seed {result.seed}): 2x2x2 grid + random init, noise sd "
-                 f"{result.noise_sd:g}, margin {m:g}, alpha {ALPHA:g}, looks at {result.schedule} seeds, scope: "
-                 f"{', '.join(default_scope(list(AXES), random_init=True))}")
+                 f"{result.noise_sd:g}, margin {m:g}, alpha {ALPHA:g}, {SPENDING_NAMES[result.spending]} spending, looks at {result.schedule} seeds, scope: "
+                 f"{', '.join(result.scope)}")
     lines.append(f"wall time {result.seconds:.1f} s")
     return "\n".join(lines)

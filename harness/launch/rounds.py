@@ -94,7 +94,7 @@ class Round(_Record):
 class ChainRecord(_Record):
     request: dict[str, Any]  # the AblateRequest of every round, seeds aside
     workdir: str  # where the rounds are submitted from
-    design: dict[str, Any]  # the statistics' design: metric, margin, alpha, max_seeds, max_hours, schedule, scope
+    design: dict[str, Any]  # the statistics' design: metric, margin, max_seeds, max_hours, spending, schedule, scope
     rounds: list[Round]
     decided: int = 0  # rounds whose look is taken
     last_look: str | None = None  # its summary
@@ -110,8 +110,8 @@ def read_chain(gdir: Path) -> ChainRecord | None:
 # --- starting and resuming ----------------------------------------------------------------
 
 
-def until_resolved(req: AblateRequest, budget: Budget, effects: Sequence[str] | None, statistics: Statistics,
-                   echo: Echo = print) -> ChainRecord:
+def until_resolved(req: AblateRequest, budget: Budget, effects: Sequence[str] | None, spending: str,
+                   statistics: Statistics, echo: Echo = print) -> ChainRecord:
     """Start the grid's chain of rounds, or resume it where it stopped; bad input is a one-line
     UserError before anything is submitted."""
     if req.dry_run or req.force or req.cells or req.rehearse:
@@ -133,7 +133,7 @@ def until_resolved(req: AblateRequest, budget: Budget, effects: Sequence[str] | 
         raise UserError(str(err)) from None
     gdir = grid_dir(req.runs_dir, grid.name).absolute()
     design = {"metric": grid.headline_metric, "margin": req.margin or grid.spec.margin, "max_seeds": max_seeds,
-              "max_hours": budget.max_hours, "schedule": statistics.schedule(first, max_seeds), "scope": scope}
+              "max_hours": budget.max_hours, "spending": spending, "schedule": statistics.schedule(first, max_seeds), "scope": scope}
     request = {**asdict(replace(req, seeds=None, executor=executor)), "runs_dir": str(req.runs_dir.absolute()),
                "grid": str(grid.path.absolute()) if grid.path else req.grid}
     with grid_lock(gdir):

@@ -7,9 +7,11 @@ look at the data. Looking after every round and stopping as soon as they say "re
 would raise the false-resolution rate well above alpha. Here each look k, at n_k seeds of
 at most ``max_seeds``, has the information fraction t_k = n_k / max_seeds, and:
 
-- **resolved ±** (H0: effect = 0, two-sided): the Lan-DeMets (1983) spending function of
-  O'Brien-Fleming type, alpha(t) = 2 - 2 Phi(z_{1-alpha/2} / sqrt(t)), gives the share of
-  alpha that may be spent by t. The boundary c_k solves P(|Z_1| < c_1, ..., |Z_{k-1}| <
+- **resolved ±** (H0: effect = 0, two-sided): a Lan-DeMets (1983) spending function gives
+  the share of alpha that may be spent by t: of O'Brien-Fleming type (the default),
+  alpha(t) = 2 - 2 Phi(z_{1-alpha/2} / sqrt(t)), which spends almost nothing early, or of
+  Pocock type, alpha ln(1 + (e - 1) t) (Lan & DeMets 1983; Kim & DeMets 1987), which spends
+  more early and stops clear effects sooner at the price of a stricter last look. The boundary c_k solves P(|Z_1| < c_1, ..., |Z_{k-1}| <
   c_{k-1}, |Z_k| >= c_k) = alpha(t_k) - alpha(t_{k-1}) for the canonical joint distribution
   of the look statistics (Brownian motion in t; Jennison & Turnbull 2000, *Group Sequential
   Methods with Applications to Clinical Trials*, ch. 3 and 7), computed by the recursive
@@ -53,6 +55,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -71,7 +74,8 @@ from harness.report.tables import device_hours, finished_values
 
 STATE_FILE = "sequential.json"  # in the grid's run folder, beside grid.json
 MAX_LOOKS = 5
-DESIGN_NAME = "group-sequential, Lan-DeMets O'Brien-Fleming alpha spending, Holm across effects"
+OBRIEN_FLEMING, POCOCK = "obrien-fleming", "pocock"
+SPENDING_NAMES = {OBRIEN_FLEMING: "Lan-DeMets O'Brien-Fleming-type", POCOCK: "Lan-DeMets Pocock-type"}
 # The grid of the recursive integration, in the B-value scale B(t) = Z(t) sqrt(t): points per
 # look and how many sd of B(t) it spans where a boundary does not cut it (1e-15 of the mass).
 INTEGRATION_POINTS = 2001
@@ -81,19 +85,24 @@ INTEGRATION_SD = 8.0
 # --- spending and boundaries -------------------------------------------------------------
 
 
-def spent(fraction: float, alpha: float) -> float:
-    """The O'Brien-Fleming-type spending function of Lan & DeMets: alpha spent by
-    information fraction `fraction` (alpha at 1)."""
+def spent(fraction: float, alpha: float, spending: str = OBRIEN_FLEMING) -> float:
+    """Alpha spent by information fraction `fraction` (alpha at 1), by Lan & DeMets' spending
+    function of O'Brien-Fleming type, 2 - 2 Phi(z_{1-alpha/2} / sqrt(t)), or of Pocock type,
+    alpha ln(1 + (e - 1) t)."""
     if fraction <= 0:
         return 0.0
-    return float(2 * stats.norm.sf(stats.norm.isf(alpha / 2) / np.sqrt(min(fraction, 1.0))))
+    fraction = min(fraction, 1.0)
+    if spending == POCOCK:
+        return float(alpha * np.log1p((np.e - 1) * fraction))
+    return float(2 * stats.norm.sf(stats.norm.isf(alpha / 2) / np.sqrt(fraction)))
 
 
 @functools.lru_cache(maxsize=4096)  # a simulation asks for the same few designs thousands of times
-def boundaries(fractions: tuple[float, ...], alpha: float, two_sided: bool) -> tuple[float, ...]:
+def boundaries(fractions: tuple[float, ...], alpha: float, two_sided: bool,
+               spending: str = OBRIEN_FLEMING) -> tuple[float, ...]:
     """z boundaries c_1..c_k of the looks at `fractions` (increasing, in (0, 1]) spending
     `alpha` by :func:`spent`: two-sided (reject at |Z_k| >= c_k) or one-sided (Z_k >= c_k)."""
-    crossing = np.diff([0.0, *(spent(t, alpha) for t in fractions)])
+    crossing = np.diff([0.0, *(spent(t, alpha, spending) for t in fractions)])
     bounds: list[float] = []
     points = weights = density = None  # B(t_{k-1}) on the continuation region, as a density
     previous = 0.0
@@ -159,7 +168,7 @@ def _holm(keys: Sequence[str], rejected: frozenset[str], alpha: float,
 
 
 def sequential_verdicts(effects: pd.DataFrame, fractions: tuple[float, ...], earlier: LookVerdicts | None,
-                        margin: float, alpha: float) -> LookVerdicts:
+                        margin: float, alpha: float, spending: str = OBRIEN_FLEMING) -> LookVerdicts:
     """The verdicts after the look at `fractions[-1]` of the effects (rows of
     estimate_effects' frame, indexed by effect key), given the looks before (`earlier`)."""
     keys = list(effects.index)
@@ -168,14 +177,14 @@ def sequential_verdicts(effects: pd.DataFrame, fractions: tuple[float, ...], ear
     row = {k: i for i, k in enumerate(keys)}
 
     def differs_from_zero(key: str, level: float) -> bool:
-        nominal = 2 * stats.norm.sf(boundaries(fractions, level, True)[-1])
+        nominal = 2 * stats.norm.sf(boundaries(fractions, level, True, spending)[-1])
         return bool(p_value[row[key]] < nominal)
 
     def within_margin(key: str, level: float) -> bool:
         i = row[key]
         if not np.isfinite(se[i]) or se[i] <= 0:
             return False
-        nominal = stats.norm.sf(boundaries(fractions, level, False)[-1])
+        nominal = stats.norm.sf(boundaries(fractions, level, False, spending)[-1])
         critical = stats.t.isf(nominal, df[i])
         return bool(min(margin + estimate[i], margin - estimate[i]) / se[i] >= critical)
 
@@ -253,6 +262,7 @@ class SequentialDesign(_Record):
     alpha: float = Field(0.05, gt=0, lt=1)
     max_seeds: int = Field(ge=2)
     max_hours: float | None = None
+    spending: Literal["obrien-fleming", "pocock"] = OBRIEN_FLEMING
     schedule: list[int]  # seed counts of the planned looks (look_schedule)
     scope: list[str]  # effect names
 
@@ -347,10 +357,10 @@ def decide(grid_dir: Path, runs: pd.DataFrame, look: int) -> Decision:
     effects = in_scope(estimate_effects(runs, design.metric, margin=design.margin, alpha=design.alpha),
                        design.scope)
     earlier = _last_verdicts(state)
-    now = sequential_verdicts(effects, fractions, earlier, design.margin, design.alpha)
+    now = sequential_verdicts(effects, fractions, earlier, design.margin, design.alpha, design.spending)
     cost = device_hours(runs)
     spent_hours = float(cost.sum()) if cost is not None else None
-    taken = Look(seeds=seeds, fraction=fractions[-1], alpha_spent=spent(fractions[-1], design.alpha),
+    taken = Look(seeds=seeds, fraction=fractions[-1], alpha_spent=spent(fractions[-1], design.alpha, design.spending),
                 effects=[EffectAtLook(key=k, estimate=_number(effects.at[k, "estimate"]),
                                       ci_low=_number(effects.at[k, "ci_low"]), ci_high=_number(effects.at[k, "ci_high"]),
                                       verdict=now.verdicts[k]) for k in effects.index],
@@ -426,7 +436,8 @@ def report_lines(state: SequentialState) -> str:
     and a table of the verdicts look by look."""
     design = state.design
     lines = [
-        f"Design: {DESIGN_NAME} (alpha {design.alpha:g} for each of the resolved and negligible families, "
+        f"Design: group-sequential, {SPENDING_NAMES[design.spending]} alpha spending, Holm across effects "
+        f"(alpha {design.alpha:g} for each of the resolved and negligible families, "
         f"margin ±{design.margin:g}); looks planned at {', '.join(map(str, design.schedule))} seeds "
         f"(at most {design.max_seeds} seeds"
         + (f", {design.max_hours:g} device-hours" if design.max_hours is not None else "") + ").",
