@@ -12,7 +12,7 @@ finished runs (the statistics are :mod:`harness.report.sequential`'s, handed in 
   (``--dependency=afterany:<ids>``); it submits the next round and the next decision job, then
   ends. No process waits on the login node.
 
-The chain's state is ``runs/<grid>/until_resolved.json`` (:class:`ChainRecord`), changed only
+The chain's state is ``runs/<grid>/until_resolved.json`` (:mod:`.chain`), changed only
 under the grid's lock by :func:`advance`, a step function that reads the record, does the one
 thing that is missing (submit the round, record its jobs, submit its decision job, decide) and
 writes it. A decision job that is killed, requeued or started twice, or ``ablate
@@ -33,18 +33,17 @@ from typing import Any, Protocol
 
 import pandas as pd
 import submitit
-from pydantic import BaseModel, ConfigDict
 
 from harness.core.errors import UserError
 from harness.grid import Grid
 from harness.launch import plan, slurm
 from harness.launch.ablate import AblateOutcome, AblateRequest, ablate
 from harness.launch.cell_views import CellView, collect
+from harness.launch.chain import CHAIN_FILE, ChainRecord, Round, budget_text, read_chain, seeds_text
 from harness.launch.estimate import gpu_hours
 from harness.launch.records import GRID_FILE, SUBMITIT_DIR, GridRecord, grid_dir, grid_lock, read_record, write_record
 
 Echo = Callable[[str], None]
-CHAIN_FILE = "until_resolved.json"
 # With --max-hours alone, the information fractions of the looks are counted against this many seeds.
 DEFAULT_MAX_SEEDS = 20
 DECISION_TIME_MIN = 30  # reading the runs and submitting a round: seconds, not minutes
@@ -77,34 +76,6 @@ class Statistics:
 class Budget:
     max_seeds: int | None = None
     max_hours: float | None = None  # device-hours (GPU-hours, or CPU core-hours on CPUs)
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Round(_Record):
-    seeds: int  # the grid at seeds 0..seeds-1
-    submitted: bool = False  # ablate has queued (or, locally, run) it
-    job_ids: list[str] = []  # the live jobs of its cells when it was queued
-    decision_job: str | None = None  # the Slurm job that takes its look
-    submitted_at: float | None = None
-
-
-class ChainRecord(_Record):
-    request: dict[str, Any]  # the AblateRequest of every round, seeds aside
-    workdir: str  # where the rounds are submitted from
-    design: dict[str, Any]  # the statistics' design: metric, margin, max_seeds, max_hours, spending, schedule, scope
-    rounds: list[Round]
-    decided: int = 0  # rounds whose look is taken
-    last_look: str | None = None  # its summary
-    device_hours: float | None = None  # spent, at the last look
-    stop_reason: str | None = None
-    started_at: float
-
-
-def read_chain(gdir: Path) -> ChainRecord | None:
-    return read_record(gdir / CHAIN_FILE, ChainRecord)
 
 
 # --- starting and resuming ----------------------------------------------------------------
@@ -143,8 +114,8 @@ def until_resolved(req: AblateRequest, budget: Budget, effects: Sequence[str] | 
             chain = ChainRecord(request=request, workdir=os.getcwd(), design=design,
                                 rounds=[Round(seeds=first)], started_at=time.time())
             write_record(gdir / CHAIN_FILE, chain)
-            echo(f"until resolved: {', '.join(scope)}; looks at {_seeds_text(design['schedule'])} seeds "
-                 f"({_budget_text(design)})")
+            echo(f"until resolved: {', '.join(scope)}; looks at {seeds_text(design['schedule'])} seeds "
+                 f"({budget_text(design)})")
         else:
             echo(f"until resolved: resuming the chain started {time.ctime(chain.started_at)} "
                  f"({len(chain.rounds)} round(s), {chain.decided} look(s) taken)")
@@ -317,47 +288,3 @@ class DecisionJob:
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Requeued (preemption, time limit): start over; advance is idempotent."""
         return submitit.helpers.DelayedSubmission(self)
-
-
-# --- what status shows -------------------------------------------------------------------
-
-
-def status_lines(gdir: Path) -> list[str]:
-    """The chain's round, seeds, budget spent and next decision; nothing when the grid has no chain."""
-    if (chain := read_chain(gdir)) is None:
-        return []
-    design, current = chain.design, chain.rounds[-1]
-    done_seeds = chain.rounds[chain.decided - 1].seeds if chain.decided else 0
-    spent = f"{chain.device_hours:.3g} device-hours" if chain.device_hours is not None else "cost not reported yet"
-    lines = [f"until resolved: round {len(chain.rounds)}, the grid at {current.seeds} seeds (looks planned at "
-             f"{_seeds_text(design['schedule'])}); {chain.decided} look(s) taken, at {done_seeds} seeds; spent "
-             f"{spent} of {_budget_text(design)}"]
-    if chain.last_look:
-        lines.append(f"  last {chain.last_look}")
-    if chain.stop_reason:
-        lines.append(f"  stopped: {chain.stop_reason}")
-    elif not current.submitted:
-        lines.append("  next: submit the round (interrupted: run the same ablate --until-resolved again)")
-    elif current.decision_job:
-        state = _job_state(current.decision_job)
-        lines.append(f"  next decision: Slurm job {current.decision_job} ({state}), after job(s) "
-                     f"{', '.join(sorted({j.split('_')[0] for j in current.job_ids})) or '–'}")
-    else:
-        lines.append("  next decision: when the round's cells end (run the same ablate --until-resolved again)")
-    return lines
-
-
-def _job_state(job_id: str) -> str:
-    try:
-        return slurm.job_states([job_id])[job_id].state
-    except slurm.SlurmError:
-        return "Slurm not reachable"
-
-
-def _seeds_text(schedule: Sequence[int]) -> str:
-    return ", ".join(map(str, schedule))
-
-
-def _budget_text(design: Mapping[str, Any]) -> str:
-    hours = f", {design['max_hours']:g} device-hours" if design.get("max_hours") is not None else ""
-    return f"budget {design['max_seeds']} seeds{hours}"

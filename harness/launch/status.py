@@ -11,7 +11,7 @@ from harness.grid import find_grid_file, load_grid
 from harness.launch import display
 from harness.launch.records import GRID_FILE, GridRecord, grid_dir, read_record
 from harness.launch.cell_views import CellView, collect
-from harness.launch.rounds import status_lines
+from harness.launch.chain import status_lines
 
 Echo = Callable[[str], None]
 
