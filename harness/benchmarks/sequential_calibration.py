@@ -18,7 +18,8 @@ so se = 0.24 = sd / sqrt(2 x 3)). Three scenarios, each over ``n_grids`` grids:
 - twice the margin: the target effect is 2 x margin, the others zero: the share of grids
   where target is ever "negligible" (goal <= alpha);
 - the margin: the target effect equals the margin, the others zero: power (target
-  "resolved +" by the budget cap) and the seeds used. The fixed design it is compared with
+  "resolved +" by the budget cap), the seeds used, and how often target is called
+  "negligible" at the very edge of the equivalence null (at most alpha by design). The fixed design it is compared with
   is the smallest number of seeds whose t test of that effect at Holm's first level
   (alpha / the effects in scope) reaches the same power, computed exactly (noncentral t,
   :func:`~harness.report.effects.power_of_t_test`) with the true noise sd: a fixed design
@@ -104,6 +105,7 @@ def fixed_seeds_for_power(power: float, effect: float, noise_sd: float, alpha_pe
 class SequentialCalibration:
     false_resolved: float  # null: any effect in scope resolved
     false_negligible: float  # target at twice the margin: negligible
+    false_negligible_at_margin: float  # target at the margin itself (the edge of "not negligible")
     power: float  # target at the margin: resolved + by the cap
     seeds_used: float  # mean seeds used with the target at the margin
     seeds_used_null: float
@@ -147,6 +149,7 @@ def calibrate_sequential(n_grids: int = 2000, seed: int = 0, *, noise_sd: float 
         false_resolved=float(np.mean([any(v in (RESOLVED_UP, RESOLVED_DOWN) for v in c.verdicts.values())
                                       for c in null])),
         false_negligible=float(np.mean([c.verdicts[TARGET] == NEGLIGIBLE for c in twice])),
+        false_negligible_at_margin=float(np.mean([c.verdicts[TARGET] == NEGLIGIBLE for c in at_margin])),
         power=power,
         seeds_used=float(np.mean([c.seeds for c in at_margin])),
         seeds_used_null=float(np.mean([c.seeds for c in null])),
@@ -172,6 +175,8 @@ def report_lines(result: SequentialCalibration) -> str:
          f"goal <= {100 * MAX_ERROR_RATE:.0f}%: {verdict(result.false_resolved <= MAX_ERROR_RATE)}"),
         (f"false negligible, target effect {2 * m:g} (twice the margin)", share(result.false_negligible),
          f"goal <= {100 * MAX_ERROR_RATE:.0f}%: {verdict(result.false_negligible <= MAX_ERROR_RATE)}"),
+        (f"false negligible, target effect {m:g} (the margin itself)", share(result.false_negligible_at_margin),
+         f"at most {100 * MAX_ERROR_RATE:.0f}% by design"),
         (f"power, target effect {m:g} (the margin) resolved + by {result.schedule[-1]} seeds", share(result.power), ""),
         ("seeds used, target at the margin (mean)", f"{result.seeds_used:.2f} ({result.looks_used:.2f} looks)",
          f"fixed design for the same power: {result.fixed_seeds} seeds; "
