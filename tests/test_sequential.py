@@ -125,3 +125,15 @@ def test_fixed_design_seeds_grow_with_the_power_asked() -> None:
     low = fixed_seeds_for_power(0.5, 0.5, 0.59, 0.0125)
     high = fixed_seeds_for_power(0.95, 0.5, 0.59, 0.0125)
     assert low is not None and high is not None and low < high
+
+
+def test_the_hours_budget_stops_before_a_round_it_cannot_pay_for(tmp_path) -> None:
+    """2 seeds cost 1.8 device-hours (0.1 a run, 9 runs a seed): the round to 4 seeds would cost
+    1.8 more, and --max-hours 3 leaves 1.2: the chain stops and says what is left."""
+    design = {"metric": "linear_top1", "margin": 0.01, "max_seeds": 6, "max_hours": 3.0, "schedule": [2, 4, 6],
+              "scope": ["target"]}
+    sequential.start(tmp_path, design)
+    decision = sequential.decide(tmp_path, _runs(2, 0.0).assign(gpu_hours=0.1), look=1)
+    assert decision.next_seeds is None and decision.device_hours == pytest.approx(1.8)
+    assert decision.reason.startswith("budget: the round to 4 seeds would cost about 1.8 device-hours, 1.2 of "
+                                      "--max-hours 3 are left (enough for 1 more seed(s))")
