@@ -352,8 +352,7 @@ def decide(grid_dir: Path, runs: pd.DataFrame, look: int) -> Decision:
                                                         "replicates to look at (see `bench.py status`)"})
         write_state(grid_dir, state)
         return _decision(state, 0)
-    fractions = tuple(round(min(1.0, look.seeds / design.max_seeds), 6) for look in state.looks) + \
-        (round(min(1.0, seeds / design.max_seeds), 6),)
+    fractions = tuple(round(min(1.0, n / design.max_seeds), 6) for n in [*(e.seeds for e in state.looks), seeds])
     effects = in_scope(estimate_effects(runs, design.metric, margin=design.margin, alpha=design.alpha),
                        design.scope)
     earlier = _last_verdicts(state)
@@ -363,7 +362,9 @@ def decide(grid_dir: Path, runs: pd.DataFrame, look: int) -> Decision:
     taken = Look(seeds=seeds, fraction=fractions[-1], alpha_spent=spent(fractions[-1], design.alpha, design.spending),
                 effects=[EffectAtLook(key=k, estimate=_number(effects.at[k, "estimate"]),
                                       ci_low=_number(effects.at[k, "ci_low"]), ci_high=_number(effects.at[k, "ci_high"]),
-                                      verdict=now.verdicts[k]) for k in effects.index],
+                                      verdict=now.verdicts[k]) for k in effects.index]
+                + [EffectAtLook(key=name, estimate=None, ci_low=None, ci_high=None, verdict=None)  # no estimate yet
+                   for name in design.scope if name not in set(effects["effect"])],
                 rejected_zero=sorted(now.rejected_zero), rejected_margin=sorted(now.rejected_margin),
                 device_hours=spent_hours, decided_at=time.time())
     state = state.model_copy(update={"looks": [*state.looks, taken]})
@@ -449,11 +450,14 @@ def report_lines(state: SequentialState) -> str:
         "allow for the repeated looks; these verdicts do.",
     ]
     if state.looks:
-        header = "| look | seeds | alpha spent | " + " | ".join(e.key for e in state.looks[-1].effects) + " |"
-        rule = "|" + "---|" * (3 + len(state.looks[-1].effects))
-        rows = [f"| {i} | {look.seeds} | {look.alpha_spent:.3g} | "
-                + " | ".join(f"{e.verdict or 'open'} ({e.estimate:+.2f})" if e.estimate is not None else "–"
-                             for e in look.effects) + " |"
-                for i, look in enumerate(state.looks, 1)]
+        keys = list(dict.fromkeys(e.key for look in state.looks for e in look.effects))
+        header = "| look | seeds | alpha spent | " + " | ".join(keys) + " |"
+        rule = "|" + "---|" * (3 + len(keys))
+        rows = []
+        for i, look in enumerate(state.looks, 1):
+            by_key = {e.key: e for e in look.effects}
+            cells = [f"{e.verdict or 'open'} ({e.estimate:+.2f})" if (e := by_key.get(k)) and e.estimate is not None
+                     else "–" for k in keys]
+            rows.append(f"| {i} | {look.seeds} | {look.alpha_spent:.3g} | " + " | ".join(cells) + " |")
         lines.append("\n".join([header, rule, *rows]))
     return "\n\n".join(line for line in lines if line)
