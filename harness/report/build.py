@@ -239,8 +239,8 @@ HOW_TO_READ: dict[str, str] = {
     "margin; takes precedence), not resolved; mde: the effect resolved with 80% power at the "
     "seeds run; seeds_needed: seeds in all for an effect the size of the margin.",
     "sequential": "the grid ran in rounds of seeds (`ablate --until-resolved`), and these verdicts were "
-    "read after every round: each look spends part of alpha (O'Brien-Fleming-type spending: little at early "
-    "looks), so a verdict here keeps its error rate however many looks were taken. A cell shows the verdict "
+    "read after every round: each look spends part of alpha (the design line names the spending function), "
+    "so a verdict here keeps its error rate however many looks were taken. A cell shows the verdict "
     "after that look (open: none yet) and the estimate; a verdict, once reached, stays.",
     "jobs": "one row per group job: cells of one seed that differ only on the student side trained in one "
     "job, on one data stream with one teacher forward per batch (paired: the same batches, and the same "
