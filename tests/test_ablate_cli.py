@@ -43,16 +43,19 @@ def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, demo_assets: tupl
                        "--axis", "model.decoder=standard,prompting")
     assert code == 0, out
     assert "nothing is submitted (dry run)" in out and "preflight: ok" in out
-    # 8 cells x 2 seeds, and per seed the random-init reference (one student size)
-    assert "18 cells; CPU cells: no GPU-hours" in out
+    # 8 cells x 2 seeds, and per seed the random-init and the teacher reference (one student size, one teacher)
+    assert "20 cells; CPU cells: no GPU-hours" in out
     rows = [line for line in out.splitlines() if "target=" in line]
     assert len(rows) == 16
     references = [line for line in out.splitlines() if "random init" in line]
-    # a group job per seed (its 8 cells differ only on the student side); each reference alone
+    # a group job per seed (its 8 cells differ only on the student side); the two references of a seed
+    # (neither pretrains) share one
     assert [line.split()[-3:] for line in references] == [["missing", "submit", "3"], ["missing", "submit", "4"]]
+    teachers = [line for line in out.splitlines() if line.split()[1:2] == ["teacher"]]
+    assert [line.split()[-3:] for line in teachers] == [["missing", "submit", "3"], ["missing", "submit", "4"]]
     assert "target=pixel mask_ratio=0.5 decoder=standard" in rows[0] and rows[0].split()[-3:] == ["missing", "submit", "1"]
     assert {row.split()[-1] for row in rows} == {"1", "2"}
-    assert "4 jobs: 2 group(s) of 8, 8 cells train on one data stream with one teacher forward per batch" in out
+    assert "4 jobs: 4 group(s) of 8, 8, 2, 2 cells train on one data stream with one teacher forward per batch" in out
     assert re.search(r"sharing saves \d+% of the pretraining FLOPs .* decodes each training image 2x instead of 16x", out)
     assert not (cwd / "runs" / "g").exists() and not (cwd / "mlflow.db").exists()
     code, alone = invoke("ablate", str(grid), "--dry-run", "--executor", "local", "--seeds", "2",
@@ -106,7 +109,7 @@ def test_a_job_may_requeue_at_least_twice_as_often_as_its_estimated_length_needs
     axes = {"model.decoder": ["standard", "prompting"]}
     for minutes, rule in [(14400, "per cell"), (120, "periods")]:
         grid = build_grid({"name": "g", "base": base, "axes": axes, "random_init": False,
-                           "resources": {"gpus_per_node": 8, "time_min": minutes},
+                           "teacher_reference": False, "resources": {"gpus_per_node": 8, "time_min": minutes},
                            "estimate": {"train_images": 1281167}})
         groups = job_groups(grid.cells, share=True)
         assert groups == [[0, 1]]
@@ -163,8 +166,8 @@ def test_unreachable_tracking_store_submits_nothing(cwd: Path, demo_assets: tupl
 def test_status_of_a_grid_never_submitted_and_of_nothing(cwd: Path) -> None:
     write_grid(cwd / "g.yaml", base={"data": {"root": "x"}}, axes={"model.target": ["pixel", "clip"]})
     code, out = invoke("status", str(cwd / "g.yaml"))
-    assert code == 0 and "grid g: 3 missing" in out  # 2 cells and the random-init reference
-    assert "random_init_s0_" in out
+    assert code == 0 and "grid g: 4 missing" in out  # 2 cells, the random-init and the teacher reference
+    assert "random_init_s0_" in out and "teacher_s0_" in out
     code, out = invoke("status")
     assert code == 2 and "no grid has been submitted under runs" in out
 

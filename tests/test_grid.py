@@ -20,7 +20,7 @@ MILAN_AXES = {"model.target": ["pixel", "clip"], "model.decoder": ["standard", "
 
 def grid(**fields) -> dict:
     """A grid without its random-init reference cells (tested on their own below)."""
-    return {"name": "g", "base": BASE, "random_init": False, **fields}
+    return {"name": "g", "base": BASE, "random_init": False, "teacher_reference": False, **fields}
 
 
 def write(tmp_path: Path, data: dict, name: str = "g.yaml") -> Path:
@@ -47,7 +47,7 @@ def test_ids_are_the_configs_ids_and_stable_across_key_order(tmp_path: Path) -> 
     # the same grid written with every mapping in reverse order, base given as dotted keys
     reordered = {"axes": dict(reversed(MILAN_AXES.items())), "base": {"data.root": "data/demo",
                  "model.img_size": 32, "model.size": "vit_micro_patch4"}, "name": "g",
-                 "random_init": False}
+                 "random_init": False, "teacher_reference": False}
     again = load_grid(write(tmp_path, reordered))
     assert {c.run_id for c in again.cells} == {c.run_id for c in g.cells}
     assert build_grid(grid(axes=MILAN_AXES)).cells == g.cells  # deterministic
@@ -104,7 +104,8 @@ def test_base_config_file_and_command_line_changes(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump({**BASE, "pretrain": {"epochs": 3, "warmup_epochs": 0.1}}))
     path = write(tmp_path, {"name": "g", "base_config": "configs/run.yaml", "base": {"pretrain.epochs": 2},
-                            "axes": {"model.target": ["pixel", "clip"]}, "random_init": False})
+                            "axes": {"model.target": ["pixel", "clip"]}, "random_init": False,
+                            "teacher_reference": False})
     g = load_grid(path)
     assert g.cells[0].config.pretrain.epochs == 2 and g.cells[0].config.model.size == "vit_micro_patch4"
     changed = load_grid(path, sets={"pretrain.epochs": 0.5}, axes={"model.mask_ratio": [0.6, 0.9]}, seeds=2)
@@ -124,18 +125,24 @@ def test_axis_option_selects_variants(tmp_path: Path) -> None:
 def test_shipped_grids_expand() -> None:
     smoke = load_grid(REPO / "ablations" / "smoke.yaml")
     seeds = len(set(c.seed for c in smoke.cells))
-    assert len(smoke.cells) == 9 * seeds and smoke.baselines == MILAN_BASELINES  # 8 cells + random init per seed
-    assert smoke.cells[-1].is_random_init and sum(c.is_random_init for c in smoke.cells) == seeds
+    # per seed: 8 cells, the random-init and the teacher reference
+    assert len(smoke.cells) == 10 * seeds and smoke.baselines == MILAN_BASELINES
+    assert smoke.cells[-1].is_teacher_reference and sum(c.is_random_init for c in smoke.cells) == seeds
+    assert sum(c.is_teacher_reference for c in smoke.cells) == seeds
     assert smoke.cells[0].config.teacher.model == "milan-clip-tiny"  # from configs/smoke.yaml
     paper = load_grid(REPO / "ablations" / "milan_vitb_in1k.yaml")
-    cfg: RunConfig = paper.cells[-2].config
-    assert paper.cells[-1].is_random_init and paper.cells[-1].config.eval == cfg.eval
+    cfg: RunConfig = paper.cells[-3].config
+    assert paper.cells[-2].is_random_init and paper.cells[-2].config.eval == cfg.eval
+    # the paper's teacher, CLIP ViT-B/16, fine-tuned and probed as the cells are
+    teacher = paper.cells[-1].config
+    assert paper.cells[-1].is_teacher_reference and teacher.eval.protocols == cfg.eval.protocols
+    assert (teacher.teacher.model, teacher.teacher.pretrained) == ("ViT-B-16-quickgelu", "openai")
     p = cfg.pretrain
     assert (p.batch_size * paper.resources.tasks * p.accum_steps, p.epochs, p.warmup_epochs) == (4096, 400, 40)
     assert (cfg.teacher.model, cfg.teacher.pretrained, paper.resources.gpus_per_node) == ("ViT-B-16-quickgelu", "openai", 8)
     assert paper.spec.paper_setting and set(cfg.eval.protocols) == {"linear", "finetune"}
     other = load_grid(REPO / "ablations" / "mask_ratio_decoder.yaml")
-    assert len(other.cells) == 18 and other.baselines["decoder_width"] == "narrow"
+    assert len(other.cells) == 19 and other.baselines["decoder_width"] == "narrow"  # 17 cells, 2 references
 
 
 def test_random_init_reference_per_seed_and_student_size() -> None:
@@ -211,9 +218,14 @@ def test_the_ade20k_grid_evaluates_the_in1k_cells_without_pretraining_them_again
     sets = {"data.root": "/elsewhere/imagenet", "eval.seg_upernet.root": "/elsewhere/ade"}
     twin = load_grid(REPO / "ablations" / "milan_vitb_in1k.yaml", sets={"data.root": "/elsewhere/imagenet"})
     grid = load_grid(REPO / "ablations" / "milan_vitb_ade20k.yaml", sets=sets)
-    assert [c.name for c in grid.cells] == [c.name for c in twin.cells] and len(grid.cells) == 9
+    assert [c.name for c in grid.cells] == [c.name for c in twin.cells] and len(grid.cells) == 10
     assert grid.axes == twin.axes and grid.spec.seeds == twin.spec.seeds
+    [teacher] = [c for c in grid.cells if c.is_teacher_reference]  # evaluated again, on ADE20K
+    assert teacher.config.eval.encoder == "teacher" and teacher.config.pretrain.weights_from is None
+    assert teacher.config.eval.protocols == ("seg_upernet", "seg_linear")
     for cell, twin_cell in zip(grid.cells, twin.cells):
+        if cell.is_teacher_reference:
+            continue
         cfg = cell.config
         assert cfg.pretrain.weights_from == f"milan_vitb_in1k/{twin_cell.folder}"
         assert cfg.eval.protocols == ("seg_upernet", "seg_linear") and cfg.eval.seg_upernet.root == "/elsewhere/ade"

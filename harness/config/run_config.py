@@ -70,11 +70,15 @@ class PretrainConfig(FrozenModel):
 
 
 def _eval_config() -> type[FrozenModel]:
-    """The ``eval`` section from the protocol registry: which protocols run, the frozen features'
-    batch, and one section per protocol (``eval.linear``, ``eval.knn``, ...) with its settings."""
+    """The ``eval`` section from the protocol registry: which encoder and protocols run, the frozen
+    features' batch, and one section per protocol (``eval.linear``, ``eval.knn``, ...) with its settings.
+
+    ``encoder: teacher`` evaluates the frozen teacher's image tower instead of the student (a grid's
+    "teacher" reference: with ``pretrain.epochs`` 0, nothing is trained)."""
     protocol_name = Literal[tuple(PROTOCOLS)]  # type: ignore[valid-type]
     sections = {name: (protocol.settings, protocol.settings()) for name, protocol in PROTOCOLS.items()}
     return create_model("EvalConfig", __base__=FrozenModel,
+                        encoder=(Literal["student", "teacher"], "student"),
                         protocols=(tuple[protocol_name, ...], DEFAULT_PROTOCOLS),
                         feature_batch_size=(int, Field(256, gt=0)),  # frozen-feature extraction
                         **sections)
@@ -109,6 +113,9 @@ class RunConfig(FrozenModel):
     def _check_combination(self) -> "RunConfig":
         if not all(0 <= beta < 1 for beta in self.pretrain.betas):
             raise ValueError(f"pretrain.betas {list(self.pretrain.betas)}: AdamW's betas lie in [0, 1), e.g. [0.9, 0.95]")
+        if self.eval.encoder == "teacher" and (self.pretrain.epochs or self.pretrain.weights_from):
+            raise ValueError("eval.encoder is teacher, which trains nothing: set pretrain.epochs to 0 and leave "
+                             "pretrain.weights_from unset")
         if self.pretrain.warmup_epochs > self.pretrain.epochs:
             raise ValueError("pretrain.warmup_epochs is longer than pretrain.epochs")
         return self
@@ -146,7 +153,7 @@ class RunConfig(FrozenModel):
 # Fields added after ids were first issued: left out of an id while they hold their default, so that
 # every run made before keeps its id (and its folder). The config sections of the evaluation protocols
 # registered after the first three count as such fields.
-_ADDED_FIELDS: tuple[tuple[str, str], ...] = (("data", "decode"), ("pretrain", "weights_from"))
+_ADDED_FIELDS: tuple[tuple[str, str], ...] = (("data", "decode"), ("pretrain", "weights_from"), ("eval", "encoder"))
 _FIRST_PROTOCOLS = ("linear", "knn", "finetune")
 
 

@@ -5,12 +5,14 @@ from functools import partial
 from typing import Any
 
 from timm.layers import resample_abs_pos_embed
+from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 
 def vit_like(encoder: VisionTransformer, *, drop_path: float, img_size: int | None = None,
              fresh: tuple[str, ...] = (), **head: Any) -> VisionTransformer:
-    """A ViT with ``encoder``'s shape (a plain pre-norm ViT such as vit_base_patch16_224), stochastic
+    """A ViT with ``encoder``'s shape (a plain ViT such as vit_base_patch16_224, or a CLIP tower's
+    layout: norm before the blocks, no patch bias, its activation), stochastic
     depth ``drop_path``, the head options ``head`` (timm's ``num_classes``, ``global_pool``,
     ``fc_norm``...), at ``img_size`` (the position embedding resampled as timm does, bicubic) or
     the encoder's own size, holding the encoder's weights.
@@ -35,6 +37,8 @@ def vit_like(encoder: VisionTransformer, *, drop_path: float, img_size: int | No
         no_embed_class=encoder.no_embed_class,
         dynamic_img_size=encoder.dynamic_img_size,
         norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
+        act_layer=type(block.mlp.act),
+        pre_norm=not isinstance(encoder.norm_pre, nn.Identity),  # CLIP towers (a grid's teacher reference)
         drop_path_rate=drop_path,
         **head,
     )

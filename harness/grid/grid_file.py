@@ -24,6 +24,7 @@ Layout (every field but ``name`` optional)::
         b16: {teacher.model: ViT-B-16-quickgelu, teacher.pretrained: openai}
     seeds: 3                         # 0..2, or a list [0, 5]
     random_init: true                # per seed (and student size) a reference run of the untrained encoder
+    teacher_reference: true          # per seed (and teacher) a reference run of the frozen teacher's image tower
     margin: 0.5                      # the report's equivalence margin, in points of the headline metric
     include: [{mask_ratio: 0.75}]    # keep only cells matching a rule (axis name or short name)
     exclude: [{teacher: b16, mask_ratio: [0.5]}]   # then drop cells matching a rule
@@ -58,6 +59,7 @@ from harness.config import (
 )
 from harness.core.errors import ConfigError, did_you_mean
 from harness.core.frozen import FrozenModel
+from harness.milan.switches import needs_teacher
 from harness.run.results import headline_metric
 
 # Baselines of MILAN's three switches (the MAE side of each); other axes use their first value.
@@ -66,6 +68,9 @@ MILAN_BASELINES: dict[str, Any] = {"model.target": "pixel", "model.decoder": "st
 # A cell that pretrains for 0 epochs evaluates the untrained encoder: the grid's reference of
 # what pretraining adds ("pretrained vs random init" in the report).
 RANDOM_INIT_NAME = "random init"
+# A cell that evaluates the frozen teacher's image tower (eval.encoder: teacher) with the cells' own
+# protocols: the grid's reference of what the students distil ("student vs teacher" in the report).
+TEACHER_NAME = "teacher"
 # The report's default equivalence margin: effects whose whole interval lies within it are negligible.
 DEFAULT_MARGIN = 0.5
 # Shipped grids live here; `bench.py ablate NAME` also finds ablations/NAME.yaml.
@@ -148,6 +153,9 @@ class GridFile(FrozenModel):
     seeds: int | list[int] = 1
     # one run per seed (and student size) that evaluates the untrained encoder: cheap, no pretraining
     random_init: bool = True
+    # one run per seed (and teacher) that evaluates the frozen teacher's image tower; grids whose
+    # cells use no teacher (pixel targets with random masks) get none
+    teacher_reference: bool = True
     margin: float = Field(DEFAULT_MARGIN, gt=0)  # equivalence margin of the report's verdicts
     include: list[Rule] = []
     exclude: list[Rule] = []
@@ -215,11 +223,18 @@ class Cell:
     @property
     def is_random_init(self) -> bool:
         """The grid's reference run: the untrained encoder, evaluated without pretraining."""
-        return self.config.pretrain.epochs == 0
+        return self.config.pretrain.epochs == 0 and not self.is_teacher_reference
+
+    @property
+    def is_teacher_reference(self) -> bool:
+        """The grid's other reference run: the frozen teacher's image tower, evaluated."""
+        return self.config.eval.encoder == "teacher"
 
     @property
     def name(self) -> str:
         """``target=clip decoder=prompting masking=semantic`` (the tracking run's cell name)."""
+        if self.is_teacher_reference:
+            return TEACHER_NAME
         return RANDOM_INIT_NAME if self.is_random_init else cell_name(self.axis_values)
 
     @property
@@ -352,9 +367,37 @@ def build_grid(data: Mapping[str, Any], path: Path | None = None, *,
             cells.append(Cell(spec.name, tuple(values.items()), seed, cfg, cfg.run_id(), cfg.cell_id()))
     if not cells:
         raise ConfigError(f"{where}: include/exclude leave no cells: loosen the rules")
+    references = []
     if spec.random_init:
-        cells += _random_init_cells(spec.name, cells, seeds, seen, where)
-    return Grid(spec, path, grid_axes, tuple(cells))
+        references += _random_init_cells(spec.name, cells, seeds, seen, where)
+    if spec.teacher_reference:
+        references += _teacher_cells(spec.name, cells, seeds, seen, where)
+    return Grid(spec, path, grid_axes, tuple(cells + references))
+
+
+def _teacher_cells(grid: str, cells: Sequence[Cell], seeds: Sequence[int], seen: dict[str, str],
+                   where: str) -> list[Cell]:
+    """Per seed and teacher of the grid's cells that use one, a cell that evaluates the frozen
+    teacher's image tower with that cell's protocols, on its data at its image size."""
+    teachers: dict[tuple[Any, ...], RunConfig] = {}
+    for cell in cells:
+        c = cell.config
+        if c.eval.protocols and needs_teacher(c.model.target, c.model.masking):
+            teachers.setdefault((c.teacher, c.model.img_size, c.data, c.eval), c)
+    references = []
+    for config in teachers.values():
+        for seed in seeds:
+            data = config.to_dict()
+            data["seed"] = seed
+            data["pretrain"] |= {"epochs": 0, "warmup_epochs": 0, "weights_from": None}
+            data["model"] |= {short_axis(name): value for name, value in MILAN_BASELINES.items()}
+            data["eval"]["encoder"] = "teacher"
+            cfg = parse_config(data, source=f"{where}: {TEACHER_NAME}")
+            if cfg.run_id() in seen:
+                continue
+            seen[cfg.run_id()] = f"{TEACHER_NAME} seed={seed}"
+            references.append(Cell(grid, (), seed, cfg, cfg.run_id(), cfg.cell_id()))
+    return references
 
 
 def _random_init_cells(grid: str, cells: Sequence[Cell], seeds: Sequence[int], seen: dict[str, str],
@@ -382,7 +425,7 @@ def _random_init_cells(grid: str, cells: Sequence[Cell], seeds: Sequence[int], s
 
 
 # what a grid with `evaluates` takes from its twin, and may not give itself
-_TWIN_FIELDS = ("base_config", "axes", "seeds", "random_init", "include", "exclude")
+_TWIN_FIELDS = ("base_config", "axes", "seeds", "random_init", "teacher_reference", "include", "exclude")
 
 
 def _evaluating_grid(spec: GridFile, path: Path | None, where: str, sets: Mapping[str, Any]) -> Grid:
@@ -413,7 +456,10 @@ def _evaluating_grid(spec: GridFile, path: Path | None, where: str, sets: Mappin
     for twin_cell in twin.cells:
         data = twin_cell.config.to_dict()
         data["eval"] = evaluation.get("eval", {})
-        data["pretrain"]["weights_from"] = f"{twin.name}/{twin_cell.folder}"
+        if twin_cell.is_teacher_reference:  # the teacher is evaluated again, with this grid's protocols
+            data["eval"] = {**data["eval"], "encoder": "teacher"}
+        else:
+            data["pretrain"]["weights_from"] = f"{twin.name}/{twin_cell.folder}"
         cfg = _cell_config(data, {}, where, twin_cell.name)
         cells.append(Cell(spec.name, twin_cell.axes, twin_cell.seed, cfg, cfg.run_id(), cfg.cell_id()))
     expanded = spec.model_copy(update={field: getattr(twin.spec, field) for field in _TWIN_FIELDS})

@@ -8,14 +8,15 @@ then runs the block itself on its fast path, ``ln_post`` and ``proj`` on every t
 
 import json
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer, checkpoint_filter_fn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
@@ -227,3 +228,39 @@ def build_teacher(model: str, pretrained: str | None, normalize: str = "imagenet
         raise ConfigError(f"teacher checkpoint {pretrained} cannot be read ({type(err).__name__}: {first[:120]}): "
                           "copy it again or give another teacher.pretrained") from None
     return ClipTeacher(clip.visual, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------------------
+# The teacher's image tower as an encoder to evaluate (a grid's "teacher" reference)
+
+
+def teacher_encoder(teacher: ClipTeacher) -> TimmVisionTransformer:
+    """The teacher's image tower as timm's plain ViT, for the evaluation protocols: timm's CLIP
+    layout (pre-norm, no patch bias, the tower's own activation and LayerNorm eps), its weights
+    through timm's own OpenAI-CLIP converter, ``ln_post`` as the final norm and ``proj`` as the
+    head (which the protocols replace). The cls token after the final norm is then exactly the
+    tower's ``ln_post`` output, the feature the frozen protocols read from a student.
+
+    A teacher that re-normalises its input (``teacher.normalize=clip``) has that affine map folded
+    in: the scale into the patch projection, the constant it adds to every patch token into the
+    patch tokens' position embeddings (the projection has no padding, so this is exact), so the
+    ViT takes the students' ImageNet-normalised images."""
+    v = teacher.visual
+    block = v.transformer.resblocks[0]
+    activation = type(block.mlp.gelu)
+    vit = TimmVisionTransformer(
+        img_size=teacher.image_size, patch_size=teacher.patch_size, embed_dim=v.conv1.out_channels,
+        depth=len(v.transformer.resblocks), num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.c_fc.out_features / v.conv1.out_channels, qkv_bias=True, pre_norm=True,
+        norm_layer=partial(nn.LayerNorm, eps=v.ln_post.eps),
+        act_layer="quick_gelu" if activation is QuickGELU else activation,
+        num_classes=teacher.embed_dim)
+    state = checkpoint_filter_fn({f"visual.{k}": t for k, t in v.state_dict().items()}, vit)
+    if teacher.renormalize:
+        weight = state["patch_embed.proj.weight"]
+        patch_shift = (weight * teacher.input_shift).sum(dim=(1, 2, 3))  # [width]
+        state["pos_embed"] = state["pos_embed"].clone()  # the state dict shares the teacher's storage
+        state["pos_embed"][:, 1:] += patch_shift
+        state["patch_embed.proj.weight"] = weight * teacher.input_scale
+    vit.load_state_dict(state)  # strict: every weight of the tower finds its place, and nothing else
+    return vit.eval()

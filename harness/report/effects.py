@@ -2,7 +2,9 @@
 
 Every effect is a linear contrast of treatment means with weights summing to zero. A
 treatment is a grid cell, plus one "random init" treatment when the `runs` frame has
-reference runs (``role == "random_init"``: the untrained encoder evaluated once per seed).
+reference runs (``role == "random_init"``: the untrained encoder evaluated once per seed), and
+one "teacher" treatment when it has the teacher's (``role == "teacher"``: the frozen teacher's
+image tower evaluated with the cells' protocols, once per seed).
 Only finished runs count (see `tables.finished_values`).
 
 - Main effect of each non-baseline level v of an axis: mean(v, o) - mean(baseline, o),
@@ -15,6 +17,8 @@ Only finished runs count (see `tables.finished_values`).
   has the same standard error, which Lenth's method needs. An effect with no such
   combination is not estimable and has no row.
 - "pretrained vs random init": mean of the cell means minus the random-init mean.
+- "student vs teacher": mean of the means of the cells that distil the teacher (CLIP targets;
+  every cell when the frame has no `model.target` column) minus the teacher's mean.
 
 Uncertainty. With two or more seeds the runs are a randomized complete block design: a
 seed fixes data order and initialisation for every cell, so it is a block. Ordinary least
@@ -56,7 +60,7 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.tools.sm_exceptions import SingularMatrixWarning
 
-from harness.tracking.schema import CELL_ROLE, RANDOM_INIT
+from harness.tracking.schema import CELL_ROLE, RANDOM_INIT, TEACHER
 from harness.report.tables import (
     axis_levels,
     check_metric,
@@ -70,8 +74,10 @@ EFFECT_COLUMNS = ["effect", "levels", "order", "estimate", "se", "ci_low", "ci_h
                   "p_value", "p_holm", "verdict", "n_seeds", "mde", "seeds_needed", "method"]
 
 RANDOM_INIT_EFFECT = "pretrained vs random init"
-# Treatment key of the random-init runs (cells are keyed by cell_id, a hash).
+TEACHER_EFFECT = "student vs teacher"
+# Treatment keys of the reference runs (cells are keyed by cell_id, a hash).
 RANDOM_INIT_TREATMENT = "random init"
+TEACHER_TREATMENT = "teacher"
 
 METHOD_OLS = "OLS, seed as block"
 METHOD_LENTH = "Lenth PSE"
@@ -347,6 +353,8 @@ class Design:
     cell_treatment: dict[tuple[Hashable, ...], int]  # axis values of a cell -> its treatment
     cells: np.ndarray  # treatment indices of the cells
     random_init: int | None  # treatment index of the random-init runs
+    teacher: int | None  # treatment index of the teacher runs
+    students: np.ndarray  # treatment indices of the cells that distil the teacher (CLIP targets)
 
 
 def _design(runs: pd.DataFrame, metric: str) -> Design:
@@ -354,17 +362,20 @@ def _design(runs: pd.DataFrame, metric: str) -> Design:
     role = runs["role"] if "role" in runs else pd.Series(CELL_ROLE, index=runs.index)
     is_cell = role.eq(CELL_ROLE).to_numpy()
     values = finished_values(runs, metric).to_numpy(dtype=float)
-    used = ~np.isnan(values) & (is_cell | role.eq(RANDOM_INIT).to_numpy())
+    used = ~np.isnan(values) & (is_cell | role.isin([RANDOM_INIT, TEACHER]).to_numpy())
     axes = grid_axes(runs)
     finished = runs.loc[used, ["cell_id", "seed", *axes]]
-    is_cell = is_cell[used]
-    treatment, treatment_names = pd.factorize(
-        np.where(is_cell, finished["cell_id"].to_numpy(dtype=object), RANDOM_INIT_TREATMENT)
-    )
+    is_cell, is_teacher = is_cell[used], role[used].eq(TEACHER).to_numpy()
+    treatment, treatment_names = pd.factorize(np.select(
+        [is_cell, is_teacher], [finished["cell_id"].to_numpy(dtype=object), TEACHER_TREATMENT],
+        default=RANDOM_INIT_TREATMENT))
+    distils = (runs.loc[used, "model.target"].eq("clip").to_numpy() if "model.target" in runs
+               else np.ones(len(finished), dtype=bool))
     seed, seed_names = pd.factorize(finished["seed"], sort=True)
     finished_cells = finished[is_cell]
     cell_keys = zip(*(finished_cells[axis].to_numpy() for axis in axes))
     random_init = np.flatnonzero(treatment_names == RANDOM_INIT_TREATMENT)
+    teacher = np.flatnonzero(treatment_names == TEACHER_TREATMENT)
     return Design(
         values=values[used], treatment=treatment, seed=seed,
         n_treatments=len(treatment_names), n_seeds=len(seed_names),
@@ -373,12 +384,14 @@ def _design(runs: pd.DataFrame, metric: str) -> Design:
         cell_treatment=dict(zip(cell_keys, treatment[is_cell])),
         cells=np.unique(treatment[is_cell]),
         random_init=int(random_init[0]) if len(random_init) else None,
+        teacher=int(teacher[0]) if len(teacher) else None,
+        students=np.unique(treatment[is_cell & distils]),
     )
 
 
 def _contrasts(design: Design, axes: list[str]) -> list[Contrast]:
-    """Every estimable effect: pretrained vs random init first (when there are random-init
-    runs and cells), then main effects and interactions by order."""
+    """Every estimable effect: pretrained vs random init and student vs teacher first (when
+    there are such reference runs and cells), then main effects and interactions by order."""
     contrasts = list(_factorial_contrasts(design.cell_treatment, axes, design.levels,
                                           design.n_treatments))
     if design.random_init is not None and len(design.cells):
@@ -388,6 +401,13 @@ def _contrasts(design: Design, axes: list[str]) -> list[Contrast]:
         contrasts.insert(0, Contrast(RANDOM_INIT_EFFECT,
                                      f"mean of {len(design.cells)} cells − random init", 0,
                                      weights))
+    if design.teacher is not None and len(design.students):
+        weights = np.zeros(design.n_treatments)
+        weights[design.students] = 1 / len(design.students)
+        weights[design.teacher] = -1
+        position = 1 if design.random_init is not None and len(design.cells) else 0
+        contrasts.insert(position, Contrast(TEACHER_EFFECT,
+                                            f"mean of {len(design.students)} cells − teacher", 0, weights))
     return contrasts
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from harness.core.errors import UserError
-from harness.tracking.schema import RANDOM_INIT
+from harness.tracking.schema import CELL_ROLE
 
 DONE = "done"
 # Cost columns per run, first present wins: GPU-hours where the runs used GPUs, else CPU core-hours.
@@ -139,7 +139,7 @@ def ordered_cells(runs: pd.DataFrame) -> pd.DataFrame:
     baseline = pd.Series(axis_baselines(runs), dtype=object)
     is_baseline = cells[axes].eq(baseline).all(axis=1) if axes else True
     if "role" in runs:
-        is_baseline &= cells["cell_id"].map(runs.groupby("cell_id")["role"].first()).ne(RANDOM_INIT)
+        is_baseline &= cells["cell_id"].map(runs.groupby("cell_id")["role"].first()).eq(CELL_ROLE)
     return cells.assign(is_baseline=is_baseline).reset_index(drop=True)
 
 

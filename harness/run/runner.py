@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from harness.config import RunConfig
 from harness.core.distributed import DistEnv, barrier, init_distributed, resolve_device, shutdown
 from harness.core.files import write_json_atomic
+from harness.milan.teacher import build_teacher, teacher_encoder
 from harness.milan.weights import build_timm_vit, load_encoder_into_timm
 from harness.run.cell_state import CellState
 from harness.run.evaluation import evaluate_encoder
@@ -105,6 +107,8 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[JsonlL
     # runs that evaluate a finished run's encoder (pretrain.weights_from) train nothing
     pretrained: dict[int, PretrainResult | TrainingFailed] = {
         i: _borrowed(cfgs[i], run_dirs[i]) for i in todo if cfgs[i].pretrain.weights_from}
+    # and so do the runs that evaluate the frozen teacher (eval.encoder: teacher)
+    pretrained |= {i: NOTHING_TRAINED for i in todo if cfgs[i].eval.encoder == "teacher"}
     training = [i for i in todo if i not in pretrained]
 
     def failed(k: int, reason: str) -> None:
@@ -136,6 +140,12 @@ def _run_group(cfgs: list[RunConfig], run_dirs: list[Path], loggers: list[JsonlL
     return results
 
 
+# what a run that evaluates the teacher's image tower reports of its (absent) pretraining
+NOTHING_TRAINED = PretrainResult(steps=0, total_steps=0, final_loss=float("nan"), images_per_s=float("nan"),
+                                 peak_memory_mb=float("nan"), train_seconds=0.0, checkpoint=None, resumed_from=0,
+                                 images_loaded=0.0, teacher_images=0.0, shared=False)
+
+
 def _borrowed(cfg: RunConfig, run_dir: Path) -> PretrainResult:
     """The pretraining of the finished run whose encoder ``cfg`` evaluates (``pretrain.weights_from``,
     under the runs dir that holds ``run_dir``'s grid): its checkpoint and its training numbers, at
@@ -149,6 +159,17 @@ def _borrowed(cfg: RunConfig, run_dir: Path) -> PretrainResult:
         images_per_s=source.get("images_per_s", float("nan")), peak_memory_mb=source.get("peak_memory_mb", float("nan")),
         train_seconds=0.0, checkpoint=checkpoint_file(weights_source(cfg.pretrain.weights_from, runs_dir)),
         resumed_from=0, images_loaded=0.0, teacher_images=0.0, shared=False)
+
+
+def _encoder(cfg: RunConfig, result: PretrainResult) -> VisionTransformer:
+    """The timm ViT the run evaluates: its trained (or borrowed) student, or the teacher's tower."""
+    if cfg.eval.encoder == "teacher":
+        t = cfg.teacher
+        return teacher_encoder(build_teacher(t.model, t.pretrained, t.normalize))
+    assert result.checkpoint is not None
+    vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
+    load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
+    return vit
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path, logger: JsonlLogger, result: PretrainResult, device: torch.device,
@@ -165,8 +186,7 @@ def _evaluate(cfg: RunConfig, run_dir: Path, logger: JsonlLogger, result: Pretra
                 write_status(run_dir, CellState.RUNNING, stage=name, step=progress)
 
         stage("features", None)
-        vit = build_timm_vit(cfg.model.size, cfg.model.img_size)
-        load_encoder_into_timm(vit, load_latest(result.checkpoint.parent)["model"])
+        vit = _encoder(cfg, result)
         def log(curves: Mapping[str, float], step: int) -> None:
             if env.is_main:
                 logger.log_metrics(curves, step=step)
@@ -180,7 +200,7 @@ def _evaluate(cfg: RunConfig, run_dir: Path, logger: JsonlLogger, result: Pretra
     barrier(env)
     if env.is_main:
         write_json_atomic(run_dir / RESULTS_FILE, {"metrics": metrics, "run_id": cfg.run_id(), "cell_id": cfg.cell_id(),
-                                                   "steps": result.steps, "checkpoint": str(result.checkpoint),
+                                                   "steps": result.steps, "checkpoint": str(result.checkpoint or ""),
                                                    "cost": COST_SHARED if result.shared else COST_ALONE})
         write_status(run_dir, CellState.DONE, stage="done", step=result.steps, finished=time.time())
         shutil.rmtree(run_dir / EVAL_DIR, ignore_errors=True)  # the evaluation's progress: now in results.json

@@ -4,7 +4,7 @@
 
 * ``runs``: one row per cell x seed (the runs tagged ``role=cell`` in the grid's experiment)
   with ``cell_id``, ``cell``, ``seed``, ``status``, ``failure_reason``, ``job`` (its latest job),
-  ``group_size`` (the cells that job trained together, sharing data and teacher), ``role`` (``random_init`` for
+  ``group_size`` (the cells that job trained together, sharing data and teacher), ``role`` (``teacher`` for the frozen teacher's reference, ``eval.encoder`` teacher; ``random_init`` for
   the grid's untrained-encoder reference, whose ``pretrain.epochs`` is 0, else ``cell``), one column
   per config field (params typed back: numbers, bools, None; lists stay text), one per axis
   (typed like the grid's values), the report metrics (``linear_top1``, ``knn_top1``,
@@ -238,9 +238,7 @@ def assemble(raw: RawRuns, experiment_name: str, experiment_id: str) -> pd.DataF
         "start_time": pd.to_datetime(info["start_time"], unit="ms", utc=True),
         "end_time": pd.to_datetime(info["end_time"], unit="ms", utc=True),
     }
-    epochs = config.get("pretrain.epochs")
-    frame["role"] = np.where(epochs == 0, schema.RANDOM_INIT, schema.CELL_ROLE) if epochs is not None \
-        else schema.CELL_ROLE
+    frame["role"] = _roles(config, info.index)
     config = {k: v for k, v in config.items() if k not in axes and k not in frame}
     runs = pd.concat([frame, pd.DataFrame(axes, index=info.index), pd.DataFrame(results, index=info.index),
                       pd.DataFrame(config, index=info.index), pd.DataFrame(meta_cols, index=info.index)],
@@ -439,3 +437,12 @@ def load_runs(uri: str, grid_or_experiment: str, *, curve_points: int | None = 1
         overlay_run_folders(raw)
     runs = assemble(raw, experiment.name, experiment.experiment_id)
     return runs, load_curves(uri, runs, raw, max_points=curve_points, run_folders=run_folders)
+
+
+def _roles(config: dict[str, Any], index: pd.Index) -> pd.Series:
+    """Each run's role from its config columns: the teacher reference, the random-init reference
+    (0 epochs of pretraining), or a grid cell. Runs logged before a field existed read as its default."""
+    encoder = config.get("eval.encoder", pd.Series("student", index=index)).fillna("student")
+    epochs = config.get("pretrain.epochs", pd.Series(np.nan, index=index))
+    return pd.Series(np.select([encoder.eq("teacher"), epochs.eq(0)], [schema.TEACHER, schema.RANDOM_INIT],
+                               default=schema.CELL_ROLE), index=index)

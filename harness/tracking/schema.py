@@ -55,9 +55,9 @@ SLURM_JOB_ID, SLURM_RESTART_COUNT = "slurm.job_id", "slurm.restart_count"
 GROUP_SIZE = "group_size"  # the cells its latest job trained together (harness.config.student_side), this one included
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: nests the cell under its parent
 LOSS_KEY, LR_KEY = "train/loss", "train/lr"
-# The runs frame's ``role`` column (harness.tracking.read): a grid cell, or the grid's reference run of the
-# untrained encoder (a 0-epoch cell).
-CELL_ROLE, RANDOM_INIT = "cell", "random_init"
+# The runs frame's ``role`` column (harness.tracking.read): a grid cell, or one of the grid's reference runs: the
+# untrained encoder (a 0-epoch cell), or the frozen teacher's image tower (eval.encoder: teacher).
+CELL_ROLE, RANDOM_INIT, TEACHER = "cell", "random_init", "teacher"
 
 # Report metric column -> MLflow metric keys, first present wins: each protocol's headline metric and the
 # run's own (harness.run.results); the pretraining loop also logs throughput and memory as train/<key>, which a

@@ -66,7 +66,7 @@ class PretrainResult:
     # wall time of the training loop over all attempts; in a group, this student's share of it
     # (its own compute, its share of the teacher's and of the rest: see Pretraining.apportion)
     train_seconds: float
-    checkpoint: Path
+    checkpoint: Path | None  # None: nothing was trained (a teacher reference evaluates the teacher)
     resumed_from: int  # 0 for a fresh start
     images_loaded: float  # images decoded and augmented for this student; in a group, its share
     teacher_images: float  # images through the teacher for it; in a group, its share
