@@ -100,3 +100,16 @@ def test_student_vs_teacher_is_the_clip_cells_mean_minus_the_teacher() -> None:
     assert row["ci_low"] < row["estimate"] < row["ci_high"] and row["verdict"] == "resolved -"
     # the teacher's runs are no cell: the target effect is the cells' own
     assert effects.loc["target", "estimate"] == pytest.approx(10.5, abs=0.3)
+
+
+def test_the_paper_grids_teacher_row_sits_beside_ft_clip() -> None:
+    """The reference table's teacher row: the teacher runs' fine-tune top-1 beside FT-CLIP's 85.7."""
+    from harness.report.tables import PAPER, reference_table
+
+    runs = pd.DataFrame({"role": ["cell", "teacher", "teacher"], "status": ["done"] * 3,
+                         "model.target": ["clip", "pixel", "pixel"], "finetune_top1": [85.0, 85.2, 85.6]})
+    runs.attrs = {"axes": ["model.target"], "axis_baselines": {"model.target": "pixel"}, "metrics": ["finetune_top1"],
+                  "paper_setting": True}
+    table = reference_table(runs).set_index("cell")
+    row = table.loc["CLIP ViT-B/16 (teacher)"]
+    assert row[PAPER] == 85.7 and row["n"] == 2 and row["measured_mean"] == pytest.approx(85.4)

@@ -228,13 +228,15 @@ class _FigureRenderer:
 HOW_TO_READ: dict[str, str] = {
     "cells": "one row per cell; mean ± std over finished seeds (n); delta_vs_baseline = "
     "cell mean − baseline-cell mean; status lists runs that did not finish and why; cost = "
-    "total device-hours (GPU-hours, or CPU core-hours on CPUs) and mean images/s; the last row, "
-    "random init, is the untrained encoder evaluated without pretraining.",
+    "total device-hours (GPU-hours, or CPU core-hours on CPUs) and mean images/s; the reference rows: "
+    "random init, the untrained encoder evaluated without pretraining, and teacher, the frozen "
+    "teacher's image tower evaluated with the cells' protocols.",
     "effects": "estimate = change in the metric; a main effect (one axis) is the mean change "
     "when the axis moves from its baseline to the value shown, over the other axes' values; an "
     "interaction (a × b) is half the difference of a's effect between b's two values (Box, "
     "Hunter & Hunter's convention); pretrained vs random init is the mean over the grid's cells "
-    "minus the untrained encoder. ci_low/ci_high: 95% interval; p_holm: p-value adjusted over "
+    "minus the untrained encoder; student vs teacher is the mean over the cells that distil the "
+    "teacher (CLIP targets) minus the frozen teacher (negative: the students stay below it). ci_low/ci_high: 95% interval; p_holm: p-value adjusted over "
     "all effects (Holm); verdict: resolved ± (p_holm < 0.05), negligible (interval inside ± the "
     "margin; takes precedence), not resolved; mde: the effect resolved with 80% power at the "
     "seeds run; seeds_needed: seeds in all for an effect the size of the margin.",
@@ -247,8 +249,9 @@ HOW_TO_READ: dict[str, str] = {
     "masks where their mask sampling agrees); device_hours = the sum of its cells' apportioned shares "
     "(each cell: its own student's compute, its share of the teacher and of the data loading).",
     "reference": "published numbers beside the measured cells (MILAN: clip / prompting / semantic; MAE: "
-    "pixel / standard / random): paper = the MILAN paper's abstract for MILAN, the MAE paper's Table 5 "
-    "for MAE's ADE20K mIoU; deltas are measured − that source.",
+    "pixel / standard / random; the teacher reference): paper = the MILAN paper's abstract for MILAN, the "
+    "MAE paper's Table 5 for MAE's ADE20K mIoU, FT-CLIP (arXiv 2212.06138) for the CLIP ViT-B/16 teacher "
+    "fine-tuned itself; deltas are measured − that source.",
     "curves": "mean loss over seeds (with a ±sd band for small grids); pixel and CLIP "
     "losses are different quantities, so each target has its own facet and y scale.",
     "cost": "device-hours per cell (GPU-hours on GPUs, CPU core-hours on CPUs: wall time of "

@@ -17,7 +17,7 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from harness.core.errors import UserError
-from harness.tracking.schema import CELL_ROLE
+from harness.tracking.schema import CELL_ROLE, TEACHER
 
 DONE = "done"
 # Cost columns per run, first present wins: GPU-hours where the runs used GPUs, else CPU core-hours.
@@ -42,21 +42,30 @@ class Reference:
     ImageNet-1K pretraining), by source; NaN: not reported."""
 
     cell: str
-    switches: Mapping[str, str]
+    switches: Mapping[str, str]  # the cell's switch values (a grid cell), or {} for a reference run
     metric: str
     values: Mapping[str, float]
+    role: str = CELL_ROLE  # the runs frame's role: a grid cell, or the teacher reference
+
+    def runs_of(self, runs: pd.DataFrame) -> pd.Series:
+        """Mask of the runs this row compares with."""
+        if self.role != CELL_ROLE:
+            return runs["role"].eq(self.role) if "role" in runs else pd.Series(False, index=runs.index)
+        return cell_mask(runs, self.switches)
 
 
 PAPER, AUTHORS_CODE, PORT = "paper", "authors' code (OpenMMLab repro)", "OpenMMLab port"
 REFERENCE_SOURCES: tuple[str, ...] = (PAPER, AUTHORS_CODE, PORT)
 # "paper": the MILAN paper's abstract (Hou et al., arXiv 2208.06049) for the MILAN cell, the MAE paper's
-# Table 5 (He et al., arXiv 2111.06377: UperNet on ADE20K) for the MAE cell; the other two sources are
+# Table 5 (He et al., arXiv 2111.06377: UperNet on ADE20K) for the MAE cell, FT-CLIP (Dong et al., arXiv
+# 2212.06138: CLIP ViT-B/16 itself fine-tuned on ImageNet-1K) for the teacher; the other two sources are
 # OpenMMLab's runs of the authors' code and of its own port, as collected in docs/milan-spec.
 REFERENCES: tuple[Reference, ...] = (
     Reference("MILAN", MILAN_CELL, "finetune_top1", {PAPER: 85.4, AUTHORS_CODE: 85.2, PORT: 85.3}),
     Reference("MILAN", MILAN_CELL, "linear_top1", {AUTHORS_CODE: 78.9, PORT: 78.9}),
     Reference("MILAN", MILAN_CELL, "seg_upernet_miou", {PAPER: 52.7}),
     Reference("MAE", MAE_CELL, "seg_upernet_miou", {PAPER: 48.1}),
+    Reference("CLIP ViT-B/16 (teacher)", {}, "finetune_top1", {PAPER: 85.7}, role=TEACHER),
 )
 
 TABLE_FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
@@ -273,7 +282,7 @@ def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     for ref in REFERENCES:
         if ref.metric not in runs or runs[ref.metric].isna().all():  # a metric this grid does not measure
             continue
-        measured = runs.loc[cell_mask(runs, ref.switches) & (runs["status"] == DONE), ref.metric].dropna()
+        measured = runs.loc[ref.runs_of(runs) & (runs["status"] == DONE), ref.metric].dropna()
         rows.append({"cell": ref.cell, "metric": ref.metric,
                      **{source: ref.values.get(source, np.nan) for source in REFERENCE_SOURCES},
                      "measured_mean": measured.mean(), "measured_std": measured.std(), "n": len(measured)})
