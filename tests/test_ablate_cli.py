@@ -60,7 +60,7 @@ def test_dry_run_shows_the_plan_and_submits_nothing(cwd: Path, demo_assets: tupl
     assert not (cwd / "runs" / "g").exists() and not (cwd / "mlflow.db").exists()
     code, alone = invoke("ablate", str(grid), "--dry-run", "--executor", "local", "--seeds", "2",
                          "--axis", "model.decoder=standard,prompting", "--no-share")
-    assert code == 0 and "18 jobs, one per cell (--no-share)" in alone, alone
+    assert code == 0 and "20 jobs, one per cell (--no-share)" in alone, alone
 
 
 def test_dry_run_of_the_paper_grid_estimates_gpu_hours(cwd: Path) -> None:

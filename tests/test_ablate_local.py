@@ -41,13 +41,14 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
 
     code, out = invoke("ablate")
     assert code == 0, out
-    assert "3 to submit with the local executor" in out
-    # the two cells differ only in their target: one group job; the reference trains nothing, alone
-    assert ("running 3 cells here as 2 job(s) (1 group(s) sharing data and teacher, of 2 cells; 1 alone), "
+    assert "4 to submit with the local executor" in out
+    # the two cells differ only in their target: one group job; the two references (neither trains) another
+    assert ("running 4 cells here as 2 job(s) (2 group(s) sharing data and teacher, of 2, 2 cells), "
             "2 at a time with 1 torch thread(s) each") in out
     report = tmp_path / "reports" / "smoke" / "report.md"
-    assert report.is_file() and f"{Path('reports/smoke/report.md')}: 3 cells, 3 runs (3 done)" in out
+    assert report.is_file() and f"{Path('reports/smoke/report.md')}: 4 cells, 4 runs (4 done)" in out
     assert "target=clip" in report.read_text() and "random init" in report.read_text()
+    assert "student vs teacher" in report.read_text() and "mean of 1 cells − teacher" in report.read_text()
     # one seed, one two-level axis: no interval is possible, and the report says so
     assert "not resolved: one seed" in out and "--seeds 2" in out
     assert re.search(r"grid smoke took \d+\.\d s\n", out)  # the assets were made already: no set-up part
@@ -64,15 +65,15 @@ def test_ablate_without_grid_runs_the_smoke_grid_locally_and_writes_the_report(
     from harness.tracking.read import load_runs
 
     runs, _ = load_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
-    assert sorted(runs["status"]) == ["done"] * 3 and runs["linear_top1"].notna().all()
-    assert sorted(runs["role"]) == ["cell", "cell", "random_init"]
+    assert sorted(runs["status"]) == ["done"] * 4 and runs["linear_top1"].notna().all()
+    assert sorted(runs["role"]) == ["cell", "cell", "random_init", "teacher"]
 
     # idempotent: nothing is rerun, the report is rebuilt from the store
     code, again = invoke("ablate")
-    assert code == 0 and "3 cells (3 done); 0 to submit" in again, again
+    assert code == 0 and "4 cells (4 done); 0 to submit" in again, again
     code, status = invoke("status", "smoke")
-    assert code == 0 and "grid smoke: 3 done" in status and "linear_top1=" in status
-    assert status.count("(group of 2)") == 2, status
+    assert code == 0 and "grid smoke: 4 done" in status and "linear_top1=" in status
+    assert status.count("(group of 2)") == 4, status  # the cells' group, and the two references
 
     # a failed cell is resubmitted and resumes in its own folder and MLflow run
     failed = cells[0]
@@ -107,10 +108,11 @@ def test_two_seed_grid_gives_effects_with_intervals_verdicts_and_forest_plot(
     (tmp_path / "effects.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))  # axes in this order
     code, out = invoke("ablate", "effects.yaml", "--executor", "local")
     assert code == 0, out
-    assert "10 to submit" in out  # 4 cells x 2 seeds + the untrained encoder per seed
+    assert "12 to submit" in out  # 4 cells x 2 seeds + the untrained encoder and the teacher per seed
     folder = tmp_path / "reports" / "effects"
     effects = pd.read_csv(folder / "tables" / "effects.csv")
-    assert list(effects["effect"]) == ["pretrained vs random init", "target", "masking", "target × masking"]
+    assert list(effects["effect"]) == ["pretrained vs random init", "student vs teacher", "target", "masking",
+                                       "target × masking"]
     assert {"effect", "levels", "estimate", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "n_seeds",
             "mde"} <= set(effects.columns)
     assert (effects["n_seeds"] == 2).all() and effects[["ci_low", "ci_high", "p_value", "mde"]].notna().all().all()

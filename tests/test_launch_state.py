@@ -188,7 +188,8 @@ def test_plan_table_shows_cells_estimates_and_status(tmp_path: Path) -> None:
     grid = build_grid({"name": "g", "base": {"model": {"size": "vit_base_patch16"}, "pretrain": {"epochs": 400},
                                              "data": {"root": str(tmp_path / "nowhere")}},
                        "axes": {"model.decoder": ["standard", "prompting"]},
-                       "resources": {"gpus_per_node": 8}, "estimate": {"train_images": 1281167}})
+                       "resources": {"gpus_per_node": 8}, "estimate": {"train_images": 1281167},
+                       "teacher_reference": False})
     found = collect([tmp_path / c.folder for c in grid.cells])
     reference = grid.cells[2]
     assert reference.is_random_init  # the grid's random-init reference comes after its cells
@@ -224,12 +225,12 @@ def test_preflight_once_per_signature_and_remembered(tmp_path: Path, monkeypatch
     grid = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "seeds": 3,
                        "axes": {"model.mask_ratio": [0.5, 0.75]}})
     check_configs(grid, cache_dir=tmp_path)
-    assert len(calls) == 3  # seeds share a signature: two cells and the random-init reference
+    assert len(calls) == 4  # seeds share a signature: two cells, the random-init and the teacher reference
     check_configs(grid, cache_dir=tmp_path)
-    assert len(calls) == 3  # remembered
+    assert len(calls) == 4  # remembered
     os.utime(data / "train", ns=(1, 1))  # the tree changed: check again
     check_configs(grid, cache_dir=tmp_path)
-    assert len(calls) == 6
+    assert len(calls) == 8
     bad = build_grid({"name": "g", "base": {"data": {"root": str(data)}}, "axes": {"model.mask_ratio": [0.5, 0.9]}})
     with pytest.raises(ConfigError, match=r"^cell mask_ratio=0.9: shapes do not fit$"):
         check_configs(bad, cache_dir=tmp_path)
