@@ -140,7 +140,7 @@ def test_local_failure_is_reported_with_reason_and_log(demo_assets: tuple[Path, 
     """A cell that fails at run time ends failed (exit code 1) with its reason and the tail of its log."""
     monkeypatch.chdir(tmp_path)
     grid = {"name": "broken", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
-            "axes": {"pretrain.lr": [1e12]}, "resources": {"time_min": 10}, "random_init": False}
+            "axes": {"pretrain.lr": [1e12]}, "resources": {"time_min": 10}, "random_init": False, "teacher_reference": False}
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(grid))
     code, out = invoke("ablate", str(path), "--executor", "local",
@@ -156,7 +156,7 @@ def test_a_train_split_smaller_than_one_step_is_refused_before_anything_is_submi
         demo_assets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     grid = {"name": "tiny", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
-            "axes": {"pretrain.batch_size": [1000]}, "random_init": False}
+            "axes": {"pretrain.batch_size": [1000]}, "random_init": False, "teacher_reference": False}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(grid))
     code, out = invoke("ablate", str(path), "--executor", "local", "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}")
@@ -184,7 +184,7 @@ def test_sigterm_with_busy_dataloader_workers_is_requeued_not_failed(
     base["eval"] = {"protocols": ["knn"], "feature_batch_size": 100}
     base["runtime"] = {"num_workers": 2, "log_every": 1, "checkpoint_every": 10}
     path = tmp_path / "stop.yaml"
-    path.write_text(yaml.safe_dump({"name": "stop", "base": base, "resources": {"time_min": 10}, "random_init": False}))
+    path.write_text(yaml.safe_dump({"name": "stop", "base": base, "resources": {"time_min": 10}, "random_init": False, "teacher_reference": False}))
     store = tmp_path / "mlflow.db"
     command = [sys.executable, str(REPO / "bench.py"), "ablate", str(path), "--executor", "local",
                "--tracking-uri", f"sqlite:///{store}"]
@@ -236,7 +236,7 @@ def test_two_local_ablates_at_once_run_each_cell_once(demo_assets: tuple[Path, P
     import sys
 
     grid = {"name": "twice", "base": {**micro_config(*demo_assets), "eval": {"protocols": []}},
-            "axes": {"model.target": ["pixel", "clip"]}, "resources": {"time_min": 10}, "random_init": False}
+            "axes": {"model.target": ["pixel", "clip"]}, "resources": {"time_min": 10}, "random_init": False, "teacher_reference": False}
     path = tmp_path / "twice.yaml"
     path.write_text(yaml.safe_dump(grid))
     command = [sys.executable, str(REPO / "bench.py"), "ablate", str(path), "--executor", "local",

@@ -306,7 +306,7 @@ def test_a_grid_that_evaluates_another_adds_segmentation_without_retraining(
     seg = str(data / "segmentation")
     resources = {"cpus_per_task": 1, "time_min": 10}
     twin = {"name": "twin", "base": micro_config(data, teacher, model={"target": "pixel", "masking": "random"}),
-            "axes": {"model.mask_ratio": [0.5, 0.75]}, "random_init": False, "resources": resources}
+            "axes": {"model.mask_ratio": [0.5, 0.75]}, "random_init": False, "teacher_reference": False, "resources": resources}
     sibling = {"name": "twin_seg", "evaluates": "twin.yaml", "resources": resources,
                "base": {"eval": {"protocols": ["seg_linear", "seg_upernet"],
                                  "seg_linear": {"root": seg, "epochs": 2, "batch_size": 16},

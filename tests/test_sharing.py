@@ -75,18 +75,21 @@ def test_a_grid_groups_per_seed_and_keeps_its_reference_apart() -> None:
                        "axes": {"model.target": ["pixel", "clip"], "model.masking": ["random", "semantic"],
                                 "pretrain.batch_size": [32, 64]}})
     groups = group_by_share_key(list(grid.cells), [c.config for c in grid.cells])
-    trained = [g for g in groups if not g[0].is_random_init]
+    references = [g for g in groups if g[0].is_random_init or g[0].is_teacher_reference]
+    trained = [g for g in groups if g not in references]
     # per seed and batch size: the 4 target x masking cells; the batch size changes the data stream
     assert sorted(len(g) for g in trained) == [4, 4, 4, 4]
     for group in trained:
         assert len({(c.seed, c.config.pretrain.batch_size) for c in group}) == 1
-    assert all(len(g) == 1 for g in groups if g[0].is_random_init)  # 0 epochs: a stream of its own per seed
+    # 0 epochs: a stream of their own per seed, shared by the two references (neither trains)
+    assert sorted([c.name for c in g] for g in references) == [["random init", "teacher"]] * 2
+    assert all(len({c.seed for c in g}) == 1 for g in references)
 
 
 def test_groups_are_split_at_max_cells_per_job_and_not_made_without_sharing() -> None:
     from harness.launch.plan import job_groups
 
-    grid = build_grid({"name": "g", "base_config": str(REPO / "configs" / "smoke.yaml"), "random_init": False,
+    grid = build_grid({"name": "g", "base_config": str(REPO / "configs" / "smoke.yaml"), "random_init": False, "teacher_reference": False,
                        "axes": {"model.target": ["pixel", "clip"], "model.decoder": ["standard", "prompting"],
                                 "model.masking": ["random", "semantic"]},
                        "resources": {"max_cells_per_job": 3}})

@@ -74,7 +74,7 @@ def write_grid(workdir: Path, name: str, base: dict, resources: dict, axes: dict
     path = workdir / f"{name}.yaml"
     # launch-mechanics grids: without the random-init reference (the shipped grids below keep it)
     path.write_text(yaml.safe_dump({"name": name, "base": base, "axes": axes or {}, "resources": resources,
-                                    "random_init": False}))
+                                    "random_init": False, "teacher_reference": False}))
     return path
 
 
@@ -107,18 +107,18 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     sets += ["--seeds", "1"]
     proc = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", "--wait", *sets)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # the 8 cells differ only on the student side: one group job; the reference is a job of its own
-    assert ("submitted 9 cells as 2 job(s) (1 group(s) sharing data and teacher, of 8 cells; 1 alone) in Slurm "
+    # the 8 cells differ only on the student side: one group job; the two references (neither trains) another
+    assert ("submitted 10 cells as 2 job(s) (2 group(s) sharing data and teacher, of 8, 2 cells) in Slurm "
             "job array") in proc.stdout and "grid smoke took" in proc.stdout
-    assert "[9 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
+    assert "[10 done]" in proc.stdout and (workdir / "reports" / "smoke" / "report.md").is_file()
     # one seed of a complete 2x2x2 factorial: Lenth's pseudo standard error, and it says so
-    assert "Lenth" in proc.stdout and "pretrained vs random init" in proc.stdout
+    assert "Lenth" in proc.stdout and "pretrained vs random init" in proc.stdout and "student vs teacher" in proc.stdout
 
     views = collect(cell_dirs(workdir, "smoke"))
-    assert [v.state.value for v in views] == ["done"] * 9
+    assert [v.state.value for v in views] == ["done"] * 10
     array_ids = {v.record.last.job_id.split("_")[0] for v in views}
     assert len(array_ids) == 1  # one job array
-    trained = [v for v in views if v.record.name != "random init"]
+    trained = [v for v in views if v.record.name not in ("random init", "teacher")]
     assert len({v.record.last.job_id for v in trained}) == 1 and {v.record.last.group_size for v in trained} == {8}
     status = bench(workdir, "status", "smoke")
     assert status.stdout.count("(group of 8)") == 8, status.stdout
@@ -132,18 +132,19 @@ def test_smoke_grid_on_slurm(workdir: Path, demo_assets: tuple[Path, Path]) -> N
     uri = views[0].record.store.reader_uri()
     assert uri.startswith("http://") and views[0].record.store.backend.startswith("sqlite:///")
     runs, curves = load_runs(uri, "smoke")
-    assert len(runs) == 9 and set(runs["status"]) == {"done"} and (runs["role"] == "random_init").sum() == 1
+    assert len(runs) == 10 and set(runs["status"]) == {"done"} and (runs["role"] == "random_init").sum() == 1
+    assert (runs["role"] == "teacher").sum() == 1
     assert runs["linear_top1"].notna().all() and runs["knn_top1"].notna().all()
     assert set(runs["cell"]) == {v.record.name for v in views}
     assert curves["loss"].notna().all() and curves["cell_id"].nunique() == 8  # the reference never trains
-    assert sorted(runs["group_size"]) == [1] + [8] * 8 and runs.loc[runs["group_size"] == 8, "job"].nunique() == 1
+    assert sorted(runs["group_size"]) == [2, 2] + [8] * 8 and runs.loc[runs["group_size"] == 8, "job"].nunique() == 1
     report = (workdir / "reports" / "smoke" / "report.md").read_text()
     assert "## Group jobs" in report and "Cells of one seed are paired" in report
-    assert "8 of 9 finished runs trained in group jobs" in report
+    assert re.search(r"\d+ of 10 finished runs trained in group jobs", report)
 
     # a second ablate finds everything done and submits nothing
     again = bench(workdir, "ablate", str(REPO / "ablations" / "smoke.yaml"), "--executor", "slurm", *sets)
-    assert again.returncode == 0 and "9 cells (9 done); 0 to submit" in again.stdout, again.stdout
+    assert again.returncode == 0 and "10 cells (10 done); 0 to submit" in again.stdout, again.stdout
 
 
 def long_pixel_cell(demo_assets: tuple[Path, Path], epochs: int, num_workers: int) -> dict:
@@ -167,9 +168,9 @@ def test_the_paper_grid_rehearses_end_to_end_on_cpu_tasks(workdir: Path) -> None
     out = proc.stdout
     assert "rehearsal: resources: 2 CPU task(s) per node with gloo instead of 8 GPUs" in out
     assert "the grid's /datasets/imagenet is not visible from this machine" in out
-    assert "rehearsal passed: all 9 cells ran every stage" in out
+    assert "rehearsal passed: all 10 cells ran every stage" in out
     views = collect(cell_dirs(workdir, "milan_vitb_in1k-rehearsal"))
-    assert [v.state.value for v in views] == ["done"] * 9  # the 8 cells and the random-init reference
+    assert [v.state.value for v in views] == ["done"] * 10  # the 8 cells, the random-init and the teacher reference
     for view in views:
         metrics = json.loads((view.folder / "results.json").read_text())["metrics"]
         assert {"linear_top1", "finetune_top1"} <= metrics.keys()
@@ -199,9 +200,9 @@ def test_the_ade20k_grid_rehearses_both_segmentation_protocols_on_slurm(workdir:
     out = proc.stdout
     assert "rehearsal: weights: each cell pretrains at micro scale instead of reading its finished twin's" in out
     assert "rehearsal: data: eval.seg_upernet.root /datasets/ADEChallengeData2016 is not visible" in out
-    assert "rehearsal passed: all 9 cells ran every stage" in out
+    assert "rehearsal passed: all 10 cells ran every stage" in out
     views = collect(cell_dirs(workdir, "milan_vitb_ade20k-rehearsal"))
-    assert [v.state.value for v in views] == ["done"] * 9
+    assert [v.state.value for v in views] == ["done"] * 10
     for view in views:
         metrics = json.loads((view.folder / "results.json").read_text())["metrics"]
         assert {"seg_upernet_miou", "seg_linear_miou", "seg_upernet_pixel_accuracy"} <= metrics.keys()
@@ -219,14 +220,14 @@ def test_the_mask_ratio_decoder_grid_rehearses_as_one_group_of_17_students(workd
     proc = bench(workdir, "ablate", str(REPO / "ablations" / "mask_ratio_decoder.yaml"), "--rehearse",
                  "--executor", "slurm", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "as 2 job(s) (1 group(s) sharing data and teacher, of 17 cells; 1 alone)" in proc.stdout
-    assert "rehearsal passed: all 18 cells ran every stage" in proc.stdout
+    assert "as 2 job(s) (2 group(s) sharing data and teacher, of 17, 2 cells)" in proc.stdout
+    assert "rehearsal passed: all 19 cells ran every stage" in proc.stdout
     views = collect(cell_dirs(workdir, "mask_ratio_decoder-rehearsal"))
-    assert [v.state.value for v in views] == ["done"] * 18
+    assert [v.state.value for v in views] == ["done"] * 19
     shapes = set()
     for view in views:
         assert "linear_top1" in json.loads((view.folder / "results.json").read_text())["metrics"]
-        if view.record.name != "random init":
+        if view.record.name not in ("random init", "teacher"):
             model = yaml.safe_load((view.folder / "config.yaml").read_text())["model"]
             shapes.add((model["mask_ratio"], model["decoder_depth"], model["decoder_width"]))
     assert len(shapes) == 17  # 17 distinct students in one job

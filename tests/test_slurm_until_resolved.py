@@ -115,7 +115,7 @@ def test_rounds_run_unattended_and_decision_jobs_killed_or_doubled_submit_no_rou
     assert [r["seeds"] for r in chain["rounds"]] == [2, 3] and chain["decided"] == 2
     assert chain["stop_reason"].startswith("budget: 3 seeds is the cap")
     views = collect([gdir / f for f in json.loads((gdir / "grid.json").read_text())["folders"]])
-    assert len(views) == 9 and all(v.state.value == "done" for v in views)
+    assert len(views) == 12 and all(v.state.value == "done" for v in views)  # 3 seeds x (2 cells, 2 references)
     assert all(len(v.record.submissions) == 1 for v in views)  # no cell of any round went out twice
 
     status = bench(workdir, "status", "rounds")

@@ -84,7 +84,7 @@ def test_another_programs_database_is_never_written_and_a_missing_store_never_ma
     assert_one_line_exit_2(bench("report", "smoke", "--tracking-uri", uri), "database of another program")
     data, teacher = demo_assets
     grid = tmp_path / "g.yaml"
-    grid.write_text(yaml.safe_dump({"name": "g", "base": micro_config(data, teacher), "random_init": False}))
+    grid.write_text(yaml.safe_dump({"name": "g", "base": micro_config(data, teacher), "random_init": False, "teacher_reference": False}))
     assert_one_line_exit_2(bench("ablate", str(grid), "--executor", "local", "--tracking-uri", uri, cwd=tmp_path),
                            "database of another program")
     assert tables(db) == ["items"]
@@ -248,7 +248,7 @@ def test_a_rerun_after_a_failure_ends_its_parent_run_done_after_its_cells(demo_a
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text(yaml.safe_dump({"name": "g", "base": micro_config(data, teacher, eval={"protocols": ["knn"]}),
                                          "axes": {"model.target": ["pixel", "clip"]}, "seeds": 2,
-                                         "random_init": False, "resources": {"cpus_per_task": 1}}))
+                                         "random_init": False, "teacher_reference": False, "resources": {"cpus_per_task": 1}}))
     cells = load_grid(grid_file).cells
     corrupt = [tmp_path / "runs" / "g" / c.folder / "checkpoints" / "latest.pt" for c in cells if c.seed == 1]
     for path in corrupt:
@@ -277,7 +277,7 @@ def test_ctrl_c_during_a_local_ablate_is_one_line_and_every_cell_resumes(demo_as
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text(yaml.safe_dump({
         "name": "g", "base": micro_config(data, teacher, pretrain={"epochs": 40}, eval={"protocols": ["knn"]}),
-        "axes": {"model.target": ["pixel", "clip"]}, "random_init": False, "resources": {"cpus_per_task": 1}}))
+        "axes": {"model.target": ["pixel", "clip"]}, "random_init": False, "teacher_reference": False, "resources": {"cpus_per_task": 1}}))
     proc = subprocess.Popen([sys.executable, str(REPO / "bench.py"), "ablate", str(grid_file), "--executor", "local",
                              "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
