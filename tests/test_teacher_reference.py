@@ -113,3 +113,12 @@ def test_the_paper_grids_teacher_row_sits_beside_ft_clip() -> None:
     table = reference_table(runs).set_index("cell")
     row = table.loc["CLIP ViT-B/16 (teacher)"]
     assert row[PAPER] == 85.7 and row["n"] == 2 and row["measured_mean"] == pytest.approx(85.4)
+
+
+def test_until_resolved_may_name_the_teacher_effect() -> None:
+    from harness.report.sequential import scope_for
+
+    axes = ["model.target", "model.decoder"]
+    assert scope_for(axes, True, ["teacher", "target"], teacher=True) == [TEACHER_EFFECT, "target"]
+    with pytest.raises(ValueError, match="no effect 'teacher'"):
+        scope_for(axes, True, ["teacher"], teacher=False)  # a grid without teacher runs

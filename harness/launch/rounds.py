@@ -68,7 +68,8 @@ class Statistics:
 
     start: Callable[[Path, Mapping[str, Any]], Any]  # (grid dir, design) -> the statistics' record
     decide: Callable[[Path, pd.DataFrame, int], Decided]  # (grid dir, runs, look number) -> decision
-    scope: Callable[[Sequence[str], bool, Sequence[str] | None], list[str]]  # (axes, random init, --effects)
+    # (axes, random init, --effects, teacher runs) -> the effects in scope
+    scope: Callable[[Sequence[str], bool, Sequence[str] | None, bool], list[str]]
     schedule: Callable[[int, int], list[int]]  # (first round's seeds, max seeds) -> seeds at each look
 
 
@@ -99,7 +100,8 @@ def until_resolved(req: AblateRequest, budget: Budget, effects: Sequence[str] | 
                         f"--max-seeds {first} or more")
     _check_hours(grid, budget.max_hours)
     try:
-        scope = statistics.scope([a.name for a in grid.axes], any(c.is_random_init for c in grid.cells), effects)
+        scope = statistics.scope([a.name for a in grid.axes], any(c.is_random_init for c in grid.cells), effects,
+                                 any(c.is_teacher_reference for c in grid.cells))
     except ValueError as err:
         raise UserError(str(err)) from None
     gdir = grid_dir(req.runs_dir, grid.name).absolute()

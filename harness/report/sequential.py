@@ -66,6 +66,7 @@ from harness.core.files import write_atomic
 from harness.report.effects import (
     NEGLIGIBLE,
     RANDOM_INIT_EFFECT,
+    TEACHER_EFFECT,
     RESOLVED_DOWN,
     RESOLVED_UP,
     estimate_effects,
@@ -223,12 +224,16 @@ def default_scope(axes: Sequence[str], random_init: bool) -> list[str]:
 
 # --effects spellings of pretrained vs random init
 RANDOM_INIT_ALIASES = ("random-init", "random_init", RANDOM_INIT_EFFECT)
+# and of student vs teacher
+TEACHER_ALIASES = ("teacher", TEACHER_EFFECT)
 
 
-def scope_for(axes: Sequence[str], random_init: bool, requested: Sequence[str] | None) -> list[str]:
+def scope_for(axes: Sequence[str], random_init: bool, requested: Sequence[str] | None,
+              teacher: bool = False) -> list[str]:
     """The effect names of ``--effects`` (main effects by short axis name, interactions as
-    ``target:decoder`` or ``target × decoder``, ``random-init``), or the default scope; a
-    ValueError names the first unknown one."""
+    ``target:decoder`` or ``target × decoder``, ``random-init``, and ``teacher`` for student vs
+    teacher when the grid has teacher runs), or the default scope; a ValueError names the first
+    unknown one."""
     if not requested:
         return default_scope(axes, random_init)
     short = [axis.split(".")[-1] for axis in axes]
@@ -239,8 +244,10 @@ def scope_for(axes: Sequence[str], random_init: bool, requested: Sequence[str] |
         words = [w.strip() for w in name.replace("×", ":").split(":")]
         words.sort(key=lambda w: short.index(w) if w in short else len(short))  # the grid's axis order
         effect = RANDOM_INIT_EFFECT if name.strip() in RANDOM_INIT_ALIASES and random_init else " × ".join(words)
-        if effect != RANDOM_INIT_EFFECT and effect not in known:
-            choices = [*(["random-init"] if random_init else []), *short]
+        if name.strip() in TEACHER_ALIASES and teacher:
+            effect = TEACHER_EFFECT
+        if effect not in (RANDOM_INIT_EFFECT, TEACHER_EFFECT) and effect not in known:
+            choices = [*(["random-init"] if random_init else []), *(["teacher"] if teacher else []), *short]
             raise ValueError(f"--effects: no effect {name.strip()!r} in this grid: give some of "
                              f"{', '.join(choices)} (interactions as {short[0]}:{short[-1]})")
         scope.append(effect)
