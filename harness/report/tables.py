@@ -282,6 +282,8 @@ def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     for ref in REFERENCES:
         if ref.metric not in runs or runs[ref.metric].isna().all():  # a metric this grid does not measure
             continue
+        if ref.role != CELL_ROLE and not ref.runs_of(runs).any():  # a grid without that reference run
+            continue
         measured = runs.loc[ref.runs_of(runs) & (runs["status"] == DONE), ref.metric].dropna()
         rows.append({"cell": ref.cell, "metric": ref.metric,
                      **{source: ref.values.get(source, np.nan) for source in REFERENCE_SOURCES},
