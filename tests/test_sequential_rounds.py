@@ -44,7 +44,8 @@ def test_local_rounds_run_in_turn_until_the_seed_budget(grid_file: Path, tmp_pat
     assert code == 0, out
     assert "looks at 2, 3 seeds" in out
     assert "round 1: the grid at 2 seeds" in out and "round 2: the grid at 3 seeds" in out
-    assert "6 to submit" in out and "3 to submit" in out  # round 2 adds seed 2 only: done cells are skipped
+    # round 2 adds seed 2 only (2 cells, the random-init and the teacher reference): done cells are skipped
+    assert "8 to submit" in out and "4 to submit" in out
     assert "look 1 at 2 seeds" in out and "look 2 at 3 seeds" in out
     assert "stopped: budget: 3 seeds is the cap (--max-seeds 3)" in out
     chain = json.loads((tmp_path / "runs" / "rounds" / "until_resolved.json").read_text())
